@@ -1,0 +1,3 @@
+"""dbagent: PostgreSQL migrations, backups and rollbacks for production fleets."""
+
+__version__ = "0.1.0"

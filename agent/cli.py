@@ -1,0 +1,467 @@
+"""The ``dbagent`` command line: the runbook's verbs, through the queue to the database's worker."""
+
+from __future__ import annotations
+
+import getpass
+import json
+import os
+import sys
+import traceback
+from datetime import datetime
+from typing import Annotated, Any, NoReturn
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from agent.errors import BadInput, DbAgentError
+from agent.events import Event
+from agent.redact import redact
+from agent.settings import Settings, load_settings
+
+app = typer.Typer(
+    name="dbagent",
+    help="Run PostgreSQL migrations, backups and rollbacks in production, safely and with an audit trail.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    rich_markup_mode=None,
+)
+env_app = typer.Typer(help="Check this host's configuration and dependencies.", no_args_is_help=True)
+app.add_typer(env_app, name="env")
+
+out = Console(highlight=False, soft_wrap=True)
+err = Console(stderr=True, highlight=False, soft_wrap=True)
+
+
+class _State:
+    config: str | None = None
+    debug: bool = False
+    settings: Settings | None = None
+
+
+state = _State()
+
+DbOpt = Annotated[str | None, typer.Option("--db", help="Database name (default: the only one configured).")]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON object on stdout (events as JSON lines on stderr).")]
+ActorOpt = Annotated[str | None, typer.Option("--actor", help="Who asks, for the audit trail (default: $DBAGENT_ACTOR or user@host).")]
+TicketOpt = Annotated[str | None, typer.Option("--ticket", help="Change ticket reference, for the audit trail.")]
+NoWaitOpt = Annotated[bool, typer.Option("--no-wait", help="Print the command id and return without waiting.")]
+TimeoutOpt = Annotated[float, typer.Option("--timeout", help="Seconds to wait for the outcome.", min=0.1)]
+
+
+@app.callback()
+def _global(
+    config: Annotated[str | None, typer.Option("--config", help="Configuration file (default: $DBAGENT_CONFIG, then config/dbagent.toml).")] = None,
+    debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks.")] = False,
+) -> None:
+    state.config = config
+    state.debug = debug
+
+
+def settings() -> Settings:
+    if state.settings is None:
+        state.settings = load_settings(state.config)
+    return state.settings
+
+
+def default_actor(actor: str | None) -> str:
+    if actor:
+        return actor
+    if os.environ.get("DBAGENT_ACTOR"):
+        return os.environ["DBAGENT_ACTOR"]
+    try:
+        user = getpass.getuser()
+    except Exception:
+        user = "unknown"
+    return f"{user}@{os.uname().nodename}"
+
+
+# -- running a command through the queue ---------------------------------------
+
+
+def submit(
+    type_: str,
+    args: dict[str, Any],
+    *,
+    db: str | None,
+    as_json: bool,
+    actor: str | None,
+    ticket: str | None,
+    no_wait: bool,
+    timeout: float,
+) -> dict[str, Any]:
+    """Enqueue a command, stream its events, and return its result (exits on --no-wait)."""
+    from agent.commands import Command
+    from agent.producer import Producer
+
+    cfg = settings()
+    name, _ = cfg.database(db)
+    command = Command(type=type_, db=name, args=args, actor=default_actor(actor), ticket=ticket)
+    command.parsed_args()
+    producer = Producer(cfg)
+    after = producer.check()
+    producer.submit(command)
+    if no_wait:
+        if as_json:
+            _print_json({"command_id": command.id, "type": type_, "db": name, "status": "queued", "error": None})
+        else:
+            out.print(command.id)
+        raise typer.Exit(0)
+
+    said_waiting = [False]
+
+    def on_event(event: Event) -> None:
+        if as_json:
+            print(json.dumps(event.to_json()), file=sys.stderr, flush=True)
+        else:
+            err.print(format_event(event))
+
+    def on_idle(waited_s: float) -> None:
+        if not as_json and not said_waiting[0] and waited_s > 2:
+            said_waiting[0] = True
+            err.print(f"[dim]queued on {cfg.redis.prefix}.{name}; waiting for its worker…[/dim]")
+
+    return producer.wait(command, after, on_event=on_event, timeout_s=timeout, on_idle=on_idle)
+
+
+def finish(result: dict[str, Any], as_json: bool, render: Any = None) -> NoReturn:
+    """Print the result and exit with its code."""
+    code = int(result.get("exit_code") or (0 if result.get("status") == "succeeded" else 1))
+    if as_json:
+        _print_json(result)
+    else:
+        if render is not None and result.get("status") == "succeeded":
+            render(result)
+        elif render is not None and result.get("verify"):
+            render(result)
+        if result.get("error"):
+            err.print(f"error: {redact(result['error'])}")
+    raise typer.Exit(code)
+
+
+def _print_json(body: dict[str, Any]) -> None:
+    print(json.dumps(body, default=str), flush=True)
+
+
+def format_event(event: Event) -> str:
+    data = event.data
+    when = event.ts.astimezone().strftime("%H:%M:%S")
+    detail = ""
+    if event.type == "migration.step":
+        arrow = "↑" if data.get("direction") == "up" else "↓"
+        detail = f"{arrow} {data.get('revision')} {data.get('description', '')} ({data.get('duration_ms')} ms) [{data.get('number')}/{data.get('of')}]"
+    elif event.type in ("migration.started", "rollback.started"):
+        detail = f"{data.get('revision_before') or 'base'} → {data.get('target') or 'base'}, {len(data.get('steps') or [])} step(s)"
+    elif event.type in ("migration.completed", "rollback.completed"):
+        detail = f"now at {data.get('revision_after') or 'base'} ({data.get('duration_ms')} ms)"
+    elif event.type in ("migration.failed", "rollback.failed"):
+        detail = f"{data.get('error', '')}; at {data.get('revision_after') or 'base'}"
+    elif event.type.startswith("verify."):
+        detail = ", ".join(f"{c['name']}: {'ok' if c['ok'] else c['detail']}" for c in data.get("checks", []))
+    elif event.type == "lock.waiting":
+        holder = data.get("holder") or {}
+        who = holder.get("worker") or holder.get("application_name") or holder.get("pid") or "?"
+        detail = f"{data.get('guard')} held by {who}, waited {data.get('waited_ms', 0) / 1000:.0f}s"
+    elif event.type == "command.accepted":
+        detail = f"by {data.get('worker')}"
+    elif event.type == "command.rejected":
+        detail = str(data.get("reason", ""))
+    elif event.type.startswith("lock."):
+        detail = f"token {data.get('token')}"
+    style = "red" if event.type.endswith(("failed", "rejected")) else ("green" if event.type.endswith("completed") else "")
+    line = f"{when} {event.db} {event.type:<20} {detail}"
+    return f"[{style}]{_escape(line)}[/{style}]" if style else _escape(line)
+
+
+def _escape(text: str) -> str:
+    from rich.markup import escape
+
+    return escape(text)
+
+
+# -- commands --------------------------------------------------------------
+
+
+@app.command()
+def status(db: DbOpt = None, as_json: JsonOpt = False, actor: ActorOpt = None, ticket: TicketOpt = None,
+           no_wait: NoWaitOpt = False, timeout: TimeoutOpt = 3600.0) -> None:
+    """Current revision, pending migrations, lock holder."""
+    result = submit("status", {}, db=db, as_json=as_json, actor=actor, ticket=ticket, no_wait=no_wait, timeout=timeout)
+
+    def render(r: dict[str, Any]) -> None:
+        out.print(f"database  {r['db']}")
+        out.print(f"revision  {r.get('current') or 'base'} (head {r.get('head') or 'base'})")
+        pending = r.get("pending") or []
+        out.print(f"pending   {len(pending)}" + ("" if pending else " (up to date)"))
+        for step in pending:
+            out.print(f"          {step['revision']}  {step['description']}")
+        lock = r.get("lock")
+        if lock:
+            lease = lock.get("lease") or {}
+            session = lock.get("session") or {}
+            out.print(f"lock      held by {lease.get('worker') or session.get('application_name')}"
+                      f"{' (command ' + lease['command_id'] + ')' if lease.get('command_id') else ''}")
+        else:
+            out.print("lock      free")
+        if r.get("problem"):
+            err.print(f"warning: {r['problem']}")
+
+    finish(result, as_json, render)
+
+
+@app.command()
+def migrate(
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Print pending steps and their SQL; change nothing.")] = False,
+    to: Annotated[str | None, typer.Option("--to", help="Target revision (default: head).")] = None,
+    no_backup: Annotated[bool, typer.Option("--no-backup", help="Skip the pre-migration backup (recorded in the audit trail).")] = False,
+    db: DbOpt = None, as_json: JsonOpt = False, actor: ActorOpt = None, ticket: TicketOpt = None,
+    no_wait: NoWaitOpt = False, timeout: TimeoutOpt = 3600.0,
+) -> None:
+    """Backup → migrate → verify; --dry-run shows the plan and its SQL."""
+    if to is not None:
+        _check_revision_locally(db, to, allow_base=False)
+    args = {"dry_run": dry_run, "to": to, "no_backup": no_backup}
+    result = submit("migrate", args, db=db, as_json=as_json, actor=actor, ticket=ticket, no_wait=no_wait, timeout=timeout)
+
+    def render(r: dict[str, Any]) -> None:
+        if r.get("dry_run"):
+            steps = r.get("steps") or []
+            out.print(f"dry run: {r['db']} at {r.get('revision_before') or 'base'}, {len(steps)} pending step(s); nothing was changed")
+            for step in steps:
+                out.print(f"\n-- {step['revision']}: {step['description']}")
+                out.print(step.get("sql", "").rstrip(), markup=False)
+            return
+        before, after = r.get("revision_before") or "base", r.get("revision_after") or "base"
+        steps = r.get("steps") or []
+        if not steps:
+            out.print(f"{r['db']} is up to date at {after}")
+        else:
+            out.print(f"migrated {r['db']} from {before} to {after} ({len(steps)} step(s))")
+        _render_checks(r.get("verify"))
+
+    finish(result, as_json, render)
+
+
+@app.command(context_settings={"ignore_unknown_options": True})
+def rollback(
+    steps: Annotated[str | None, typer.Argument(help="How many migrations to undo.", show_default=False)] = None,
+    to: Annotated[str | None, typer.Option("--to", help="Revision to go back to, or 'base'.")] = None,
+    db: DbOpt = None, as_json: JsonOpt = False, actor: ActorOpt = None, ticket: TicketOpt = None,
+    no_wait: NoWaitOpt = False, timeout: TimeoutOpt = 3600.0,
+) -> None:
+    """Downgrade N steps, or to a revision (--to REV|base)."""
+    args: dict[str, Any] = {}
+    if (steps is None) == (to is None):
+        raise BadInput("rollback takes either N (how many steps) or --to REV|base")
+    if steps is not None:
+        if not steps.isdigit() or int(steps) < 1:
+            raise BadInput(f"rollback N: N must be a whole number of steps, 1 or more (got {steps!r})")
+        args["steps"] = int(steps)
+    else:
+        _check_revision_locally(db, to, allow_base=True)
+        args["to"] = to
+    result = submit("rollback", args, db=db, as_json=as_json, actor=actor, ticket=ticket, no_wait=no_wait, timeout=timeout)
+
+    def render(r: dict[str, Any]) -> None:
+        out.print(f"rolled back {r['db']} from {r.get('revision_before') or 'base'} to {r.get('revision_after') or 'base'}"
+                  f" ({len(r.get('steps') or [])} step(s))")
+
+    finish(result, as_json, render)
+
+
+@app.command()
+def verify(
+    expect: Annotated[str | None, typer.Option("--expect", help="Expected revision (default: head).")] = None,
+    db: DbOpt = None, as_json: JsonOpt = False, actor: ActorOpt = None, ticket: TicketOpt = None,
+    no_wait: NoWaitOpt = False, timeout: TimeoutOpt = 3600.0,
+) -> None:
+    """Integrity checks: expected revision, no invalid indexes."""
+    result = submit("verify", {"expect": expect}, db=db, as_json=as_json, actor=actor, ticket=ticket, no_wait=no_wait, timeout=timeout)
+    finish(result, as_json, lambda r: _render_checks(r.get("verify")))
+
+
+@app.command()
+def history(
+    limit: Annotated[int, typer.Option("--limit", help="How many entries.", min=1)] = 50,
+    db: DbOpt = None, as_json: JsonOpt = False, actor: ActorOpt = None, ticket: TicketOpt = None,
+    no_wait: NoWaitOpt = False, timeout: TimeoutOpt = 3600.0,
+) -> None:
+    """The change log: every step applied or reverted, by whom, how long it took."""
+    result = submit("history", {"limit": limit}, db=db, as_json=as_json, actor=actor, ticket=ticket, no_wait=no_wait, timeout=timeout)
+
+    def render(r: dict[str, Any]) -> None:
+        table = Table("finished", "revision", "dir", "description", "actor", "ticket", "ms", "outcome", box=None)
+        for e in r.get("entries") or []:
+            table.add_row(_short_ts(e.get("finished_at") or e.get("started_at")), e["revision"], e["direction"],
+                          e.get("description") or "", e.get("actor") or "", e.get("ticket") or "",
+                          str(e.get("duration_ms") if e.get("duration_ms") is not None else ""), e["outcome"])
+        out.print(table)
+
+    finish(result, as_json, render)
+
+
+@app.command()
+def events(
+    follow: Annotated[bool, typer.Option("--follow", "-f", help="Keep printing new events.")] = False,
+    limit: Annotated[int, typer.Option("--limit", help="How many of the newest events to show first.", min=1)] = 50,
+    command_id: Annotated[str | None, typer.Option("--command", help="Only this command's events.")] = None,
+    db: Annotated[str | None, typer.Option("--db", help="Only this database's events (default: all).")] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """The audit trail, from the event stream."""
+    from agent.connections import ping_redis, redis_client
+    from agent.eventlog import EventLog
+
+    cfg = settings()
+    if db is not None:
+        cfg.database(db)
+    client = redis_client(cfg.redis)
+    ping_redis(client, cfg.redis)
+    log = EventLog(client, cfg.redis.prefix)
+    if command_id:
+        entries = log.read(command_id=command_id, db=db, count=100_000)[-limit:]
+    else:
+        entries = log.tail(limit, db)
+
+    def show(event: Event) -> None:
+        if as_json:
+            print(json.dumps(event.to_json()), flush=True)
+        else:
+            out.print(format_event(event))
+
+    last = entries[-1][0] if entries else log.last_id()
+    for _, event in entries:
+        show(event)
+    if follow:
+        try:
+            for _, event in log.follow(last, db):
+                if command_id is None or event.command_id == command_id:
+                    show(event)
+        except KeyboardInterrupt:
+            raise typer.Exit(0) from None
+
+
+@app.command()
+def validate(
+    db: DbOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Static checks of the migration scripts (naming, ids, chain, single head, downgrade())."""
+    from agent.validate import check_sources, load_sources, status_of
+
+    _, database = settings().database(db)
+    findings = check_sources(load_sources(database.migrations))
+    status = status_of(findings)
+    if as_json:
+        _print_json({"status": status, "findings": [f.to_json() for f in findings]})
+    else:
+        for f in findings:
+            (err if f.severity == "error" else out).print(f"{f.severity}: [{f.rule}] {f.message}", markup=False)
+        out.print(f"validate: {status} ({len(findings)} finding(s)) in {database.migrations}")
+    raise typer.Exit(1 if status == "failed" else 0)
+
+
+@env_app.command("validate")
+def env_validate(
+    name: Annotated[str | None, typer.Argument(help="Database (default: the only one configured).")] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Config complete, PostgreSQL and Redis reachable, pg_dump/pg_restore usable, roles and backup_dir right."""
+    from agent.envcheck import exit_code, validate_environment
+
+    cfg = settings()
+    db_name, database = cfg.database(name)
+    checks = validate_environment(cfg, db_name, database)
+    code = exit_code(checks)
+    if as_json:
+        _print_json({"db": db_name, "status": "ok" if code == 0 else "failed", "checks": [c.to_json() for c in checks]})
+    else:
+        marks = {"ok": "[green]ok  [/green]", "warn": "[yellow]warn[/yellow]", "fail": "[red]FAIL[/red]"}
+        for c in checks:
+            out.print(f"{marks[c.status]} {c.name:<15} {_escape(c.detail)}")
+    raise typer.Exit(code)
+
+
+@env_app.command("show")
+def env_show(as_json: JsonOpt = False) -> None:
+    """The configuration in force (file and environment), secrets masked."""
+    cfg = settings()
+    body = json.loads(redact(cfg.model_dump_json(exclude={"source"})))
+    body = {"source": cfg.source, **body}
+    if as_json:
+        _print_json(body)
+    else:
+        out.print_json(data=body)
+
+
+@app.command()
+def worker(
+    db: Annotated[str | None, typer.Option("--db", help="The database whose queue to serve.")] = None,
+    loglevel: Annotated[str, typer.Option("--loglevel", help="Log level.")] = "INFO",
+) -> None:
+    """A Celery worker for one database's queue (concurrency 1, late acknowledgement)."""
+    from worker.app import run_worker
+
+    cfg = settings()
+    name, _ = cfg.database(db)
+    run_worker(cfg, name, loglevel)
+
+
+@app.command()
+def demo(
+    keep: Annotated[bool, typer.Option("--keep", help="Leave the embedded servers' data in .dbagent/.")] = False,
+) -> None:
+    """The whole loop on embedded PostgreSQL and Redis: no servers, no config needed."""
+    from agent.demo import run_demo
+
+    raise typer.Exit(run_demo(keep=keep))
+
+
+# -- helpers ----------------------------------------------------------------
+
+
+def _check_revision_locally(db: str | None, rev: str | None, *, allow_base: bool) -> None:
+    """Fail fast on a revision the local scripts do not know (the worker checks again)."""
+    if rev is None or rev == "head" or (allow_base and rev == "base"):
+        return
+    from pathlib import Path
+
+    _, database = settings().database(db)
+    if not (Path(database.migrations) / "env.py").is_file():
+        return
+    from agent.migrator import Migrator
+
+    Migrator(database.migrations, database.url).revision(rev)
+
+
+def _render_checks(body: dict[str, Any] | None) -> None:
+    if not body:
+        return
+    for check in body.get("checks", []):
+        mark = "[green]ok  [/green]" if check["ok"] else "[red]FAIL[/red]"
+        out.print(f"{mark} {check['name']:<16} {_escape(check['detail'])}")
+
+
+def _short_ts(value: str | None) -> str:
+    if not value:
+        return ""
+    return datetime.fromisoformat(value).astimezone().strftime("%Y-%m-%d %H:%M:%S")
+
+
+def main() -> None:
+    """Console entry point: one clear line and an exit code for every dbagent error."""
+    try:
+        app()
+    except DbAgentError as exc:
+        if state.debug:
+            traceback.print_exc()
+        err.print(f"error: {redact(exc.message)}", markup=False)
+        sys.exit(exc.exit_code)
+    except KeyboardInterrupt:
+        err.print("interrupted", markup=False)
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

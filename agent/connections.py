@@ -1,0 +1,77 @@
+"""Connections to Redis and PostgreSQL, with driver errors turned into dbagent's.
+
+Every connection has a timeout, so an unreachable dependency is an
+``Unavailable`` (exit 3) within seconds, never a hang.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import redis
+import sqlalchemy.exc
+from sqlalchemy import Connection, Engine, create_engine, pool
+
+from agent.errors import Unavailable
+from agent.redact import redact
+from agent.settings import DatabaseSettings, RedisSettings
+
+
+def sqlalchemy_url(url: str) -> str:
+    """Select the psycopg 3 driver for a libpq-style ``postgresql://`` URL."""
+    for scheme in ("postgresql://", "postgres://"):
+        if url.startswith(scheme):
+            return "postgresql+psycopg://" + url[len(scheme) :]
+    return url
+
+
+def display_url(url: str) -> str:
+    """The URL as it may be shown: password masked."""
+    return redact(url)
+
+
+def redis_client(settings: RedisSettings) -> redis.Redis:
+    return redis.Redis.from_url(
+        settings.url,
+        socket_connect_timeout=settings.connect_timeout,
+        socket_timeout=max(settings.connect_timeout, 5.0),
+        health_check_interval=30,
+    )
+
+
+def ping_redis(client: redis.Redis, settings: RedisSettings) -> None:
+    try:
+        client.ping()
+    except redis.RedisError as exc:
+        raise Unavailable(f"cannot reach Redis at {display_url(settings.url)}: {redact(exc)}") from None
+
+
+def pg_engine(db: DatabaseSettings, application_name: str = "dbagent") -> Engine:
+    """An engine without a pool: each connection is dedicated to one piece of work."""
+    return create_engine(
+        sqlalchemy_url(db.url),
+        poolclass=pool.NullPool,
+        connect_args={
+            "connect_timeout": max(1, round(db.connect_timeout)),
+            "application_name": application_name,
+        },
+    )
+
+
+@contextmanager
+def pg_connection(db: DatabaseSettings, application_name: str = "dbagent") -> Iterator[Connection]:
+    """A dedicated connection; an unreachable server is an Unavailable."""
+    engine = pg_engine(db, application_name)
+    try:
+        try:
+            conn = engine.connect()
+        except sqlalchemy.exc.OperationalError as exc:
+            reason = redact(str(exc.orig) if exc.orig else exc).strip().splitlines()[0]
+            raise Unavailable(f"cannot reach PostgreSQL at {display_url(db.url)}: {reason}") from None
+        try:
+            yield conn
+        finally:
+            conn.close()
+    finally:
+        engine.dispose()

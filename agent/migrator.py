@@ -1,0 +1,192 @@
+"""Alembic, driven through its API on one dedicated connection, one step at a time.
+
+Each step runs in its own transaction (``transaction_per_migration``), so a
+failure leaves the database at the last completed revision. Running steps one
+by one lets dbagent publish a step's event only once its transaction committed.
+"""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from alembic.config import Config
+from alembic.runtime.environment import EnvironmentContext
+from alembic.runtime.migration import MigrationContext
+from alembic.script import Script, ScriptDirectory
+from alembic.util import CommandError
+from sqlalchemy import Connection
+
+from agent.errors import BadInput
+
+BASE = "base"
+HEAD = "head"
+
+OnVersionApply = Callable[..., None]
+
+
+@dataclass(frozen=True)
+class Step:
+    """One migration to apply (up) or revert (down)."""
+
+    revision: str
+    down_revision: str | None
+    description: str
+    direction: str  # "up" | "down"
+
+    @property
+    def destination(self) -> str:
+        """The revision the database is at once the step is done."""
+        return self.revision if self.direction == "up" else (self.down_revision or BASE)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"revision": self.revision, "description": self.description, "direction": self.direction}
+
+
+class Migrator:
+    """The migration scripts of one database and the operations on them."""
+
+    def __init__(self, script_location: str | Path, url: str) -> None:
+        location = Path(script_location)
+        if not (location / "env.py").is_file():
+            raise BadInput(f"{location}: not an Alembic script directory (no env.py)")
+        self.location = location
+        self.url = url
+        self.script = ScriptDirectory.from_config(self._config())
+
+    def _config(self, output_buffer: io.StringIO | None = None) -> Config:
+        cfg = Config(output_buffer=output_buffer)
+        cfg.set_main_option("script_location", str(self.location))
+        cfg.attributes["url"] = self.url
+        return cfg
+
+    # -- the revision graph -------------------------------------------------
+
+    def head(self) -> str | None:
+        heads = self.script.get_heads()
+        if len(heads) > 1:
+            raise BadInput(f"the migrations have several heads ({', '.join(sorted(heads))}): merge them first")
+        return heads[0] if heads else None
+
+    def chain(self) -> list[Script]:
+        """Every revision, oldest first."""
+        return list(reversed(list(self.script.walk_revisions(BASE, HEAD))))
+
+    def revision(self, rev: str) -> Script:
+        try:
+            script = self.script.get_revision(rev)
+        except CommandError:
+            script = None
+        if script is None or rev in (BASE, HEAD):
+            known = [s.revision for s in self.chain()]
+            span = f"{known[0]} … {known[-1]}" if known else "none"
+            raise BadInput(f"unknown revision {rev!r} (known: {span})")
+        return script
+
+    @staticmethod
+    def describe(script: Script) -> str:
+        return (script.doc or "").strip().splitlines()[0] if script.doc else ""
+
+    def _step(self, script: Script, direction: str) -> Step:
+        down = script.down_revision
+        if isinstance(down, tuple | list):
+            down = down[0] if down else None
+        return Step(script.revision, down, self.describe(script), direction)
+
+    def upgrade_plan(self, current: str | None, target: str | None = None) -> list[Step]:
+        """The steps from current up to target (default: head), oldest first."""
+        target = self.head() if target in (None, HEAD) else self.revision(target).revision
+        if target is None:
+            return []
+        order = [s.revision for s in self.chain()]
+        if current is not None and current not in order:
+            raise BadInput(f"the database is at revision {current!r}, which these migrations do not contain")
+        at = order.index(current) + 1 if current is not None else 0
+        end = order.index(target) + 1
+        if end < at:
+            raise BadInput(
+                f"target {target} is older than the current revision {current}: use rollback --to {target}"
+            )
+        return [self._step(self.revision(rev), "up") for rev in order[at:end]]
+
+    def downgrade_plan(self, current: str | None, *, steps: int | None = None, to: str | None = None) -> list[Step]:
+        """The steps from current down to a target, newest first."""
+        order = [s.revision for s in self.chain()]
+        if current is None:
+            applied: list[str] = []
+        elif current not in order:
+            raise BadInput(f"the database is at revision {current!r}, which these migrations do not contain")
+        else:
+            applied = order[: order.index(current) + 1]
+        if steps is not None:
+            if steps > len(applied):
+                raise BadInput(
+                    f"cannot roll back {steps} step(s): only {len(applied)} migration(s) are applied"
+                )
+            undo = applied[len(applied) - steps :]
+        else:
+            if to in (None, BASE):
+                undo = applied
+            else:
+                target = self.revision(to).revision
+                if target not in applied:
+                    raise BadInput(
+                        f"target {target} is not below the current revision {current}: use migrate --to {target}"
+                    )
+                undo = applied[applied.index(target) + 1 :]
+        return [self._step(self.revision(rev), "down") for rev in reversed(undo)]
+
+    # -- the database -------------------------------------------------------
+
+    @staticmethod
+    def current(conn: Connection) -> str | None:
+        """The revision the database is at (None: base), read on conn and committed."""
+        context = MigrationContext.configure(conn)
+        heads = context.get_current_heads()
+        conn.commit()
+        if len(heads) > 1:
+            raise BadInput(f"the database has several current revisions: {', '.join(heads)}")
+        return heads[0] if heads else None
+
+    def apply(self, conn: Connection, step: Step, on_version_apply: OnVersionApply | None = None) -> None:
+        """Run one step on conn, in its own transaction, committed when this returns."""
+        cfg = self._config()
+        cfg.attributes["connection"] = conn
+        cfg.attributes["on_version_apply"] = on_version_apply
+        destination = step.destination
+
+        if step.direction == "up":
+            def fn(rev: Any, context: Any) -> Any:
+                return self.script._upgrade_revs(destination, rev)
+        else:
+            def fn(rev: Any, context: Any) -> Any:
+                return self.script._downgrade_revs(destination, rev)
+
+        with EnvironmentContext(cfg, self.script, fn=fn, destination_rev=destination):
+            self.script.run_env()
+        if conn.in_transaction():
+            conn.commit()
+
+    def offline_sql(self, step: Step) -> str:
+        """The SQL one step would run, rendered without touching the database."""
+        buffer = io.StringIO()
+        cfg = self._config(buffer)
+        if step.direction == "up":
+            start, destination = step.down_revision, step.revision
+
+            def fn(rev: Any, context: Any) -> Any:
+                return self.script._upgrade_revs(destination, rev)
+        else:
+            start, destination = step.revision, step.destination
+
+            def fn(rev: Any, context: Any) -> Any:
+                return self.script._downgrade_revs(destination, rev)
+
+        with EnvironmentContext(
+            cfg, self.script, fn=fn, as_sql=True, starting_rev=start, destination_rev=destination
+        ):
+            self.script.run_env()
+        return buffer.getvalue()

@@ -1,0 +1,570 @@
+"""Execute one command on the database's worker: decode → check → record → lock → run → report.
+
+``execute`` is what the Celery task calls; tests call it too. Each operation
+(``status``, ``migrate``, ``rollback``, ``verify``, ``history``) is one plain
+function of a ``Run``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+import redis
+from sqlalchemy import Connection
+
+from agent import keys, store
+from agent.commands import (
+    FINISHED,
+    Command,
+    CommandStatus,
+    CommandType,
+    HistoryArgs,
+    MigrateArgs,
+    RollbackArgs,
+    VerifyArgs,
+    check_command,
+    utcnow,
+)
+from agent.connections import pg_connection, redis_client
+from agent.errors import BadInput, CommandRejected, DbAgentError, OperationFailed, Unavailable
+from agent.eventlog import EventLog
+from agent.events import HOST, Event, EventType
+from agent.locks import AdvisoryLock, RedisLease, holder_backend, read_lease
+from agent.migrator import Migrator, Step
+from agent.redact import redact
+from agent.settings import DatabaseSettings, Settings
+from agent.verify import run_checks, summary
+
+log = logging.getLogger(__name__)
+
+# While a writer waits for the database, it says so this often.
+LOCK_WAITING_EVERY_S = 5.0
+
+
+def worker_name(db: str) -> str:
+    return f"{db}@{HOST}:{os.getpid()}"
+
+
+class Journal:
+    """A command's events: written to PostgreSQL first (the record), then to the stream."""
+
+    def __init__(self, eventlog: EventLog, db: str, command: Command | None) -> None:
+        self.eventlog = eventlog
+        self.db = db
+        self.command = command
+        self.conn: Connection | None = None
+        self._unpublished: list[Event] = []
+
+    def make(self, type_: EventType, data: dict[str, Any]) -> Event:
+        command = self.command
+        return Event(
+            type=type_,
+            db=self.db,
+            command_id=command.id if command else data.get("command_id"),
+            actor=command.actor if command else None,
+            ticket=command.ticket if command else None,
+            data=json.loads(json.dumps(data, default=str)),
+        )
+
+    def emit(self, type_: EventType, *, final: bool = False, **data: Any) -> Event:
+        """Record and publish an event; a final one is published together with the result."""
+        event = self.make(type_, data)
+        if self.conn is not None:
+            try:
+                store.insert_event(self.conn, event)
+                self.conn.commit()
+            except Exception as exc:  # the stream still carries it; the sink (agent) backfills
+                log.warning("could not write event %s to the audit log: %s", event.type, redact(exc))
+                _rollback_quietly(self.conn)
+        self._unpublished.append(event)
+        if not final:
+            self.flush()
+        return event
+
+    def stage(self, conn: Connection, type_: EventType, **data: Any) -> None:
+        """Write an event inside the caller's open transaction; flush() publishes it after commit."""
+        event = self.make(type_, data)
+        store.insert_event(conn, event)
+        self._unpublished.append(event)
+
+    def discard_staged(self) -> None:
+        self._unpublished.clear()
+
+    def flush(self, pipeline: Any | None = None) -> None:
+        events, self._unpublished = self._unpublished, []
+        if not events:
+            return
+        try:
+            self.eventlog.publish(events, pipeline)
+        except redis.RedisError as exc:
+            log.warning("could not publish %d event(s) to the stream: %s", len(events), redact(exc))
+
+    def finish(self, result: dict[str, Any]) -> dict[str, Any]:
+        """Publish the remaining events and the command's outcome in one Redis transaction."""
+        client = self.eventlog.client
+        try:
+            pipe = client.pipeline(transaction=True)
+            self.flush(pipe)
+            if result.get("command_id"):
+                pipe.set(
+                    keys.result(self.eventlog.stream.rsplit(":", 1)[0], result["command_id"]),
+                    json.dumps(result, default=str),
+                    ex=keys.RESULT_TTL_S,
+                )
+            pipe.execute()
+        except redis.RedisError as exc:
+            log.error("could not publish the outcome of %s: %s", result.get("command_id"), redact(exc))
+        return result
+
+
+@dataclass
+class Run:
+    """Everything one command's execution works with."""
+
+    settings: Settings
+    db_name: str
+    db: DatabaseSettings
+    command: Command
+    conn: Connection
+    journal: Journal
+    redis: redis.Redis
+    worker: str
+    migrator: Migrator | None = None
+    details: dict[str, Any] = field(default_factory=dict)
+
+    def migrations(self) -> Migrator:
+        if self.migrator is None:
+            self.migrator = Migrator(self.db.migrations, self.db.url)
+        return self.migrator
+
+    def emit(self, type_: EventType, *, final: bool = False, **data: Any) -> Event:
+        return self.journal.emit(type_, final=final, **data)
+
+
+def base_result(command_id: str | None, type_: str | None, db: str) -> dict[str, Any]:
+    return {"command_id": command_id, "type": type_, "db": db, "status": None, "error": None, "exit_code": None}
+
+
+def execute(
+    settings: Settings,
+    db_name: str,
+    message: object,
+    *,
+    client: redis.Redis | None = None,
+    worker: str | None = None,
+) -> dict[str, Any]:
+    """Run one queue message on the worker of database ``db_name``; returns the result object."""
+    client = client if client is not None else redis_client(settings.redis)
+    eventlog = EventLog(client, settings.redis.prefix)
+    worker = worker or worker_name(db_name)
+    db = settings.databases[db_name]
+
+    try:
+        command = Command.from_message(message)
+    except CommandRejected as exc:
+        command_id = message.get("id") if isinstance(message, dict) else None
+        journal = Journal(eventlog, db_name, None)
+        journal.emit(EventType.COMMAND_REJECTED, final=True, command_id=command_id, reason=str(exc))
+        return journal.finish(_outcome(base_result(command_id, None, db_name), exc))
+
+    journal = Journal(eventlog, db_name, command)
+    result = base_result(command.id, str(command.type), db_name)
+    try:
+        check_command(
+            command,
+            settings.security.signing_key(),
+            db=db_name,
+            now=utcnow(),
+            max_age_s=settings.security.max_command_age,
+            max_skew_s=settings.security.max_clock_skew,
+        )
+    except CommandRejected as exc:
+        # Nothing of a forged or stale command runs: not even a database connection.
+        journal.emit(EventType.COMMAND_REJECTED, final=True, reason=str(exc), worker=worker)
+        return journal.finish(_outcome(result, exc))
+
+    try:
+        with pg_connection(db, application_name=f"dbagent {command.type} {command.id[:8]}") as conn:
+            _bootstrap(conn, db.url)
+            journal.conn = conn
+            run = Run(settings, db_name, db, command, conn, journal, client, worker)
+            return journal.finish(_execute(run, result))
+    except DbAgentError as exc:
+        journal.conn = None
+        if isinstance(exc, BadInput):
+            journal.emit(EventType.COMMAND_REJECTED, final=True, reason=exc.message, worker=worker)
+        return journal.finish(_outcome(result, exc))
+    except redis.RedisError as exc:
+        return journal.finish(_outcome(result, Unavailable(f"Redis failed during the command: {redact(exc)}")))
+
+
+_bootstrapped: set[str] = set()
+
+
+def _bootstrap(conn: Connection, url: str) -> None:
+    if url not in _bootstrapped:
+        store.bootstrap(conn)
+        _bootstrapped.add(url)
+
+
+def _execute(run: Run, result: dict[str, Any]) -> dict[str, Any]:
+    command, conn = run.command, run.conn
+    fresh = store.record_command(conn, command, run.worker)
+    conn.commit()
+    if not fresh:
+        row = store.command_row(conn, command.id)
+        if row and row["status"] in FINISHED:
+            log.info("command %s was already executed (%s): reporting, not re-running", command.id, row["status"])
+            return row["result"] or {**result, "status": row["status"]}
+    run.emit(EventType.COMMAND_ACCEPTED, worker=run.worker, redelivered=not fresh, args=command.args)
+    operation = OPERATIONS[command.type]
+    try:
+        if command.is_writer and not command.dry_run:
+            with writer_lock(run):
+                row = store.command_row(conn, command.id)
+                conn.commit()
+                if row and row["status"] in FINISHED:
+                    return row["result"] or {**result, "status": row["status"]}
+                if row and row["status"] == CommandStatus.RUNNING:
+                    # We hold the lock, so whoever was running it is gone.
+                    outcome = _interrupted(run, row, result)
+                else:
+                    if not store.claim_command(conn, command.id, run.worker, {"args": command.args}):
+                        conn.rollback()
+                        row = store.command_row(conn, command.id) or {}
+                        return row.get("result") or {**result, "status": row.get("status")}
+                    conn.commit()
+                    outcome = _run_operation(run, operation, result)
+                store.finish_command(conn, command.id, outcome["status"], outcome)
+                conn.commit()
+                return outcome
+        outcome = _run_operation(run, operation, result)
+    except DbAgentError as exc:
+        outcome = _outcome(dict(result), exc)
+        if isinstance(exc, BadInput):
+            run.emit(EventType.COMMAND_REJECTED, final=True, reason=exc.message, worker=run.worker)
+    _rollback_quietly(conn)
+    store.finish_command(conn, command.id, outcome["status"], outcome)
+    conn.commit()
+    return outcome
+
+
+def _run_operation(run: Run, operation: Callable[[Run], dict[str, Any]], result: dict[str, Any]) -> dict[str, Any]:
+    try:
+        return {**result, **operation(run), "status": CommandStatus.SUCCEEDED.value, "exit_code": 0}
+    except BadInput as exc:
+        _rollback_quietly(run.conn)
+        run.emit(EventType.COMMAND_REJECTED, final=True, reason=exc.message, worker=run.worker)
+        return _outcome(dict(result), exc)
+    except DbAgentError as exc:
+        _rollback_quietly(run.conn)
+        return _outcome(dict(result), exc)
+    except Exception as exc:
+        log.exception("command %s failed unexpectedly", run.command.id)
+        _rollback_quietly(run.conn)
+        return _outcome(dict(result), OperationFailed(f"unexpected error: {redact(exc)}"))
+
+
+def _outcome(result: dict[str, Any], exc: DbAgentError) -> dict[str, Any]:
+    status = CommandStatus.REJECTED if isinstance(exc, BadInput) else CommandStatus.FAILED
+    return {**result, **exc.details, "status": status.value, "error": redact(exc.message), "exit_code": exc.exit_code}
+
+
+def _rollback_quietly(conn: Connection) -> None:
+    try:
+        conn.rollback()
+    except Exception:  # the connection is gone; nothing left to roll back
+        pass
+
+
+def _interrupted(run: Run, row: dict[str, Any], result: dict[str, Any]) -> dict[str, Any]:
+    """Report a command whose executor died mid-way; never re-apply it."""
+    current = run.migrations().current(run.conn)
+    error = f"interrupted: the worker running it ({row.get('worker')}) died; the database is at revision {current or 'base'}"
+    failed = (
+        EventType.ROLLBACK_FAILED if run.command.type == CommandType.ROLLBACK else EventType.MIGRATION_FAILED
+    )
+    before = (row.get("plan") or {}).get("revision_before")
+    run.emit(failed, final=True, revision_before=before, revision_after=current, error=error, interrupted=True)
+    return {
+        **result,
+        "status": CommandStatus.FAILED.value,
+        "error": error,
+        "exit_code": 1,
+        "revision_before": before,
+        "revision_after": current,
+    }
+
+
+def recover_interrupted(settings: Settings, db_name: str, client: redis.Redis | None = None) -> list[str]:
+    """At worker start: report commands left running by a dead worker. Returns their ids."""
+    db = settings.databases[db_name]
+    client = client if client is not None else redis_client(settings.redis)
+    eventlog = EventLog(client, settings.redis.prefix)
+    reported: list[str] = []
+    with pg_connection(db, application_name="dbagent recovery") as conn:
+        _bootstrap(conn, db.url)
+        lock = AdvisoryLock(conn)
+        if not lock.try_acquire():
+            return reported  # a live writer holds the database: its commands are not ours to judge
+        try:
+            rows = conn.exec_driver_sql(
+                f"SELECT id FROM {store.SCHEMA}.commands WHERE status = 'running' ORDER BY received_at"
+            ).all()
+            conn.commit()
+            for (command_id,) in rows:
+                row = store.command_row(conn, command_id) or {}
+                command = Command.model_validate(
+                    {
+                        "id": row["id"],
+                        "type": row["type"],
+                        "db": row["db"],
+                        "args": row["args"] or {},
+                        "actor": row["actor"] or "unknown",
+                        "ticket": row["ticket"],
+                        "issued_at": row["issued_at"] or datetime.now(UTC),
+                    }
+                )
+                journal = Journal(eventlog, db_name, command)
+                journal.conn = conn
+                run = Run(settings, db_name, db, command, conn, journal, client, worker_name(db_name))
+                outcome = _interrupted(run, row, base_result(command.id, str(command.type), db_name))
+                store.finish_command(conn, command.id, outcome["status"], outcome)
+                conn.commit()
+                journal.finish(outcome)
+                reported.append(command_id)
+        finally:
+            lock.release()
+    return reported
+
+
+# -- the writer lock ----------------------------------------------------------
+
+
+@contextmanager
+def writer_lock(run: Run) -> Iterator[int]:
+    """Hold the database: the Redis lease first (queue order, visibility), then the advisory lock."""
+    command = run.command
+    prefix = run.settings.redis.prefix
+    owner = {"worker": run.worker, "pid": os.getpid(), "command_id": command.id, "type": str(command.type), "actor": command.actor}
+    lease = RedisLease(run.redis, keys.lease(prefix, run.db_name), keys.fence(prefix, run.db_name), owner, run.settings.redis.lease_ttl)
+    started = time.monotonic()
+    last_said = [float("-inf")]
+
+    def waiting(guard: str) -> Callable[[float, dict[str, Any] | None], None]:
+        def on_wait(waited_s: float, holder: dict[str, Any] | None) -> None:
+            if waited_s - last_said[0] >= LOCK_WAITING_EVERY_S:
+                last_said[0] = waited_s
+                run.emit(EventType.LOCK_WAITING, guard=guard, waited_ms=round(waited_s * 1000), holder=holder)
+        return on_wait
+
+    timeout_s = run.db.lock_wait_timeout
+    token = lease.acquire(timeout_s, waiting("redis_lease"))
+    advisory = AdvisoryLock(run.conn)
+    try:
+        remaining = max(timeout_s - (time.monotonic() - started), 1.0)
+        advisory.acquire(remaining, waiting("postgres_advisory"))
+        run.emit(EventType.LOCK_ACQUIRED, token=token, worker=run.worker, waited_ms=round((time.monotonic() - started) * 1000))
+        try:
+            yield token
+        finally:
+            advisory.release()
+    finally:
+        lease.release()
+        if advisory.held is False and token is not None:
+            run.emit(EventType.LOCK_RELEASED, token=token, worker=run.worker)
+
+
+# -- operations ---------------------------------------------------------------
+
+
+def status(run: Run) -> dict[str, Any]:
+    migrator = run.migrations()
+    current = migrator.current(run.conn)
+    head = migrator.head()
+    try:
+        pending = [s.to_json() for s in migrator.upgrade_plan(current)]
+        problem = None
+    except BadInput as exc:
+        pending, problem = [], exc.message
+    lease = read_lease(run.redis, keys.lease(run.settings.redis.prefix, run.db_name))
+    session = holder_backend(run.conn)
+    return {
+        "current": current,
+        "head": head,
+        "pending": pending,
+        "lock": {"lease": lease, "session": session} if lease or session else None,
+        "problem": problem,
+    }
+
+
+def history(run: Run) -> dict[str, Any]:
+    args = run.command.parsed_args()
+    assert isinstance(args, HistoryArgs)
+    rows = store.changelog(run.conn, args.limit)
+    run.conn.commit()
+    return {"entries": [_json_row(row) for row in rows]}
+
+
+def verify(run: Run) -> dict[str, Any]:
+    args = run.command.parsed_args()
+    assert isinstance(args, VerifyArgs)
+    migrator = run.migrations()
+    expected = migrator.revision(args.expect).revision if args.expect not in (None, "head", "base") else (
+        None if args.expect == "base" else migrator.head()
+    )
+    return _verify(run, expected)
+
+
+def _verify(run: Run, expected: str | None) -> dict[str, Any]:
+    current = run.migrations().current(run.conn)
+    checks = run_checks(run.conn, current, expected)
+    body = {"revision": current, "expected": expected, "checks": [c.to_json() for c in checks]}
+    if all(c.ok for c in checks):
+        run.emit(EventType.VERIFY_COMPLETED, final=True, **body)
+        return {"verify": body}
+    run.emit(EventType.VERIFY_FAILED, final=True, **body)
+    raise OperationFailed(f"verification failed: {summary(checks)}", verify=body)
+
+
+def migrate(run: Run) -> dict[str, Any]:
+    args = run.command.parsed_args()
+    assert isinstance(args, MigrateArgs)
+    migrator = run.migrations()
+    before = migrator.current(run.conn)
+    plan = migrator.upgrade_plan(before, args.to)
+    if args.dry_run:
+        return {
+            "dry_run": True,
+            "revision_before": before,
+            "revision_after": before,
+            "target": plan[-1].revision if plan else before,
+            "steps": [{**s.to_json(), "sql": migrator.offline_sql(s)} for s in plan],
+        }
+    target = plan[-1].revision if plan else before
+    backup = "skipped: --no-backup" if args.no_backup else "not taken: pre-migration backups are not available yet"
+    run.emit(
+        EventType.MIGRATION_STARTED,
+        revision_before=before,
+        target=target,
+        steps=[s.to_json() for s in plan],
+        backup=backup,
+    )
+    started = time.monotonic()
+    facts = {"revision_before": before, "target": target}
+    _apply_steps(run, plan, facts, EventType.MIGRATION_FAILED)
+    after = migrator.current(run.conn)
+    run.emit(
+        EventType.MIGRATION_COMPLETED,
+        revision_before=before,
+        revision_after=after,
+        steps=len(plan),
+        duration_ms=round((time.monotonic() - started) * 1000),
+    )
+    facts.update(revision_after=after, steps=[s.to_json() for s in plan])
+    try:
+        verified = _verify(run, target)
+    except OperationFailed as exc:
+        exc.details.update(facts)
+        raise
+    return {**facts, **verified}
+
+
+def rollback(run: Run) -> dict[str, Any]:
+    args = run.command.parsed_args()
+    assert isinstance(args, RollbackArgs)
+    migrator = run.migrations()
+    before = migrator.current(run.conn)
+    plan = migrator.downgrade_plan(before, steps=args.steps, to=args.to)
+    target = plan[-1].destination if plan else (before or "base")
+    run.emit(EventType.ROLLBACK_STARTED, revision_before=before, target=target, steps=[s.to_json() for s in plan])
+    started = time.monotonic()
+    facts = {"revision_before": before, "target": None if target == "base" else target}
+    _apply_steps(run, plan, facts, EventType.ROLLBACK_FAILED)
+    after = migrator.current(run.conn)
+    run.emit(
+        EventType.ROLLBACK_COMPLETED,
+        final=True,
+        revision_before=before,
+        revision_after=after,
+        steps=len(plan),
+        duration_ms=round((time.monotonic() - started) * 1000),
+    )
+    return {**facts, "revision_after": after, "steps": [s.to_json() for s in plan]}
+
+
+def _apply_steps(run: Run, plan: list[Step], facts: dict[str, Any], failed: EventType) -> None:
+    """Apply the steps one transaction each; on failure report where the database stands."""
+    migrator, conn, command = run.migrations(), run.conn, run.command
+    outcome = "applied"
+    for number, step in enumerate(plan, start=1):
+        outcome = "applied" if step.direction == "up" else "reverted"
+        step_started = utcnow()
+        clock = time.monotonic()
+        recorded: list[bool] = []
+
+        def record(connection: Connection, step: Step = step, started: datetime = step_started, clock: float = clock) -> None:
+            finished = utcnow()
+            store.insert_changelog(
+                connection, command=command, revision=step.revision, description=step.description,
+                direction=step.direction, started_at=started, finished_at=finished, outcome=outcome,
+            )
+            run.journal.stage(
+                connection, EventType.MIGRATION_STEP, **step.to_json(), number=number, of=len(plan),
+                duration_ms=round((time.monotonic() - clock) * 1000),
+            )
+            recorded.append(True)
+
+        def on_version_apply(ctx: Any, step_info: Any, heads: Any, run_args: Any) -> None:
+            record(ctx.connection)
+
+        try:
+            migrator.apply(conn, step, on_version_apply)
+        except Exception as exc:
+            run.journal.discard_staged()
+            _rollback_quietly(conn)
+            error = redact(exc).strip()
+            try:
+                after = migrator.current(conn)
+                store.insert_changelog(
+                    conn, command=command, revision=step.revision, description=step.description,
+                    direction=step.direction, started_at=step_started, finished_at=utcnow(),
+                    outcome="failed", error=error,
+                )
+                conn.commit()
+            except Exception as inner:  # the connection itself is gone
+                _rollback_quietly(conn)
+                raise Unavailable(f"lost the database during step {step.revision}: {redact(inner)}", **facts) from None
+            run.emit(failed, final=True, **facts, revision_after=after, failed_step=step.to_json(), error=error)
+            raise OperationFailed(
+                f"step {step.revision} ({step.description}) failed: {error.splitlines()[0] if error else type(exc).__name__};"
+                f" the database is at revision {after or 'base'}",
+                **facts,
+                revision_after=after,
+            ) from None
+        if not recorded:
+            # env.py did not pass on_version_apply: record after the commit instead of inside it.
+            record(conn)
+            conn.commit()
+        run.journal.flush()
+
+
+def _json_row(row: dict[str, Any]) -> dict[str, Any]:
+    return {k: (v.isoformat() if isinstance(v, datetime) else v) for k, v in row.items()}
+
+
+OPERATIONS: dict[CommandType, Callable[[Run], dict[str, Any]]] = {
+    CommandType.STATUS: status,
+    CommandType.MIGRATE: migrate,
+    CommandType.ROLLBACK: rollback,
+    CommandType.VERIFY: verify,
+    CommandType.HISTORY: history,
+}

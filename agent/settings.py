@@ -1,0 +1,184 @@
+"""Configuration: a TOML file, overridden by ``DBAGENT_<SECTION>__<KEY>`` variables.
+
+The file comes from ``--config``, else ``DBAGENT_CONFIG``, else
+``config/dbagent.toml`` when it exists, else the built-in defaults.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import tomllib
+from pathlib import Path
+from typing import Annotated, Any
+
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+
+from agent.durations import parse_duration_s
+from agent.errors import BadInput, ConfigError
+from agent.redact import redact
+
+DEFAULT_CONFIG_PATH = Path("config/dbagent.toml")
+
+Seconds = Annotated[float, BeforeValidator(parse_duration_s)]
+
+_DB_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,62}$")
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class RedisSettings(_Section):
+    url: str = "redis://127.0.0.1:6379/0"
+    prefix: str = "dbagent"
+    lease_ttl: Seconds = Field(30.0, description="writer lease lifetime; renewed every third of it")
+    visibility_timeout: Seconds = Field(
+        7200.0, description="after this long an unacknowledged command is redelivered"
+    )
+    connect_timeout: Seconds = 3.0
+
+
+class SecuritySettings(_Section):
+    signing_key_env: str = "DBAGENT_SIGNING_KEY"
+    max_command_age: Seconds = Field(3600.0, description="older commands are rejected as stale")
+    max_clock_skew: Seconds = Field(300.0, description="how far in the future issued_at may be")
+
+    def signing_key(self) -> bytes | None:
+        value = os.environ.get(self.signing_key_env, "")
+        return value.encode() if value else None
+
+
+class DatabaseSettings(_Section):
+    url: str
+    migrations: str = "migrations"
+    backup_dir: str | None = None
+    pre_migration_backup: bool | None = None
+    lock_timeout: Seconds = 5.0
+    statement_timeout: Seconds = 900.0
+    connect_timeout: Seconds = 5.0
+    lock_wait_timeout: Seconds = Field(1800.0, description="how long a writer waits for the database's lock")
+    health_checks: list[str] = []
+    critical_tables: list[str] = []
+    app_user: str | None = Field(None, description="the application's role; must differ from the migration user")
+
+
+class ApiSettings(_Section):
+    listen: str = "127.0.0.1:8080"
+    tokens_env: str = "DBAGENT_API_TOKENS"
+
+
+class ChatopsSettings(_Section):
+    slack_signing_secret_env: str = "DBAGENT_SLACK_SIGNING_SECRET"
+    permissions: dict[str, list[str]] = {}
+
+
+class RetentionSettings(_Section):
+    pre_migration_days: int = Field(30, ge=0)
+    daily: int = Field(7, ge=0)
+    weekly: int = Field(4, ge=0)
+    monthly: int = Field(12, ge=0)
+
+
+class Settings(BaseSettings):
+    """The whole configuration of one dbagent deployment."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="DBAGENT_", env_nested_delimiter="__", extra="forbid", case_sensitive=False
+    )
+
+    redis: RedisSettings = RedisSettings()
+    security: SecuritySettings = SecuritySettings()
+    databases: dict[str, DatabaseSettings] = {}
+    api: ApiSettings = ApiSettings()
+    chatops: ChatopsSettings = ChatopsSettings()
+    retention: RetentionSettings = RetentionSettings()
+
+    source: str | None = Field(None, exclude=True, description="the file this came from")
+
+    @field_validator("databases")
+    @classmethod
+    def _names(cls, value: dict[str, DatabaseSettings]) -> dict[str, DatabaseSettings]:
+        for name in value:
+            if not _DB_NAME.match(name):
+                raise ValueError(f"database name {name!r} must be letters, digits, '_' or '-'")
+        return value
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        # The file's contents arrive as init arguments; environment variables
+        # come first so that they override the file, key by key.
+        return env_settings, init_settings
+
+    def database(self, name: str | None) -> tuple[str, DatabaseSettings]:
+        """The named database, or the only one configured when no name is given."""
+        if name is None:
+            if len(self.databases) == 1:
+                return next(iter(self.databases.items()))
+            if not self.databases:
+                raise BadInput(
+                    f"no database is configured in {self.source or 'the built-in defaults'}: "
+                    "add a [databases.NAME] section"
+                )
+            raise BadInput(
+                f"several databases are configured ({', '.join(sorted(self.databases))}): choose one with --db"
+            )
+        if name not in self.databases:
+            known = ", ".join(sorted(self.databases)) or "none"
+            raise BadInput(f"unknown database {name!r} (configured: {known})")
+        return name, self.databases[name]
+
+
+def config_path(explicit: str | os.PathLike[str] | None = None) -> Path | None:
+    """Which configuration file applies, or None for the built-in defaults."""
+    if explicit:
+        return Path(explicit)
+    from_env = os.environ.get("DBAGENT_CONFIG")
+    if from_env:
+        return Path(from_env)
+    return DEFAULT_CONFIG_PATH if DEFAULT_CONFIG_PATH.exists() else None
+
+
+def load_settings(path: str | os.PathLike[str] | None = None) -> Settings:
+    """Read and validate the configuration; every problem is a ConfigError naming the file."""
+    file = config_path(path)
+    data: dict[str, Any] = {}
+    where = "the environment"
+    if file is not None:
+        where = str(file)
+        try:
+            with open(file, "rb") as handle:
+                data = tomllib.load(handle)
+        except FileNotFoundError:
+            raise ConfigError(f"{file}: no such configuration file") from None
+        except IsADirectoryError:
+            raise ConfigError(f"{file}: is a directory, not a configuration file") from None
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"{file}: not valid TOML: {exc}") from None
+        except OSError as exc:
+            raise ConfigError(f"{file}: cannot be read: {exc.strerror}") from None
+    try:
+        settings = Settings(**data)
+    except ValidationError as exc:
+        problems = "; ".join(_describe(error) for error in exc.errors())
+        raise ConfigError(f"{where}: {problems}") from None
+    settings.source = str(file) if file else None
+    return settings
+
+
+def _describe(error: dict[str, Any]) -> str:
+    location = ".".join(str(part) for part in error["loc"])
+    if error["type"] == "extra_forbidden":
+        return f"unknown key {location!r}"
+    if error["type"] == "missing":
+        return f"{location}: required key is missing"
+    message = error["msg"].removeprefix("Value error, ")
+    return redact(f"{location}: {message} (got {error.get('input')!r})")

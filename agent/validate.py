@@ -1,0 +1,170 @@
+"""Static checks of migration scripts: naming, revision ids, the chain, a real downgrade().
+
+Pure: it reads the scripts' source as text and parses it with ``ast``; nothing
+is imported or run, so a broken script cannot hurt the checker.
+"""
+
+from __future__ import annotations
+
+import ast
+import re
+from dataclasses import asdict, dataclass
+from enum import StrEnum
+from pathlib import Path
+from typing import Any
+
+from agent.errors import BadInput
+
+FILE_NAME = re.compile(r"^(?P<number>\d{3})_(?P<description>[a-z0-9]+(?:_[a-z0-9]+)*)\.py$")
+
+
+class Severity(StrEnum):
+    ERROR = "error"
+    WARNING = "warning"
+
+
+@dataclass(frozen=True)
+class Finding:
+    revision: str | None
+    rule: str
+    severity: Severity
+    message: str
+    file: str | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        body = asdict(self)
+        body["severity"] = str(self.severity)
+        return body
+
+
+@dataclass(frozen=True)
+class ScriptInfo:
+    file: str
+    number: str | None
+    revision: str | None
+    down_revision: str | None
+    has_down_revision: bool
+    downgrade: str  # "missing" | "empty" | "ok"
+
+
+def load_sources(script_location: str | Path) -> list[tuple[str, str]]:
+    """(file name, source) of every script in ``versions/``, sorted by name."""
+    versions = Path(script_location) / "versions"
+    if not versions.is_dir():
+        raise BadInput(f"{versions}: no such directory (is 'migrations' set right in the config?)")
+    return [(p.name, p.read_text(encoding="utf-8")) for p in sorted(versions.glob("*.py")) if p.name != "__init__.py"]
+
+
+def _literal(node: ast.expr) -> Any:
+    try:
+        return ast.literal_eval(node)
+    except ValueError:
+        return ...
+
+
+def _is_noop(body: list[ast.stmt]) -> bool:
+    for statement in body:
+        if isinstance(statement, ast.Pass):
+            continue
+        if isinstance(statement, ast.Expr) and isinstance(statement.value, ast.Constant):
+            continue  # a docstring or a bare ...
+        return False
+    return True
+
+
+def inspect_script(file: str, source: str) -> ScriptInfo:
+    """What a script declares; raises SyntaxError for one that does not parse."""
+    tree = ast.parse(source, filename=file)
+    values: dict[str, Any] = {}
+    downgrade = "missing"
+    for node in tree.body:
+        if isinstance(node, ast.Assign | ast.AnnAssign):
+            targets = node.targets if isinstance(node, ast.Assign) else [node.target]
+            for target in targets:
+                if isinstance(target, ast.Name) and node.value is not None:
+                    values[target.id] = _literal(node.value)
+        elif isinstance(node, ast.FunctionDef) and node.name == "downgrade":
+            downgrade = "empty" if _is_noop(node.body) else "ok"
+    match = FILE_NAME.match(file)
+    revision = values.get("revision")
+    down = values.get("down_revision")
+    return ScriptInfo(
+        file=file,
+        number=match["number"] if match else None,
+        revision=revision if isinstance(revision, str) else None,
+        down_revision=down if isinstance(down, str) else None,
+        has_down_revision="down_revision" in values,
+        downgrade=downgrade,
+    )
+
+
+def check_sources(sources: list[tuple[str, str]]) -> list[Finding]:
+    """Every finding about a set of migration scripts, in file order."""
+    findings: list[Finding] = []
+    scripts: list[ScriptInfo] = []
+
+    def error(script: ScriptInfo | None, rule: str, message: str, file: str | None = None) -> None:
+        findings.append(
+            Finding(script.revision if script else None, rule, Severity.ERROR, message, file or (script.file if script else None))
+        )
+
+    for file, source in sources:
+        try:
+            script = inspect_script(file, source)
+        except SyntaxError as exc:
+            findings.append(Finding(None, "syntax", Severity.ERROR, f"{file}: does not parse: {exc.msg} (line {exc.lineno})", file))
+            continue
+        scripts.append(script)
+        if script.number is None:
+            error(script, "naming", f"{file}: name it NNN_snake_case_description.py (three digits, then a description)")
+        if script.revision is None:
+            error(script, "revision-id", f"{file}: no literal `revision = \"...\"` found")
+        elif script.number is not None and script.revision != script.number:
+            error(script, "revision-id", f"{file}: revision id is {script.revision!r}, expected {script.number!r} from the file name")
+        if script.downgrade == "missing":
+            error(script, "downgrade", f"{file}: has no downgrade(): every migration must be reversible")
+        elif script.downgrade == "empty":
+            error(script, "downgrade", f"{file}: downgrade() does nothing: it must reverse upgrade()")
+
+    numbered = sorted((s for s in scripts if s.number is not None), key=lambda s: s.number or "")
+    seen: dict[str, str] = {}
+    for script in scripts:
+        if script.revision is None:
+            continue
+        if script.revision in seen:
+            error(script, "duplicate-revision", f"{script.file}: revision {script.revision} is also declared by {seen[script.revision]}")
+        seen[script.revision] = script.file
+
+    expected_number = 1
+    previous: ScriptInfo | None = None
+    for script in numbered:
+        number = int(script.number or 0)
+        if number != expected_number:
+            missing = f"{expected_number:03d}" if number > expected_number else None
+            detail = f"{missing} is missing" if missing else f"{script.number} is repeated"
+            error(script, "sequence", f"{script.file}: migrations must be numbered without gaps: {detail}")
+        expected_number = number + 1
+        expected_down = previous.revision if previous else None
+        if script.has_down_revision and script.down_revision != expected_down:
+            error(
+                script,
+                "chain",
+                f"{script.file}: down_revision is {script.down_revision!r}, expected {expected_down!r} (the previous file)",
+            )
+        previous = script
+
+    referenced = {s.down_revision for s in scripts if s.down_revision}
+    heads = sorted(s.revision for s in scripts if s.revision and s.revision not in referenced)
+    if len(heads) > 1:
+        findings.append(
+            Finding(None, "single-head", Severity.ERROR, f"several heads: {', '.join(heads)}; the chain must be linear")
+        )
+    if not scripts and not findings:
+        findings.append(Finding(None, "empty", Severity.WARNING, "no migration scripts found"))
+    return findings
+
+
+def status_of(findings: list[Finding]) -> str:
+    if any(f.severity == Severity.ERROR for f in findings):
+        return "failed"
+    return "passed"
