@@ -34,6 +34,7 @@ from agent.commands import (
     utcnow,
 )
 from agent.connections import pg_connection, redis_client
+from agent.durations import postgres_interval
 from agent.errors import BadInput, CommandRejected, DbAgentError, OperationFailed, Unavailable
 from agent.eventlog import EventLog
 from agent.events import HOST, Event, EventType
@@ -56,8 +57,9 @@ def worker_name(db: str) -> str:
 class Journal:
     """A command's events: written to PostgreSQL first (the record), then to the stream."""
 
-    def __init__(self, eventlog: EventLog, db: str, command: Command | None) -> None:
+    def __init__(self, eventlog: EventLog, prefix: str, db: str, command: Command | None) -> None:
         self.eventlog = eventlog
+        self.prefix = prefix
         self.db = db
         self.command = command
         self.conn: Connection | None = None
@@ -74,8 +76,8 @@ class Journal:
             data=json.loads(json.dumps(data, default=str)),
         )
 
-    def emit(self, type_: EventType, *, final: bool = False, **data: Any) -> Event:
-        """Record and publish an event; a final one is published together with the result."""
+    def emit(self, type_: EventType, **data: Any) -> Event:
+        """Record an event in PostgreSQL, then publish it on the stream."""
         event = self.make(type_, data)
         if self.conn is not None:
             try:
@@ -85,8 +87,7 @@ class Journal:
                 log.warning("could not write event %s to the audit log: %s", event.type, redact(exc))
                 _rollback_quietly(self.conn)
         self._unpublished.append(event)
-        if not final:
-            self.flush()
+        self.flush()
         return event
 
     def stage(self, conn: Connection, type_: EventType, **data: Any) -> None:
@@ -98,28 +99,24 @@ class Journal:
     def discard_staged(self) -> None:
         self._unpublished.clear()
 
-    def flush(self, pipeline: Any | None = None) -> None:
+    def flush(self) -> None:
         events, self._unpublished = self._unpublished, []
         if not events:
             return
         try:
-            self.eventlog.publish(events, pipeline)
+            self.eventlog.publish(events)
         except redis.RedisError as exc:
             log.warning("could not publish %d event(s) to the stream: %s", len(events), redact(exc))
 
     def finish(self, result: dict[str, Any]) -> dict[str, Any]:
-        """Publish the remaining events and the command's outcome in one Redis transaction."""
-        client = self.eventlog.client
+        """Publish the command's outcome, where waiting producers look for it."""
+        self.flush()
+        if not result.get("command_id"):
+            return result
         try:
-            pipe = client.pipeline(transaction=True)
-            self.flush(pipe)
-            if result.get("command_id"):
-                pipe.set(
-                    keys.result(self.eventlog.stream.rsplit(":", 1)[0], result["command_id"]),
-                    json.dumps(result, default=str),
-                    ex=keys.RESULT_TTL_S,
-                )
-            pipe.execute()
+            self.eventlog.client.set(
+                keys.result(self.prefix, result["command_id"]), json.dumps(result, default=str), ex=keys.RESULT_TTL_S
+            )
         except redis.RedisError as exc:
             log.error("could not publish the outcome of %s: %s", result.get("command_id"), redact(exc))
         return result
@@ -145,8 +142,8 @@ class Run:
             self.migrator = Migrator(self.db.migrations, self.db.url)
         return self.migrator
 
-    def emit(self, type_: EventType, *, final: bool = False, **data: Any) -> Event:
-        return self.journal.emit(type_, final=final, **data)
+    def emit(self, type_: EventType, **data: Any) -> Event:
+        return self.journal.emit(type_, **data)
 
 
 def base_result(command_id: str | None, type_: str | None, db: str) -> dict[str, Any]:
@@ -171,11 +168,11 @@ def execute(
         command = Command.from_message(message)
     except CommandRejected as exc:
         command_id = message.get("id") if isinstance(message, dict) else None
-        journal = Journal(eventlog, db_name, None)
-        journal.emit(EventType.COMMAND_REJECTED, final=True, command_id=command_id, reason=str(exc))
+        journal = Journal(eventlog, settings.redis.prefix, db_name, None)
+        _record_rejection(journal, db, str(exc), worker, command_id=command_id)
         return journal.finish(_outcome(base_result(command_id, None, db_name), exc))
 
-    journal = Journal(eventlog, db_name, command)
+    journal = Journal(eventlog, settings.redis.prefix, db_name, command)
     result = base_result(command.id, str(command.type), db_name)
     try:
         check_command(
@@ -187,20 +184,21 @@ def execute(
             max_skew_s=settings.security.max_clock_skew,
         )
     except CommandRejected as exc:
-        # Nothing of a forged or stale command runs: not even a database connection.
-        journal.emit(EventType.COMMAND_REJECTED, final=True, reason=str(exc), worker=worker)
+        # Nothing of a forged or stale command runs; only its rejection is recorded.
+        _record_rejection(journal, db, str(exc), worker)
         return journal.finish(_outcome(result, exc))
 
     try:
         with pg_connection(db, application_name=f"dbagent {command.type} {command.id[:8]}") as conn:
             _bootstrap(conn, db.url)
+            apply_timeouts(conn, db)
             journal.conn = conn
             run = Run(settings, db_name, db, command, conn, journal, client, worker)
             return journal.finish(_execute(run, result))
     except DbAgentError as exc:
         journal.conn = None
         if isinstance(exc, BadInput):
-            journal.emit(EventType.COMMAND_REJECTED, final=True, reason=exc.message, worker=worker)
+            journal.emit(EventType.COMMAND_REJECTED, reason=exc.message, worker=worker)
         return journal.finish(_outcome(result, exc))
     except redis.RedisError as exc:
         return journal.finish(_outcome(result, Unavailable(f"Redis failed during the command: {redact(exc)}")))
@@ -209,10 +207,32 @@ def execute(
 _bootstrapped: set[str] = set()
 
 
+def apply_timeouts(conn: Connection, db: DatabaseSettings) -> None:
+    """Every statement of the session waits for locks and runs at most as long as configured."""
+    conn.exec_driver_sql(f"SET lock_timeout = '{postgres_interval(db.lock_timeout)}'")
+    conn.exec_driver_sql(f"SET statement_timeout = '{postgres_interval(db.statement_timeout)}'")
+    conn.commit()
+
+
 def _bootstrap(conn: Connection, url: str) -> None:
     if url not in _bootstrapped:
         store.bootstrap(conn)
         _bootstrapped.add(url)
+
+
+def _record_rejection(journal: Journal, db: DatabaseSettings, reason: str, worker: str, **data: Any) -> None:
+    """command.rejected into the audit log (when the database answers) and the stream."""
+    try:
+        with pg_connection(db, application_name="dbagent audit") as conn:
+            _bootstrap(conn, db.url)
+            journal.conn = conn
+            journal.emit(EventType.COMMAND_REJECTED, reason=reason, worker=worker, **data)
+            return
+    except DbAgentError as exc:
+        log.warning("rejection not written to the audit log: %s", exc)
+    finally:
+        journal.conn = None
+    journal.emit(EventType.COMMAND_REJECTED, reason=reason, worker=worker, **data)
 
 
 def _execute(run: Run, result: dict[str, Any]) -> dict[str, Any]:
@@ -250,7 +270,7 @@ def _execute(run: Run, result: dict[str, Any]) -> dict[str, Any]:
     except DbAgentError as exc:
         outcome = _outcome(dict(result), exc)
         if isinstance(exc, BadInput):
-            run.emit(EventType.COMMAND_REJECTED, final=True, reason=exc.message, worker=run.worker)
+            run.emit(EventType.COMMAND_REJECTED, reason=exc.message, worker=run.worker)
     _rollback_quietly(conn)
     store.finish_command(conn, command.id, outcome["status"], outcome)
     conn.commit()
@@ -262,7 +282,7 @@ def _run_operation(run: Run, operation: Callable[[Run], dict[str, Any]], result:
         return {**result, **operation(run), "status": CommandStatus.SUCCEEDED.value, "exit_code": 0}
     except BadInput as exc:
         _rollback_quietly(run.conn)
-        run.emit(EventType.COMMAND_REJECTED, final=True, reason=exc.message, worker=run.worker)
+        run.emit(EventType.COMMAND_REJECTED, reason=exc.message, worker=run.worker)
         return _outcome(dict(result), exc)
     except DbAgentError as exc:
         _rollback_quietly(run.conn)
@@ -293,7 +313,7 @@ def _interrupted(run: Run, row: dict[str, Any], result: dict[str, Any]) -> dict[
         EventType.ROLLBACK_FAILED if run.command.type == CommandType.ROLLBACK else EventType.MIGRATION_FAILED
     )
     before = (row.get("plan") or {}).get("revision_before")
-    run.emit(failed, final=True, revision_before=before, revision_after=current, error=error, interrupted=True)
+    run.emit(failed, revision_before=before, revision_after=current, error=error, interrupted=True)
     return {
         **result,
         "status": CommandStatus.FAILED.value,
@@ -333,7 +353,7 @@ def recover_interrupted(settings: Settings, db_name: str, client: redis.Redis | 
                         "issued_at": row["issued_at"] or datetime.now(UTC),
                     }
                 )
-                journal = Journal(eventlog, db_name, command)
+                journal = Journal(eventlog, settings.redis.prefix, db_name, command)
                 journal.conn = conn
                 run = Run(settings, db_name, db, command, conn, journal, client, worker_name(db_name))
                 outcome = _interrupted(run, row, base_result(command.id, str(command.type), db_name))
@@ -429,9 +449,9 @@ def _verify(run: Run, expected: str | None) -> dict[str, Any]:
     checks = run_checks(run.conn, current, expected)
     body = {"revision": current, "expected": expected, "checks": [c.to_json() for c in checks]}
     if all(c.ok for c in checks):
-        run.emit(EventType.VERIFY_COMPLETED, final=True, **body)
+        run.emit(EventType.VERIFY_COMPLETED, **body)
         return {"verify": body}
-    run.emit(EventType.VERIFY_FAILED, final=True, **body)
+    run.emit(EventType.VERIFY_FAILED, **body)
     raise OperationFailed(f"verification failed: {summary(checks)}", verify=body)
 
 
@@ -492,7 +512,6 @@ def rollback(run: Run) -> dict[str, Any]:
     after = migrator.current(run.conn)
     run.emit(
         EventType.ROLLBACK_COMPLETED,
-        final=True,
         revision_before=before,
         revision_after=after,
         steps=len(plan),
@@ -523,7 +542,7 @@ def _apply_steps(run: Run, plan: list[Step], facts: dict[str, Any], failed: Even
             )
             recorded.append(True)
 
-        def on_version_apply(ctx: Any, step_info: Any, heads: Any, run_args: Any) -> None:
+        def on_version_apply(*, ctx: Any, **_: Any) -> None:
             record(ctx.connection)
 
         try:
@@ -543,7 +562,7 @@ def _apply_steps(run: Run, plan: list[Step], facts: dict[str, Any], failed: Even
             except Exception as inner:  # the connection itself is gone
                 _rollback_quietly(conn)
                 raise Unavailable(f"lost the database during step {step.revision}: {redact(inner)}", **facts) from None
-            run.emit(failed, final=True, **facts, revision_after=after, failed_step=step.to_json(), error=error)
+            run.emit(failed, **facts, revision_after=after, failed_step=step.to_json(), error=error)
             raise OperationFailed(
                 f"step {step.revision} ({step.description}) failed: {error.splitlines()[0] if error else type(exc).__name__};"
                 f" the database is at revision {after or 'base'}",

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from sqlalchemy import Connection
+from sqlalchemy import Connection, text
 
 
 @dataclass(frozen=True)
@@ -32,10 +32,12 @@ def check_invalid_indexes(conn: Connection) -> Check:
     """Indexes left INVALID (typically by a failed CREATE INDEX CONCURRENTLY)."""
     names = [
         row[0]
-        for row in conn.exec_driver_sql(
+        for row in conn.execute(
+            text(
             "SELECT format('%I.%I', n.nspname, c.relname) FROM pg_index i"
             " JOIN pg_class c ON c.oid = i.indexrelid JOIN pg_namespace n ON n.oid = c.relnamespace"
             " WHERE NOT i.indisvalid ORDER BY 1"
+            )
         )
     ]
     conn.commit()

@@ -14,21 +14,15 @@ down_revision = "003"
 branch_labels = None
 depends_on = None
 
-# Nullable text columns, in the order they are added (dropped in reverse).
-_PROFILE_COLUMNS = (
-    "first_name",
-    "last_name",
-    "display_name",
-    "avatar_url",
-    "phone",
-    "locale",
-    "timezone",
-)
-
 
 def upgrade() -> None:
-    for name in _PROFILE_COLUMNS:
-        op.add_column("users", sa.Column(name, sa.Text(), nullable=True))
+    op.add_column("users", sa.Column("first_name", sa.Text(), nullable=True))
+    op.add_column("users", sa.Column("last_name", sa.Text(), nullable=True))
+    op.add_column("users", sa.Column("display_name", sa.Text(), nullable=True))
+    op.add_column("users", sa.Column("avatar_url", sa.Text(), nullable=True))
+    op.add_column("users", sa.Column("phone", sa.Text(), nullable=True))
+    op.add_column("users", sa.Column("locale", sa.Text(), nullable=True))
+    op.add_column("users", sa.Column("timezone", sa.Text(), nullable=True))
     # NOT NULL with a constant default: a metadata-only change since PostgreSQL 11.
     op.add_column(
         "users",
@@ -46,5 +40,10 @@ def downgrade() -> None:
     op.execute("ALTER TABLE users DROP CONSTRAINT users_status_check")
     op.drop_column("users", "email_verified_at")
     op.drop_column("users", "status")
-    for name in reversed(_PROFILE_COLUMNS):
-        op.drop_column("users", name)
+    op.drop_column("users", "timezone")
+    op.drop_column("users", "locale")
+    op.drop_column("users", "phone")
+    op.drop_column("users", "avatar_url")
+    op.drop_column("users", "display_name")
+    op.drop_column("users", "last_name")
+    op.drop_column("users", "first_name")
