@@ -1,0 +1,26 @@
+from __future__ import annotations
+
+import pytest
+import redis
+
+from tests.servers import REDIS_URL, Env, create_database, delete_prefix, drop_database, new_env
+
+
+@pytest.fixture
+def redis_client():
+    client = redis.Redis.from_url(REDIS_URL)
+    yield client
+    client.close()
+
+
+@pytest.fixture
+def env(tmp_path, redis_client) -> Env:
+    """A fresh database and key prefix; workers started through it are stopped afterwards."""
+    world = new_env(tmp_path)
+    create_database(world.name)
+    try:
+        yield world
+    finally:
+        world.stop_workers()
+        drop_database(world.name)
+        delete_prefix(redis_client, world.prefix)

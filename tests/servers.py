@@ -1,0 +1,186 @@
+"""Real PostgreSQL and Redis for integration and fault tests.
+
+From ``DBAGENT_TEST_DATABASE_URL`` / ``DBAGENT_TEST_REDIS_URL`` when set, else
+the local services. Each test gets its own database and its own key prefix,
+and both are removed afterwards; no Redis database is ever flushed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import psycopg
+import redis
+
+ROOT = Path(__file__).resolve().parent.parent
+MIGRATIONS = ROOT / "migrations"
+ADMIN_URL = os.environ.get("DBAGENT_TEST_DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
+REDIS_URL = os.environ.get("DBAGENT_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
+SIGNING_KEY = "integration-test-key"
+
+
+def db_url(name: str) -> str:
+    return ADMIN_URL.rsplit("/", 1)[0] + "/" + name
+
+
+def create_database(name: str) -> None:
+    with psycopg.connect(ADMIN_URL, autocommit=True) as conn:
+        conn.execute(f'CREATE DATABASE "{name}"')
+
+
+def drop_database(name: str) -> None:
+    with psycopg.connect(ADMIN_URL, autocommit=True) as conn:
+        conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+def delete_prefix(client: redis.Redis, prefix: str) -> None:
+    for key in client.scan_iter(match=f"{prefix}*", count=1000):
+        client.delete(key)
+
+
+@dataclass
+class Env:
+    """One test's world: a database, a key prefix, a config file, and helpers to drive dbagent."""
+
+    name: str
+    prefix: str
+    tmp: Path
+    migrations: Path = MIGRATIONS
+    extra_config: str = ""
+    statement_timeout: str = "2min"
+    workers: list[subprocess.Popen] = field(default_factory=list)
+
+    @property
+    def url(self) -> str:
+        return db_url(self.name)
+
+    @property
+    def config(self) -> Path:
+        path = self.tmp / "dbagent.toml"
+        backups = self.tmp / "backups"
+        backups.mkdir(mode=0o700, exist_ok=True)
+        path.write_text(
+            f"""
+[redis]
+url = "{REDIS_URL}"
+prefix = "{self.prefix}"
+lease_ttl = "3s"
+
+[databases.test]
+url = "{self.url}"
+migrations = "{self.migrations}"
+backup_dir = "{backups}"
+lock_timeout = "5s"
+statement_timeout = "{self.statement_timeout}"
+{self.extra_config}
+"""
+        )
+        return path
+
+    def environ(self, **extra: str) -> dict[str, str]:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("DBAGENT_")}
+        env.update({"DBAGENT_SIGNING_KEY": SIGNING_KEY, "PYTHONUNBUFFERED": "1"}, **extra)
+        return env
+
+    def cli(self, *args: str, timeout: float = 120, env: dict[str, str] | None = None) -> Result:
+        started = time.monotonic()
+        proc = subprocess.run(
+            [sys.executable, "-m", "agent.cli", "--config", str(self.config), *args],
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            env=env or self.environ(),
+            cwd=ROOT,
+        )
+        return Result(proc.returncode, proc.stdout, proc.stderr, time.monotonic() - started)
+
+    def start_worker(self, log_name: str = "worker", **extra_env: str) -> subprocess.Popen:
+        log = open(self.tmp / f"{log_name}-{len(self.workers)}.log", "w")
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "agent.cli", "--config", str(self.config), "worker", "--db", "test", "--loglevel", "INFO"],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env=self.environ(**extra_env),
+            cwd=ROOT,
+            start_new_session=True,
+        )
+        self.workers.append(proc)
+        return proc
+
+    def kill_worker(self, proc: subprocess.Popen, sig: int = signal.SIGKILL) -> None:
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            pass
+        try:
+            proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=5)
+
+    def stop_workers(self) -> None:
+        for proc in self.workers:
+            if proc.poll() is None:
+                self.kill_worker(proc, signal.SIGTERM)
+
+    def sql(self, query: str, *params: Any) -> list[tuple]:
+        with psycopg.connect(self.url, autocommit=True) as conn:
+            cur = conn.execute(query, params or None)
+            return cur.fetchall() if cur.description else []
+
+    def revision(self) -> str | None:
+        rows = self.sql(
+            "SELECT version_num FROM alembic_version"
+            if self.sql("SELECT to_regclass('public.alembic_version')")[0][0]
+            else "SELECT NULL WHERE false"
+        )
+        return rows[0][0] if rows else None
+
+    def stream_events(self, client: redis.Redis, command_id: str | None = None) -> list[dict[str, Any]]:
+        entries = client.xrange(f"{self.prefix}:events")
+        events = [{k.decode(): v.decode() for k, v in fields.items()} for _, fields in entries]
+        for e in events:
+            e["data"] = json.loads(e["data"])
+        return [e for e in events if command_id is None or e["command_id"] == command_id]
+
+
+@dataclass
+class Result:
+    code: int
+    stdout: str
+    stderr: str
+    seconds: float
+
+    def json(self) -> dict[str, Any]:
+        return json.loads(self.stdout.strip().splitlines()[-1])
+
+    def event_lines(self) -> list[dict[str, Any]]:
+        return [json.loads(line) for line in self.stderr.splitlines() if line.startswith("{")]
+
+
+def copy_migrations(tmp: Path, extra: dict[str, str] | None = None, upto: int | None = None) -> Path:
+    """A copy of the shipped migrations (optionally only the first `upto`), plus extra scripts."""
+    target = tmp / "migrations"
+    shutil.copytree(MIGRATIONS, target, ignore=shutil.ignore_patterns("__pycache__"))
+    if upto is not None:
+        for path in (target / "versions").glob("*.py"):
+            if int(path.name[:3]) > upto:
+                path.unlink()
+    for name, source in (extra or {}).items():
+        (target / "versions" / name).write_text(source)
+    return target
+
+
+def new_env(tmp: Path) -> Env:
+    token = uuid.uuid4().hex[:10]
+    return Env(name=f"dbagent_t_{token}", prefix=f"dbagent-test-{token}", tmp=tmp)
