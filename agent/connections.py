@@ -55,6 +55,11 @@ def pg_engine(db: DatabaseSettings, application_name: str = "dbagent") -> Engine
         connect_args={
             "connect_timeout": max(1, round(db.connect_timeout)),
             "application_name": application_name,
+            # Notice a vanished server (or network) within about 25 s.
+            "keepalives": 1,
+            "keepalives_idle": 10,
+            "keepalives_interval": 5,
+            "keepalives_count": 3,
         },
     )
 

@@ -211,6 +211,11 @@ def apply_timeouts(conn: Connection, db: DatabaseSettings) -> None:
     """Every statement of the session waits for locks and runs at most as long as configured."""
     conn.exec_driver_sql(f"SET lock_timeout = '{postgres_interval(db.lock_timeout)}'")
     conn.exec_driver_sql(f"SET statement_timeout = '{postgres_interval(db.statement_timeout)}'")
+    if conn.dialect.server_version_info >= (14,):
+        # A statement keeps running after its client died unless the server
+        # checks the socket; without this, a killed worker's long step would
+        # hold the database's lock until the step finished on its own.
+        conn.exec_driver_sql("SET client_connection_check_interval = '1s'")
     conn.commit()
 
 
