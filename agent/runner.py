@@ -14,6 +14,7 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
 from datetime import UTC, datetime
 from typing import Any
 
@@ -139,11 +140,25 @@ class Run:
 
     def migrations(self) -> Migrator:
         if self.migrator is None:
-            self.migrator = Migrator(self.db.migrations, self.db.url)
+            self.migrator = cached_migrator(self.db.migrations, self.db.url)
         return self.migrator
 
     def emit(self, type_: EventType, **data: Any) -> Event:
         return self.journal.emit(type_, **data)
+
+
+_migrators: dict[tuple[str, str], tuple[tuple, Migrator]] = {}
+
+
+def cached_migrator(location: str, url: str) -> Migrator:
+    """The scripts of a directory, parsed again only when a file in it changed."""
+    versions = Path(location) / "versions"
+    stamp = tuple(sorted((p.name, p.stat().st_mtime_ns, p.stat().st_size) for p in versions.glob("*.py")))
+    cached = _migrators.get((location, url))
+    if cached is None or cached[0] != stamp:
+        cached = (stamp, Migrator(location, url))
+        _migrators[(location, url)] = cached
+    return cached[1]
 
 
 def base_result(command_id: str | None, type_: str | None, db: str) -> dict[str, Any]:
@@ -190,7 +205,7 @@ def execute(
 
     try:
         with pg_connection(db, application_name=f"dbagent {command.type} {command.id[:8]}") as conn:
-            _bootstrap(conn, db.url)
+            store.ensure_schema(conn)
             apply_timeouts(conn, db)
             journal.conn = conn
             run = Run(settings, db_name, db, command, conn, journal, client, worker)
@@ -202,9 +217,6 @@ def execute(
         return journal.finish(_outcome(result, exc))
     except redis.RedisError as exc:
         return journal.finish(_outcome(result, Unavailable(f"Redis failed during the command: {redact(exc)}")))
-
-
-_bootstrapped: set[str] = set()
 
 
 def apply_timeouts(conn: Connection, db: DatabaseSettings) -> None:
@@ -219,17 +231,11 @@ def apply_timeouts(conn: Connection, db: DatabaseSettings) -> None:
     conn.commit()
 
 
-def _bootstrap(conn: Connection, url: str) -> None:
-    if url not in _bootstrapped:
-        store.bootstrap(conn)
-        _bootstrapped.add(url)
-
-
 def _record_rejection(journal: Journal, db: DatabaseSettings, reason: str, worker: str, **data: Any) -> None:
     """command.rejected into the audit log (when the database answers) and the stream."""
     try:
         with pg_connection(db, application_name="dbagent audit") as conn:
-            _bootstrap(conn, db.url)
+            store.ensure_schema(conn)
             journal.conn = conn
             journal.emit(EventType.COMMAND_REJECTED, reason=reason, worker=worker, **data)
             return
@@ -336,7 +342,7 @@ def recover_interrupted(settings: Settings, db_name: str, client: redis.Redis | 
     eventlog = EventLog(client, settings.redis.prefix)
     reported: list[str] = []
     with pg_connection(db, application_name="dbagent recovery") as conn:
-        _bootstrap(conn, db.url)
+        store.ensure_schema(conn)
         lock = AdvisoryLock(conn)
         if not lock.try_acquire():
             return reported  # a live writer holds the database: its commands are not ours to judge

