@@ -145,10 +145,14 @@ class Demo:
             self.modes = {p: p.stat().st_mode & 0o7777 for p in pgdata.parents}
         try:
             self.pg = pgserver.get_server(pgdata, cleanup_mode="stop")
+        except subprocess.CalledProcessError as exc:
+            raise DemoError(f"embedded PostgreSQL did not start: {Path(str(exc.cmd[0])).name} exited with code "
+                            f"{exc.returncode}{_log_tail(pgdata / 'log')}", code=3) from None
+        except subprocess.TimeoutExpired:
+            raise DemoError(f"embedded PostgreSQL did not start in time{_log_tail(pgdata / 'log')}", code=3) from None
         except Exception as exc:
-            log = pgdata / "log"
-            tail = _tail(log, 15) if log.is_file() else ""
-            raise DemoError(f"embedded PostgreSQL did not start: {exc}" + (f"\n{tail}" if tail else ""), code=3) from None
+            raise DemoError(f"embedded PostgreSQL did not start: {type(exc).__name__}: {exc}"
+                            f"{_log_tail(pgdata / 'log')}", code=3) from None
         info = self.pg.get_postmaster_info()
         self.pg_socket_dir = info.socket_dir
         self.pg_port = info.port or 5432
@@ -503,6 +507,11 @@ def _tail(path: Path, lines: int) -> str:
         return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
     except OSError:
         return ""
+
+
+def _log_tail(path: Path, lines: int = 6) -> str:
+    tail = _tail(path, lines).strip() if path.is_file() else ""
+    return f"; the end of {_rel(path)}:\n{tail}" if tail else ""
 
 
 def _alive(pid: int) -> bool:
