@@ -387,7 +387,7 @@ def env_validate(
 def env_show(as_json: JsonOpt = False) -> None:
     """The configuration in force (file and environment), secrets masked."""
     cfg = settings()
-    body = json.loads(redact(cfg.model_dump_json(exclude={"source"})))
+    body = json.loads(redact(cfg.model_dump_json()))
     body = {"source": cfg.source, **body}
     if as_json:
         _print_json(body)

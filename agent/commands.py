@@ -170,7 +170,8 @@ def check_command(
     else:
         if not command.signature:
             raise CommandRejected("command is not signed")
-        if not hmac.compare_digest(command.signature, _mac(key, command.canonical())):
+        # Compare bytes: the signature is untrusted input and may not even be ASCII.
+        if not hmac.compare_digest(command.signature.encode(), _mac(key, command.canonical()).encode()):
             raise CommandRejected("signature does not match: the command was forged or altered")
     issued = command.issued_at if command.issued_at.tzinfo else command.issued_at.replace(tzinfo=UTC)
     age = now - issued

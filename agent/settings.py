@@ -6,14 +6,15 @@ The file comes from ``--config``, else ``DBAGENT_CONFIG``, else
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import tomllib
 from pathlib import Path
 from typing import Annotated, Any
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator
-from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, PrivateAttr, ValidationError, field_validator
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, SettingsError
 
 from agent.durations import parse_duration_s
 from agent.errors import BadInput, ConfigError
@@ -22,6 +23,16 @@ from agent.redact import redact
 DEFAULT_CONFIG_PATH = Path("config/dbagent.toml")
 
 Seconds = Annotated[float, BeforeValidator(parse_duration_s)]
+
+
+def _at_least_1ms(value: float) -> float:
+    if value < 0.001:
+        raise ValueError("must be at least 1ms: PostgreSQL reads 0 as 'no timeout'")
+    return value
+
+
+# PostgreSQL timeouts: zero would silently mean "wait forever".
+TimeoutSeconds = Annotated[float, BeforeValidator(parse_duration_s), AfterValidator(_at_least_1ms)]
 
 _DB_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,62}$")
 
@@ -55,8 +66,8 @@ class DatabaseSettings(_Section):
     migrations: str = "migrations"
     backup_dir: str | None = None
     pre_migration_backup: bool | None = None
-    lock_timeout: Seconds = 5.0
-    statement_timeout: Seconds = 900.0
+    lock_timeout: TimeoutSeconds = 5.0
+    statement_timeout: TimeoutSeconds = 900.0
     connect_timeout: Seconds = 5.0
     lock_wait_timeout: Seconds = Field(1800.0, description="how long a writer waits for the database's lock")
     health_checks: list[str] = []
@@ -95,7 +106,12 @@ class Settings(BaseSettings):
     chatops: ChatopsSettings = ChatopsSettings()
     retention: RetentionSettings = RetentionSettings()
 
-    source: str | None = Field(None, exclude=True, description="the file this came from")
+    _source: str | None = PrivateAttr(None)
+
+    @property
+    def source(self) -> str | None:
+        """The file this configuration came from (None: defaults and environment only)."""
+        return self._source
 
     @field_validator("databases")
     @classmethod
@@ -170,12 +186,42 @@ def load_settings(path: str | os.PathLike[str] | None = None) -> Settings:
     except ValidationError as exc:
         problems = "; ".join(_describe(error) for error in exc.errors())
         raise ConfigError(f"{where}: {problems}") from None
-    settings.source = str(file) if file else None
+    except SettingsError as exc:
+        # An environment override of a list or table key that is not JSON.
+        culprits = ", ".join(
+            f"${name} ({name[len('DBAGENT_'):].lower().replace('__', '.')})" for name in _non_json_overrides()
+        ) or redact(exc)
+        raise ConfigError(
+            f"environment override {culprits}: list and table values are written as JSON,"
+            ' e.g. \'["select 1"]\''
+        ) from None
+    settings._source = str(file) if file else None
     return settings
+
+
+# Keys whose values are lists or tables: from the environment they must be JSON.
+_STRUCTURED_KEYS = {"databases", "health_checks", "critical_tables", "permissions", "chatops", "redis", "security", "api", "retention"}
+
+
+def _non_json_overrides() -> list[str]:
+    found = []
+    for name, value in os.environ.items():
+        if not name.upper().startswith("DBAGENT_"):
+            continue
+        if name.lower().rsplit("__", 1)[-1].removeprefix("dbagent_") not in _STRUCTURED_KEYS:
+            continue
+        try:
+            json.loads(value)
+        except ValueError:
+            found.append(name)
+    return sorted(found)
 
 
 def _describe(error: dict[str, Any]) -> str:
     location = ".".join(str(part) for part in error["loc"])
+    variable = "DBAGENT_" + "__".join(str(part) for part in error["loc"]).upper()
+    if any(name.upper() == variable for name in os.environ):
+        location = f"{location} (from ${variable})"
     if error["type"] == "extra_forbidden":
         return f"unknown key {location!r}"
     if error["type"] == "missing":

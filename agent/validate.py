@@ -44,7 +44,7 @@ class ScriptInfo:
     revision: str | None
     down_revision: str | None
     has_down_revision: bool
-    downgrade: str  # "missing" | "empty" | "ok"
+    downgrade: str  # "missing" | "empty" | "raises" | "ok"
 
 
 def load_sources(script_location: str | Path) -> list[tuple[str, str]]:
@@ -62,14 +62,18 @@ def _literal(node: ast.expr) -> Any:
         return ...
 
 
-def _is_noop(body: list[ast.stmt]) -> bool:
-    for statement in body:
-        if isinstance(statement, ast.Pass):
-            continue
-        if isinstance(statement, ast.Expr) and isinstance(statement.value, ast.Constant):
-            continue  # a docstring or a bare ...
-        return False
-    return True
+def _downgrade_kind(body: list[ast.stmt]) -> str:
+    """"ok", "empty" (pass, a docstring, ...) or "raises" (Alembic's idiom for irreversible)."""
+    meaningful = [
+        s
+        for s in body
+        if not isinstance(s, ast.Pass) and not (isinstance(s, ast.Expr) and isinstance(s.value, ast.Constant))
+    ]
+    if not meaningful:
+        return "empty"
+    if all(isinstance(s, ast.Raise) for s in meaningful):
+        return "raises"
+    return "ok"
 
 
 def inspect_script(file: str, source: str) -> ScriptInfo:
@@ -84,7 +88,7 @@ def inspect_script(file: str, source: str) -> ScriptInfo:
                 if isinstance(target, ast.Name) and node.value is not None:
                     values[target.id] = _literal(node.value)
         elif isinstance(node, ast.FunctionDef) and node.name == "downgrade":
-            downgrade = "empty" if _is_noop(node.body) else "ok"
+            downgrade = _downgrade_kind(node.body)
     match = FILE_NAME.match(file)
     revision = values.get("revision")
     down = values.get("down_revision")
@@ -125,6 +129,8 @@ def check_sources(sources: list[tuple[str, str]]) -> list[Finding]:
             error(script, "downgrade", f"{file}: has no downgrade(): every migration must be reversible")
         elif script.downgrade == "empty":
             error(script, "downgrade", f"{file}: downgrade() does nothing: it must reverse upgrade()")
+        elif script.downgrade == "raises":
+            error(script, "downgrade", f"{file}: downgrade() only raises: the migration is irreversible")
 
     numbered = sorted((s for s in scripts if s.number is not None), key=lambda s: s.number or "")
     seen: dict[str, str] = {}

@@ -174,24 +174,21 @@ def test_ttl_has_a_floor_of_one_second(make_lease):
 def test_renew_extends_for_the_owner(make_lease, fake_redis, names):
     a = make_lease(OWNER_A, ttl_s=1)
     assert a.try_acquire()
-    time.sleep(0.3)
-    before = fake_redis.pttl(names[0])
+    fake_redis.pexpire(names[0], 200)  # most of the ttl has run out
 
     assert a.renew() is True
 
-    after = fake_redis.pttl(names[0])
-    assert before <= 750
-    assert after > 900
+    assert fake_redis.pttl(names[0]) > 900
 
 
 def test_renew_by_non_owner_does_nothing(make_lease, fake_redis, names):
     a, b = make_lease(OWNER_A, ttl_s=1), make_lease(OWNER_B, ttl_s=1)
     assert a.try_acquire()
-    time.sleep(0.3)
+    fake_redis.pexpire(names[0], 200)
 
     assert b.renew() is False
 
-    assert fake_redis.pttl(names[0]) <= 750
+    assert fake_redis.pttl(names[0]) <= 200
     assert json.loads(fake_redis.get(names[0]))["command_id"] == "cmd-a"
 
 
@@ -220,7 +217,11 @@ def test_read_lease_returns_owner_fields_and_expiry(make_lease, fake_redis, name
     assert holder["token"] == a.token
     assert abs(holder["since"] - time.time()) < 5
     assert 0 < holder["expires_in_ms"] <= 10_000
-    assert a.holder() == {**holder, "expires_in_ms": a.holder()["expires_in_ms"]}
+    via_lease = a.holder()
+    assert via_lease is not None
+    assert {k: v for k, v in via_lease.items() if k != "expires_in_ms"} == {
+        k: v for k, v in holder.items() if k != "expires_in_ms"
+    }
 
 
 def test_read_lease_of_a_non_json_value(fake_redis, names):

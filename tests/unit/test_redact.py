@@ -82,12 +82,6 @@ def test_non_string_input_is_stringified():
     assert redact(42) == "42"
 
 
-@pytest.mark.xfail(
-    reason="_URL_PASSWORD stops the secret at the first '@', but redis-py (urllib) splits the "
-    "credentials at the last '@' and accepts redis://:p@ss@host; the part of the password "
-    "after the first '@' leaks ('redis://:***@ss@host:6379/0')",
-    strict=True,
-)
 def test_redis_url_password_containing_at_sign_is_fully_masked():
     out = redact("redis://:p@ss@host:6379/0")
 

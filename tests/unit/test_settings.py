@@ -182,12 +182,6 @@ def test_environment_override_with_a_bad_value_is_a_config_error(tmp_path, monke
     assert caught.value.exit_code == 2
 
 
-@pytest.mark.xfail(
-    reason="load_settings catches only pydantic ValidationError; pydantic-settings raises "
-    "SettingsError for an environment value of a list/dict key that is not JSON, which escapes "
-    "as a non-dbagent error (traceback, exit 1 instead of a ConfigError with exit 2)",
-    strict=True,
-)
 def test_environment_override_that_is_not_json_is_a_config_error(tmp_path, monkeypatch):
     path = write(tmp_path, ONE_DB)
     monkeypatch.setenv("DBAGENT_DATABASES__PRODUCTION__HEALTH_CHECKS", "select 1")
