@@ -276,7 +276,7 @@ class Demo:
 
     def run_step(self, argv: list[str]) -> int:
         """Run one CLI command, its output on this terminal; fail early if the worker dies."""
-        proc = subprocess.Popen(argv, env=self.env, stdin=subprocess.DEVNULL)
+        proc = subprocess.Popen(argv, env=self.env, stdin=subprocess.DEVNULL, preexec_fn=_die_with_parent)
         try:
             while True:
                 try:
@@ -576,7 +576,7 @@ def _terminate(proc: subprocess.Popen[Any], grace: float) -> None:
 
 
 def _die_with_parent() -> None:
-    """In the worker, before exec: get SIGTERM if the demo itself dies (Linux)."""
+    """In a child, before exec: get SIGTERM if the demo itself dies (Linux), killed or not."""
     if not sys.platform.startswith("linux"):
         return
     try:

@@ -152,6 +152,31 @@ def test_three_concurrent_migrates_with_two_workers_apply_each_step_once(env, re
     assert len(workers) == 2  # both workers served, one at a time
     tokens = [e["data"]["token"] for e in env.stream_events(redis_client) if e["type"] == "lock.acquired"]
     assert tokens == sorted(tokens) and len(set(tokens)) == 3
+    waiting = [e for e in env.stream_events(redis_client) if e["type"] == "lock.waiting"]
+    assert waiting and all(e["data"]["holder"]["worker"] in workers for e in waiting)
+
+
+def test_status_from_a_second_worker_names_the_lock_holder_during_a_migration(env, tmp_path):
+    env.migrations = copy_migrations(tmp_path, {"012_slow_step.py": SLOW_STEP.replace("pg_sleep(600)", "pg_sleep(4)")})
+    env.start_worker(SLOW_STEP="1")
+    env.start_worker(SLOW_STEP="1")
+    assert env.cli("migrate", "--to", "011", "--json").code == 0
+    run = subprocess.Popen(
+        [sys.executable, "-m", "agent.cli", "--config", str(env.config), "migrate", "--json"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env.environ(), cwd=ROOT,
+    )
+    wait_for(lambda: env.sql("SELECT 1 FROM pg_stat_activity WHERE query LIKE 'SELECT pg_sleep(4)%%'"), 60, "the slow step")
+    status = env.cli("status", "--json")
+    assert status.code == 0
+    lock = status.json()["lock"]
+    migrate_id = env.sql("SELECT id FROM dbagent.commands WHERE type = 'migrate' AND status = 'running'")[0][0]
+    assert lock["lease"]["command_id"] == migrate_id and lock["lease"]["type"] == "migrate"
+    assert lock["session"]["application_name"].startswith("dbagent migrate")
+    human = env.cli("status")
+    assert f"held by test@" in human.stdout and migrate_id in human.stdout
+    out, err = run.communicate(timeout=60)
+    assert run.returncode == 0, err
+    assert env.cli("status", "--json").json()["lock"] is None
 
 
 @pytest.mark.parametrize(

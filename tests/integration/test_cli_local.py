@@ -1,0 +1,88 @@
+"""Commands that run on the local host: env validate, validate, events --follow."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+
+import pytest
+
+from tests.servers import ROOT
+
+pytestmark = pytest.mark.integration
+
+
+def test_env_validate_passes_on_a_ready_host(env):
+    env.extra_config = 'app_user = "aegisx_app"'
+    result = env.cli("env", "validate", "--json")
+    assert result.code == 0, result.stdout
+    checks = {c["name"]: c for c in json.loads(result.stdout)["checks"]}
+    assert checks["postgres"]["status"] == "ok" and "PostgreSQL 15" in checks["postgres"]["detail"]
+    assert checks["redis"]["status"] == "ok"
+    assert checks["pg_dump"]["status"] == "ok" and checks["pg_restore"]["status"] == "ok"
+    assert checks["migration_user"]["status"] == "ok"
+    assert checks["backup_dir"]["status"] == "ok" and "private" in checks["backup_dir"]["detail"]
+    assert checks["migrations"]["status"] == "ok" and checks["signing_key"]["status"] == "ok"
+
+
+def test_env_validate_fails_on_a_shared_role_and_a_readable_backup_dir(env):
+    env.extra_config = 'app_user = "postgres"'
+    env.config
+    (env.tmp / "backups").chmod(0o755)
+    result = env.cli("env", "validate", "--json")
+    assert result.code == 1
+    checks = {c["name"]: c for c in json.loads(result.stdout)["checks"]}
+    assert checks["migration_user"]["status"] == "fail" and "application" in checks["migration_user"]["detail"]
+    assert checks["backup_dir"]["status"] == "fail" and "0755" in checks["backup_dir"]["detail"]
+    human = env.cli("env", "validate")
+    assert human.code == 1 and "FAIL backup_dir" in human.stdout
+
+
+def test_env_show_masks_the_password(env):
+    env.config
+    path = env.tmp / "secret.toml"
+    path.write_text(env.config.read_text().replace("postgresql://postgres@", "postgresql://postgres:Hunter2@"))
+    result = subprocess.run(
+        [sys.executable, "-m", "agent.cli", "--config", str(path), "env", "show", "--json"],
+        capture_output=True, text=True, cwd=ROOT, env=env.environ(), timeout=60,
+    )
+    assert result.returncode == 0 and "Hunter2" not in result.stdout
+    body = json.loads(result.stdout)
+    assert body["source"] == str(path) and body["databases"]["test"]["url"].startswith("postgresql://postgres:***@")
+
+
+def test_validate_the_shipped_migrations(env):
+    result = env.cli("validate", "--json")
+    assert result.code == 0
+    assert json.loads(result.stdout) == {"status": "passed", "findings": []}
+
+
+def test_validate_exits_1_on_an_error_finding(env, tmp_path):
+    from tests.servers import copy_migrations
+
+    env.migrations = copy_migrations(tmp_path, {"013_skipped_a_number.py": 'revision = "013"\ndown_revision = "011"\n\ndef upgrade():\n    pass\n\ndef downgrade():\n    pass\n'})
+    result = env.cli("validate", "--json")
+    assert result.code == 1
+    body = json.loads(result.stdout)
+    assert body["status"] == "failed"
+    assert {(f["revision"], f["rule"], f["severity"]) for f in body["findings"]} >= {("013", "sequence", "error"), ("013", "downgrade", "error")}
+
+
+def test_events_follow_prints_new_events_as_they_come(env):
+    env.start_worker()
+    follower = subprocess.Popen(
+        [sys.executable, "-m", "agent.cli", "--config", str(env.config), "events", "--follow", "--json"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT, env=env.environ(),
+    )
+    try:
+        time.sleep(1.5)
+        status = env.cli("status", "--json")
+        assert status.code == 0
+        line = follower.stdout.readline()
+        event = json.loads(line)
+        assert event["type"] == "command.accepted" and event["command_id"] == status.json()["command_id"]
+    finally:
+        follower.terminate()
+        follower.wait(timeout=10)
