@@ -27,7 +27,7 @@ import subprocess
 import sys
 import time
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType
@@ -69,8 +69,8 @@ class Step:
 
 
 STEPS = [
-    Step("validate", "Static checks of the migration scripts: naming, ids, one head, a downgrade() in each, "
-         "risky operations. Runs locally; no worker needed.", ["validate"], queued=False),
+    Step("validate", "Static checks of the migration scripts: naming, revision ids, an unbroken chain, a single "
+         "head, a real downgrade() in each. Runs locally; no worker needed.", ["validate"], queued=False),
     Step("status", "A fresh, empty database: every migration is pending. From here on each command is signed, "
          "queued in Redis and executed by the database's worker.", ["status"]),
     Step("migrate --dry-run --to 002", "The plan up to 002 and the SQL it would run, without touching the database.",
@@ -78,7 +78,7 @@ STEPS = [
     Step("migrate", "Lock the database (Redis lease + PostgreSQL advisory lock), apply every pending migration "
          "in its own transaction, then verify. Each step is an event.",
          ["migrate", "--actor", ACTOR, "--ticket", TICKET]),
-    Step("verify", "Integrity checks: the revision is head, no invalid indexes or unvalidated constraints.",
+    Step("verify", "Integrity checks on the live database: the revision is head, no invalid indexes.",
          ["verify"]),
     Step("rollback 1", "Undo the last migration.", ["rollback", "1", "--actor", ACTOR, "--ticket", TICKET]),
     Step("status", "One step behind head now: one migration pending.", ["status"]),
@@ -132,6 +132,7 @@ class Demo:
                 ) from None
         # pgserver logs every failed pg_ctl at length; the demo says what failed itself.
         logging.getLogger("pgserver").setLevel(logging.CRITICAL)
+        _socket_dir_without_spaces()
         pgdata = self.root / "pg"
         if pgdata.is_dir() and not (pgdata / "PG_VERSION").exists():
             shutil.rmtree(pgdata)         # what an interrupted initdb left behind
@@ -229,7 +230,7 @@ class Demo:
                 stderr=subprocess.STDOUT,
                 env=self.env,
                 start_new_session=True,          # Ctrl-C reaches the demo, which stops the worker itself
-                preexec_fn=_die_with_parent,
+                preexec_fn=_death_signal(),
             )
         finally:
             log.close()
@@ -240,11 +241,12 @@ class Demo:
     # -- the walk-through ---------------------------------------------------------
 
     def run(self) -> None:
-        console.print(f"[bold]dbagent demo[/bold]: embedded PostgreSQL and Redis under {_rel(self.root)}")
+        console.print(f"[bold]dbagent demo[/bold]: embedded PostgreSQL and Redis under {escape(_rel(self.root))}")
         started = time.monotonic()
         with _interrupts_deferred():      # a half-started server would be left running
             self.start_postgres()
-        console.print(f"  PostgreSQL {self._pg_version()} on unix socket {self.pg_socket_dir}, database {PG_DATABASE}")
+        console.print(f"  PostgreSQL {self._pg_version()} on unix socket {escape(str(self.pg_socket_dir))}, "
+                      f"database {PG_DATABASE}")
         with _interrupts_deferred():
             self.start_redis()
         console.print(f"  Redis on 127.0.0.1:{self.redis_port}, key prefix {PREFIX!r}")
@@ -253,7 +255,7 @@ class Demo:
         with _interrupts_deferred():
             self.start_worker()
         console.print(f"  worker for database {DB_NAME!r} (pid {self.worker.pid if self.worker else '?'}), "
-                      f"log in {_rel(self.worker_log)}")
+                      f"log in {escape(_rel(self.worker_log))}")
         console.print(f"  ready in {time.monotonic() - started:.1f} s; every step below runs "
                       f"[bold]dbagent --config {escape(_rel(self.config))} …[/bold]")
 
@@ -267,16 +269,21 @@ class Demo:
             if step.queued:
                 argv += ["--timeout", str(STEP_TIMEOUT_S)]
             clock = time.monotonic()
-            code = self.run_step(argv)
+            which = f"step {number}/{len(STEPS)} `dbagent {' '.join(step.args)}`"
+            try:
+                code = self.run_step(argv)
+            except DemoError as exc:
+                self.results.append(StepResult(step.title, -1, time.monotonic() - clock))
+                raise DemoError(f"{which}: {exc.message}") from None
             self.results.append(StepResult(step.title, code, time.monotonic() - clock))
             if code != 0:
-                raise DemoError(f"step {number}/{len(STEPS)} `dbagent {' '.join(step.args)}` failed (exit code {code})")
+                raise DemoError(f"{which} failed (exit code {code})")
             if step.after == "untouched":
                 self.check_untouched()
 
     def run_step(self, argv: list[str]) -> int:
         """Run one CLI command, its output on this terminal; fail early if the worker dies."""
-        proc = subprocess.Popen(argv, env=self.env, stdin=subprocess.DEVNULL, preexec_fn=_die_with_parent)
+        proc = subprocess.Popen(argv, env=self.env, stdin=subprocess.DEVNULL, preexec_fn=_death_signal())
         try:
             while True:
                 try:
@@ -313,10 +320,7 @@ class Demo:
         problems: list[str] = []
         for name, action in (("worker", self.stop_worker), ("Redis", self.stop_redis), ("PostgreSQL", self.stop_postgres)):
             try:
-                _t = time.monotonic()
                 action()
-                if os.environ.get("DEMO_DEBUG_TIMING"):
-                    console.print(f"({name} stopped in {time.monotonic() - _t:.2f} s)")
             except Exception as exc:  # keep stopping the rest
                 problems.append(f"stopping {name}: {exc}")
         self.restore_modes()
@@ -418,19 +422,19 @@ def run_demo(keep: bool = False) -> int:
     if migrations is None:
         console.print("[red]error:[/red] the demo needs the migrations/ directory next to the agent package "
                       "(a source checkout or an editable install)")
-        return 2
+        return 3
     root = (Path.cwd() / DEMO_DIR).resolve()
     try:
         root.mkdir(parents=True, exist_ok=True)
         lock = open(root / ".lock", "w")
     except OSError as exc:
-        console.print(f"[red]error:[/red] cannot create {_rel(root)}: {exc.strerror}")
+        console.print(f"[red]error:[/red] cannot create {escape(_rel(root))}: {exc.strerror}")
         return 2
     try:
         fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError:
         lock.close()
-        console.print(f"[red]error:[/red] another dbagent demo is running in this directory ({_rel(root)})")
+        console.print(f"[red]error:[/red] another dbagent demo is running in this directory ({escape(_rel(root))})")
         return 2
 
     demo = Demo(root, keep, migrations)
@@ -575,16 +579,49 @@ def _terminate(proc: subprocess.Popen[Any], grace: float) -> None:
             proc.wait(timeout=5)
 
 
-def _die_with_parent() -> None:
-    """In a child, before exec: get SIGTERM if the demo itself dies (Linux), killed or not."""
+def _death_signal() -> Callable[[], None] | None:
+    """For a child, run between fork and exec: SIGTERM when the demo dies, even by SIGKILL (Linux only)."""
     if not sys.platform.startswith("linux"):
-        return
+        return None
     try:
         import ctypes
 
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)   # PR_SET_PDEATHSIG
-    except Exception:
-        pass
+        prctl = ctypes.CDLL("libc.so.6", use_errno=True).prctl   # looked up here, not in the forked child
+    except (OSError, AttributeError):
+        return None
+
+    def set_death_signal() -> None:
+        prctl(1, signal.SIGTERM)                                  # PR_SET_PDEATHSIG
+
+    return set_death_signal
+
+
+def _socket_dir_without_spaces() -> None:
+    """pgserver passes the socket directory to postgres unquoted (``-o "-k DIR"``): keep spaces out of it.
+
+    It puts the socket in the data directory when the path is short enough,
+    else in a directory of its own under its runtime path; for a data
+    directory whose path has white space, take the latter.
+    """
+    import hashlib
+
+    import pgserver.postgres_server as module
+
+    original = getattr(module, "find_suitable_socket_dir", None)
+    if original is None or getattr(original, "_dbagent_demo", False):
+        return
+
+    def find_suitable_socket_dir(pgdata: Path, runtime_path: Path) -> Path:
+        chosen = original(pgdata, runtime_path)
+        if not any(c.isspace() for c in str(chosen)):
+            return chosen
+        digest = hashlib.sha256(f"{pgdata}-{pgdata.stat().st_ino}".encode()).hexdigest()[:10]
+        path = Path(runtime_path) / digest
+        path.mkdir(parents=True, exist_ok=True)
+        return path
+
+    find_suitable_socket_dir._dbagent_demo = True  # type: ignore[attr-defined]
+    module.find_suitable_socket_dir = find_suitable_socket_dir
 
 
 def _stop_leftover_redis(directory: Path) -> None:
@@ -601,10 +638,8 @@ def _stop_leftover_redis(directory: Path) -> None:
                 return
     except OSError:
         return
-    import redis
-
-    with contextlib.suppress(Exception):
-        redis.Redis(unix_socket_path=settings["unixsocket"], socket_timeout=5).shutdown(nosave=True)
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, signal.SIGTERM)
     if not _wait_gone(pid, SERVER_STOP_GRACE_S):
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGKILL)
@@ -644,11 +679,12 @@ def _summary(demo: Demo, code: int, keep: bool, seconds: float) -> None:
             "migrate with locking and verification, rollback, the change log and the audit trail."
         )
     if keep:
-        console.print(f"Kept {_rel(demo.root)}: config {_rel(demo.config)}, PostgreSQL data {_rel(demo.root / 'pg')}, "
-                      f"Redis data {_rel(demo.root / 'redis')}, worker log {_rel(demo.worker_log)} "
-                      "(the servers are stopped).")
+        console.print(escape(
+            f"Kept {_rel(demo.root)}: config {_rel(demo.config)}, PostgreSQL data {_rel(demo.root / 'pg')}, "
+            f"Redis data {_rel(demo.root / 'redis')}, worker log {_rel(demo.worker_log)} (the servers are stopped)."
+        ))
     else:
-        console.print(f"Removed {_rel(demo.root)}; nothing is left running.")
+        console.print(escape(f"Removed {_rel(demo.root)}; nothing is left running."))
     verdict = "[green]demo completed[/green]" if code == 0 else f"[red]demo failed (exit {code})[/red]"
     console.print(f"{verdict} in {seconds:.1f} s")
 
