@@ -29,9 +29,12 @@ app = typer.Typer(
 )
 env_app = typer.Typer(help="Check this host's configuration and dependencies.", no_args_is_help=True)
 app.add_typer(env_app, name="env")
+backups_app = typer.Typer(help="List, verify and prune the backups of a database.", no_args_is_help=True)
+app.add_typer(backups_app, name="backups")
 
-out = Console(highlight=False, soft_wrap=True)
-err = Console(stderr=True, highlight=False, soft_wrap=True)
+# Piped output is read by scripts and logs: do not fold tables to 80 columns there.
+out = Console(highlight=False, soft_wrap=True, width=None if sys.stdout.isatty() else 240)
+err = Console(stderr=True, highlight=False, soft_wrap=True, width=None if sys.stderr.isatty() else 240)
 
 
 class _State:
@@ -163,6 +166,10 @@ def format_event(event: Event) -> str:
         holder = data.get("holder") or {}
         who = holder.get("worker") or holder.get("application_name") or holder.get("pid") or "?"
         detail = f"{data.get('guard')} held by {who}, waited {data.get('waited_ms', 0) / 1000:.0f}s"
+    elif event.type.startswith(("backup.", "restore.")):
+        size = f" {_human_bytes(data['bytes'])}" if data.get("bytes") else ""
+        took = f" in {data['duration_ms'] / 1000:.1f}s" if data.get("duration_ms") is not None else ""
+        detail = f"{data.get('type', '')} {data.get('path', '')}{size}{took} {data.get('error', '')}".strip()
     elif event.type == "command.accepted":
         detail = f"by {data.get('worker')}"
     elif event.type == "command.rejected":
@@ -204,6 +211,8 @@ def status(db: DbOpt = None, as_json: JsonOpt = False, actor: ActorOpt = None, t
                       f"{' (command ' + lease['command_id'] + ')' if lease.get('command_id') else ''}")
         else:
             out.print("lock      free")
+        for kind, b in sorted((r.get("last_backups") or {}).items()):
+            out.print(f"backup    {kind:<7} {_short_ts(b['created'])}  {_human_bytes(b['bytes'])}  {b['trigger']}  {b['path']}")
         if r.get("problem"):
             err.print(f"warning: {r['problem']}")
 
@@ -297,6 +306,99 @@ def history(
                           e.get("description") or "", e.get("actor") or "", e.get("ticket") or "",
                           str(e.get("duration_ms") if e.get("duration_ms") is not None else ""), e["outcome"])
         out.print(table)
+
+    finish(result, as_json, render)
+
+
+@app.command()
+def backup(
+    kind: Annotated[str, typer.Argument(help="full, schema or data.")] = "full",
+    db: DbOpt = None, as_json: JsonOpt = False, actor: ActorOpt = None, ticket: TicketOpt = None,
+    no_wait: NoWaitOpt = False, timeout: TimeoutOpt = 6 * 3600.0,
+) -> None:
+    """pg_dump to backup_dir, verified (checksum and full read), with a manifest beside it."""
+    if kind not in ("full", "schema", "data"):
+        raise BadInput(f"backup takes full, schema or data (got {kind!r})")
+    result = submit("backup", {"kind": kind}, db=db, as_json=as_json, actor=actor, ticket=ticket, no_wait=no_wait, timeout=timeout)
+    finish(result, as_json, lambda r: out.print(f"{r['path']}  {_human_bytes(r['bytes'])}  sha256 {r['sha256']}"))
+
+
+@app.command()
+def restore(
+    file: Annotated[str, typer.Argument(help="A backup in the database's backup_dir.")],
+    yes: Annotated[bool, typer.Option("--yes", help="Do not ask for confirmation.")] = False,
+    jobs: Annotated[int, typer.Option("--jobs", "-j", help="Parallel jobs (directory format only; not atomic).", min=1)] = 1,
+    db: DbOpt = None, as_json: JsonOpt = False, actor: ActorOpt = None, ticket: TicketOpt = None,
+    no_wait: NoWaitOpt = False, timeout: TimeoutOpt = 6 * 3600.0,
+) -> None:
+    """Verify a backup's checksum and readability, then restore it (replacing what it contains)."""
+    name, _ = settings().database(db)
+    if not yes:
+        if not sys.stdin.isatty():
+            raise BadInput("restore replaces the database's contents: confirm with --yes when not at a terminal")
+        if not typer.confirm(f"Restore {file} into database {name!r}? Objects in the backup are dropped and recreated"):
+            raise BadInput("restore not confirmed")
+    result = submit("restore", {"path": file, "jobs": jobs}, db=db, as_json=as_json, actor=actor, ticket=ticket,
+                    no_wait=no_wait, timeout=timeout)
+    finish(result, as_json, lambda r: out.print(
+        f"restored {r['path']} into {r['db']}: revision {r.get('revision_before') or 'base'} → {r.get('revision_after') or 'base'}"))
+
+
+@backups_app.command("list")
+def backups_list(
+    db: DbOpt = None, as_json: JsonOpt = False, actor: ActorOpt = None, ticket: TicketOpt = None,
+    no_wait: NoWaitOpt = False, timeout: TimeoutOpt = 3600.0,
+) -> None:
+    """Complete backups, newest first: path, type, trigger, size, created, revision, verified."""
+    result = submit("list_backups", {}, db=db, as_json=as_json, actor=actor, ticket=ticket, no_wait=no_wait, timeout=timeout)
+
+    def render(r: dict[str, Any]) -> None:
+        table = Table("created", "type", "trigger", "size", "revision", "verified", "path", box=None)
+        for b in r.get("backups") or []:
+            table.add_row(_short_ts(b["created"]), b["type"], b["trigger"], _human_bytes(b["bytes"]),
+                          b.get("revision") or "base", "yes" if b["verified"] else "no", b["path"])
+        out.print(table)
+
+    finish(result, as_json, render)
+
+
+@backups_app.command("verify")
+def backups_verify(
+    file: Annotated[str | None, typer.Argument(help="A backup (default: the newest).")] = None,
+    drill: Annotated[bool, typer.Option("--drill", help="Also restore into a scratch database and compare row counts.")] = False,
+    db: DbOpt = None, as_json: JsonOpt = False, actor: ActorOpt = None, ticket: TicketOpt = None,
+    no_wait: NoWaitOpt = False, timeout: TimeoutOpt = 6 * 3600.0,
+) -> None:
+    """Checksum and full read of a backup; --drill restores it into a scratch database too."""
+    result = submit("verify_backup", {"path": file, "drill": drill}, db=db, as_json=as_json, actor=actor, ticket=ticket,
+                    no_wait=no_wait, timeout=timeout)
+
+    def render(r: dict[str, Any]) -> None:
+        for b in r.get("backups") or []:
+            drilled = b.get("drill")
+            extra = f", drill: {drilled['tables']} tables, {drilled['rows']} rows match" if drilled else ""
+            out.print(f"ok {b['path']}: checksum {b['checksum']}, full read {b['full_read']}{extra}")
+
+    finish(result, as_json, render)
+
+
+@backups_app.command("prune")
+def backups_prune(
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the decisions; delete nothing.")] = False,
+    db: DbOpt = None, as_json: JsonOpt = False, actor: ActorOpt = None, ticket: TicketOpt = None,
+    no_wait: NoWaitOpt = False, timeout: TimeoutOpt = 3600.0,
+) -> None:
+    """Apply the retention policy, printing every decision and its reason."""
+    result = submit("prune", {"dry_run": dry_run}, db=db, as_json=as_json, actor=actor, ticket=ticket, no_wait=no_wait, timeout=timeout)
+
+    def render(r: dict[str, Any]) -> None:
+        for d in r.get("decisions") or []:
+            verb = "keep  " if d["keep"] else ("delete" if not r["dry_run"] else "would delete")
+            out.print(f"{verb} {d['path']}: {'; '.join(d['reasons'])}", markup=False)
+            if d.get("warning"):
+                err.print(f"warning: {d['warning']}", markup=False)
+        deleted = r["would_delete"] if r["dry_run"] else r["deleted"]
+        out.print(f"{'dry run: ' if r['dry_run'] else ''}{r['kept']} kept, {deleted} {'to delete' if r['dry_run'] else 'deleted'}")
 
     finish(result, as_json, render)
 
@@ -441,6 +543,15 @@ def _render_checks(body: dict[str, Any] | None) -> None:
     for check in body.get("checks", []):
         mark = "[green]ok  [/green]" if check["ok"] else "[red]FAIL[/red]"
         out.print(f"{mark} {check['name']:<16} {_escape(check['detail'])}")
+
+
+def _human_bytes(size: int | None) -> str:
+    value = float(size or 0)
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if value < 1024 or unit == "TiB":
+            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1024
+    return f"{value:.1f} TiB"
 
 
 def _short_ts(value: str | None) -> str:

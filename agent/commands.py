@@ -26,6 +26,11 @@ class CommandType(StrEnum):
     ROLLBACK = "rollback"
     VERIFY = "verify"
     HISTORY = "history"
+    BACKUP = "backup"
+    RESTORE = "restore"
+    LIST_BACKUPS = "list_backups"
+    VERIFY_BACKUP = "verify_backup"
+    PRUNE = "prune"
 
 
 class CommandStatus(StrEnum):
@@ -72,17 +77,48 @@ class RollbackArgs(_Args):
         return self
 
 
+class BackupArgs(_Args):
+    kind: str = Field("full", pattern="^(full|schema|data)$")
+    trigger: str = Field("manual", pattern="^(manual|schedule)$")
+
+
+class RestoreArgs(_Args):
+    path: str = Field(min_length=1)
+    jobs: int = Field(1, ge=1, le=64)
+
+
+class ListBackupsArgs(_Args):
+    pass
+
+
+class VerifyBackupArgs(_Args):
+    path: str | None = None
+    drill: bool = False
+
+
+class PruneArgs(_Args):
+    dry_run: bool = False
+
+
 ARGS: dict[CommandType, type[_Args]] = {
     CommandType.STATUS: StatusArgs,
     CommandType.HISTORY: HistoryArgs,
     CommandType.VERIFY: VerifyArgs,
     CommandType.MIGRATE: MigrateArgs,
     CommandType.ROLLBACK: RollbackArgs,
+    CommandType.BACKUP: BackupArgs,
+    CommandType.RESTORE: RestoreArgs,
+    CommandType.LIST_BACKUPS: ListBackupsArgs,
+    CommandType.VERIFY_BACKUP: VerifyBackupArgs,
+    CommandType.PRUNE: PruneArgs,
 }
 
-# Commands that change the database: they need the writer lock and, when no
-# signing key is configured, are refused outright.
-WRITERS = frozenset({CommandType.MIGRATE, CommandType.ROLLBACK})
+# Commands that change the database or delete backups: without a signing key
+# configured, they are refused outright.
+DESTRUCTIVE = frozenset({CommandType.MIGRATE, CommandType.ROLLBACK, CommandType.RESTORE, CommandType.PRUNE})
+
+# Commands that hold the database's writer lock while they run (a dry run does not).
+LOCKED = DESTRUCTIVE | {CommandType.BACKUP}
 
 
 def new_command_id() -> str:
@@ -109,7 +145,12 @@ class Command(BaseModel):
 
     @property
     def is_writer(self) -> bool:
-        return self.type in WRITERS
+        """Changes the database or deletes backups: needs a signature."""
+        return self.type in DESTRUCTIVE
+
+    @property
+    def needs_lock(self) -> bool:
+        return self.type in LOCKED and not self.dry_run
 
     @property
     def dry_run(self) -> bool:

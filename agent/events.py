@@ -23,6 +23,7 @@ class EventType(StrEnum):
     LOCK_RELEASED = "lock.released"
     LOCK_WAITING = "lock.waiting"
     BACKUP_STARTED = "backup.started"
+    BACKUP_PROGRESS = "backup.progress"
     BACKUP_COMPLETED = "backup.completed"
     BACKUP_FAILED = "backup.failed"
     MIGRATION_STARTED = "migration.started"
@@ -37,6 +38,7 @@ class EventType(StrEnum):
     RESTORE_STARTED = "restore.started"
     RESTORE_COMPLETED = "restore.completed"
     RESTORE_FAILED = "restore.failed"
+    BACKUP_VERIFIED = "backup.verified"
     PRUNE_COMPLETED = "prune.completed"
     APP_STARTUP_FAILED = "app.startup_failed"
 

@@ -21,7 +21,8 @@ from typing import Any
 import redis
 from sqlalchemy import Connection
 
-from agent import keys, store
+from agent import backup_operations, keys, store
+from agent.backups import BackupKind, Trigger, list_backups
 from agent.commands import (
     FINISHED,
     Command,
@@ -258,7 +259,7 @@ def _execute(run: Run, result: dict[str, Any]) -> dict[str, Any]:
     run.emit(EventType.COMMAND_ACCEPTED, worker=run.worker, redelivered=not fresh, args=command.args)
     operation = OPERATIONS[command.type]
     try:
-        if command.is_writer and not command.dry_run:
+        if command.needs_lock:
             with writer_lock(run):
                 row = store.command_row(conn, command.id)
                 conn.commit()
@@ -428,7 +429,12 @@ def status(run: Run) -> dict[str, Any]:
         pending, problem = [], exc.message
     lease = read_lease(run.redis, keys.lease(run.settings.redis.prefix, run.db_name))
     session = holder_backend(run.conn)
+    last_backups = {}
+    if run.db.backup_dir:
+        for manifest in list_backups(run.db.backup_dir):
+            last_backups.setdefault(str(manifest.type), manifest.summary(run.db.backup_dir))
     return {
+        "last_backups": last_backups,
         "current": current,
         "head": head,
         "pending": pending,
@@ -481,7 +487,17 @@ def migrate(run: Run) -> dict[str, Any]:
             "steps": [{**s.to_json(), "sql": migrator.offline_sql(s)} for s in plan],
         }
     target = plan[-1].revision if plan else before
-    backup = "skipped: --no-backup" if args.no_backup else "not taken: pre-migration backups are not available yet"
+    backup: dict[str, Any] | str
+    if not plan:
+        backup = "skipped: nothing to migrate"
+    elif args.no_backup:
+        backup = "skipped: --no-backup"
+    elif not run.db.takes_pre_migration_backup(run.db_name):
+        backup = "skipped: pre_migration_backup is off for this database"
+    else:
+        # The schema is not touched unless this succeeded and read back against its checksum.
+        manifest = backup_operations.take_backup(run, BackupKind.FULL, Trigger.PRE_MIGRATION)
+        backup = {"path": str(manifest.path(run.db.backup_dir or "")), "sha256": manifest.sha256, "bytes": manifest.bytes}
     run.emit(
         EventType.MIGRATION_STARTED,
         revision_before=before,
@@ -490,7 +506,7 @@ def migrate(run: Run) -> dict[str, Any]:
         backup=backup,
     )
     started = time.monotonic()
-    facts = {"revision_before": before, "target": target}
+    facts = {"revision_before": before, "target": target, "backup": backup}
     _apply_steps(run, plan, facts, EventType.MIGRATION_FAILED)
     after = migrator.current(run.conn)
     run.emit(
@@ -597,4 +613,9 @@ OPERATIONS: dict[CommandType, Callable[[Run], dict[str, Any]]] = {
     CommandType.ROLLBACK: rollback,
     CommandType.VERIFY: verify,
     CommandType.HISTORY: history,
+    CommandType.BACKUP: backup_operations.backup,
+    CommandType.RESTORE: backup_operations.restore,
+    CommandType.LIST_BACKUPS: backup_operations.list_backups,
+    CommandType.VERIFY_BACKUP: backup_operations.verify_backup,
+    CommandType.PRUNE: backup_operations.prune,
 }

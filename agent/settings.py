@@ -34,6 +34,7 @@ def _at_least_1ms(value: float) -> float:
 # PostgreSQL timeouts: zero would silently mean "wait forever".
 TimeoutSeconds = Annotated[float, BeforeValidator(parse_duration_s), AfterValidator(_at_least_1ms)]
 
+_DEV_OR_TEST = re.compile(r"(^|[_-])(dev|develop|development|test|testing|local)([_-]|$)", re.IGNORECASE)
 _DB_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,62}$")
 
 
@@ -65,7 +66,12 @@ class DatabaseSettings(_Section):
     url: str
     migrations: str = "migrations"
     backup_dir: str | None = None
-    pre_migration_backup: bool | None = None
+    pre_migration_backup: bool | None = Field(
+        None, description="default: true unless the database's name looks like dev or test"
+    )
+    backup_jobs: int = Field(1, ge=1, le=64, description="above 1: directory format, pg_dump -j N")
+    backup_compression: int | None = Field(None, ge=0, le=9, description="pg_dump -Z; default: pg_dump's")
+    backup_lock_wait_timeout: TimeoutSeconds = Field(30.0, description="pg_dump --lock-wait-timeout")
     lock_timeout: TimeoutSeconds = 5.0
     statement_timeout: TimeoutSeconds = 900.0
     connect_timeout: Seconds = 5.0
@@ -73,6 +79,11 @@ class DatabaseSettings(_Section):
     health_checks: list[str] = []
     critical_tables: list[str] = []
     app_user: str | None = Field(None, description="the application's role; must differ from the migration user")
+
+    def takes_pre_migration_backup(self, name: str) -> bool:
+        if self.pre_migration_backup is not None:
+            return self.pre_migration_backup
+        return not _DEV_OR_TEST.search(name)
 
 
 class ApiSettings(_Section):

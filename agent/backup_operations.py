@@ -1,0 +1,335 @@
+"""The backup half of the runbook, as operations of a ``Run``: backup, restore, list, verify, prune."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import time
+import uuid
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from sqlalchemy import Connection, text
+
+from agent import backups as bk
+from agent.backups import BackupKind, Manifest, Trigger
+from agent.commands import BackupArgs, PruneArgs, RestoreArgs, VerifyBackupArgs
+from agent.connections import pg_connection
+from agent.durations import postgres_interval
+from agent.errors import BadInput, OperationFailed
+from agent.events import EventType
+from agent.redact import redact
+
+if TYPE_CHECKING:
+    from agent.runner import Run
+
+
+def _backup_dir(run: Run) -> Path:
+    if not run.db.backup_dir:
+        raise BadInput(f"no backup_dir is configured for database {run.db_name!r}")
+    return bk.private_dir(run.db.backup_dir)
+
+
+def _user_tables(conn: Connection) -> list[str]:
+    rows = conn.execute(
+        text(
+            "SELECT format('%I.%I', n.nspname, c.relname) FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace"
+            " WHERE c.relkind IN ('r', 'p') AND n.nspname NOT IN ('pg_catalog', 'information_schema', :excluded)"
+            " AND n.nspname NOT LIKE 'pg_toast%' AND NOT c.relispartition ORDER BY 1"
+        ),
+        {"excluded": bk.SCHEMA_EXCLUDED},
+    )
+    return [row[0] for row in rows]
+
+
+def _count_rows(conn: Connection, tables: list[str]) -> dict[str, int]:
+    return {table: int(conn.exec_driver_sql(f"SELECT count(*) FROM {table}").scalar() or 0) for table in tables}
+
+
+def take_backup(run: Run, kind: BackupKind, trigger: Trigger) -> Manifest:
+    """pg_dump to a hidden name, checksum and read back, rename, then write the manifest."""
+    directory = _backup_dir(run)
+    bk.remove_stale_partials(directory)
+    conn, command = run.conn, run.command
+    started = datetime.now(UTC)
+    name = bk.backup_name(run.db_name, kind, started)
+    final = directory / name
+    serial = 1
+    while final.exists() or final.with_name(final.name + bk.MANIFEST_SUFFIX).exists():
+        serial += 1
+        final = directory / name.replace(".dump", f"_{serial}.dump")
+    tmp = directory / f"{bk.PARTIAL_PREFIX}{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    run.emit(EventType.BACKUP_STARTED, type=str(kind), trigger=str(trigger), path=str(final))
+    clock = time.monotonic()
+    try:
+        pg_dump_version = bk.tool_version("pg_dump")
+        server_version = str(conn.exec_driver_sql("SHOW server_version").scalar())
+        revision = run.migrations().current(conn) if (Path(run.db.migrations) / "env.py").is_file() else None
+        database = str(conn.exec_driver_sql("SELECT current_database()").scalar())
+        conn.commit()
+        # One snapshot for pg_dump and for the row counts the drill compares against.
+        conn.exec_driver_sql("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
+        snapshot = str(conn.exec_driver_sql("SELECT pg_export_snapshot()").scalar())
+        tables = _user_tables(conn)
+        argv = bk.dump_argv(
+            kind,
+            tmp,
+            jobs=run.db.backup_jobs,
+            compression=run.db.backup_compression,
+            lock_wait_ms=round(run.db.backup_lock_wait_timeout * 1000),
+            snapshot=snapshot,
+        )
+        with bk.libpq_env(run.db.url) as env:
+            errors_file = directory / f"{bk.PARTIAL_PREFIX}{os.getpid()}-stderr-{uuid.uuid4().hex[:6]}"
+            with open(errors_file, "w+") as errors:
+                proc = subprocess.Popen(argv, env=env, stdout=subprocess.DEVNULL, stderr=errors,
+                                        preexec_fn=lambda: os.umask(0o077))
+                try:
+                    counts = _count_rows(conn, tables) if kind != BackupKind.SCHEMA else None
+                    last = time.monotonic()
+                    while True:
+                        try:
+                            proc.wait(timeout=0.5)
+                            break
+                        except subprocess.TimeoutExpired:
+                            if time.monotonic() - last >= bk.PROGRESS_EVERY_S:
+                                last = time.monotonic()
+                                run.emit(EventType.BACKUP_PROGRESS, path=str(final), bytes=bk._size(tmp),
+                                         elapsed_ms=round((last - clock) * 1000))
+                except BaseException:
+                    proc.kill()
+                    proc.wait()
+                    raise
+                errors.seek(0)
+                stderr = errors.read()
+            errors_file.unlink(missing_ok=True)
+        conn.commit()
+        if proc.returncode != 0:
+            how = f"killed by signal {-proc.returncode}" if proc.returncode < 0 else f"exit code {proc.returncode}"
+            raise OperationFailed(f"pg_dump failed ({how}): {bk._first_line(stderr)}")
+        digest, size, files = bk.checksum(tmp)
+        bk.full_read(tmp)
+        digest_again, _, _ = bk.checksum(tmp)
+        if digest_again != digest:
+            raise OperationFailed("the archive changed while it was being verified")
+        bk.finalize(tmp, final)
+        manifest = Manifest(
+            file=final.name,
+            type=kind,
+            format="directory" if run.db.backup_jobs > 1 else "custom",
+            compression=run.db.backup_compression,
+            sha256=digest,
+            bytes=size,
+            files=files,
+            database=database,
+            db=run.db_name,
+            server_version=server_version,
+            pg_dump_version=pg_dump_version,
+            revision=revision,
+            started=started,
+            finished=datetime.now(UTC),
+            trigger=trigger,
+            command_id=command.id,
+            actor=command.actor,
+            tables=counts,
+            table_count=len(tables),
+            verified=True,
+            verified_at=datetime.now(UTC),
+        )
+        bk.write_manifest(final, manifest)
+    except BaseException as exc:
+        _rollback(conn)
+        bk._remove(tmp)
+        for leftover in directory.glob(f"{bk.PARTIAL_PREFIX}{os.getpid()}-stderr-*"):
+            leftover.unlink(missing_ok=True)
+        if final.exists() and not final.with_name(final.name + bk.MANIFEST_SUFFIX).exists():
+            bk._remove(final)
+        if isinstance(exc, Exception):
+            message = exc.message if isinstance(exc, OperationFailed | BadInput) else redact(exc)
+            run.emit(EventType.BACKUP_FAILED, type=str(kind), trigger=str(trigger), path=str(final), error=message)
+            if isinstance(exc, OperationFailed | BadInput):
+                raise
+            raise OperationFailed(f"backup failed: {message}") from None
+        raise
+    run.emit(
+        EventType.BACKUP_COMPLETED,
+        type=str(kind),
+        trigger=str(trigger),
+        path=str(final),
+        bytes=manifest.bytes,
+        sha256=manifest.sha256,
+        duration_ms=round((time.monotonic() - clock) * 1000),
+        revision=manifest.revision,
+    )
+    return manifest
+
+
+def _rollback(conn: Connection) -> None:
+    try:
+        conn.rollback()
+    except Exception:
+        pass
+
+
+def backup(run: Run) -> dict[str, Any]:
+    args = run.command.parsed_args()
+    assert isinstance(args, BackupArgs)
+    manifest = take_backup(run, BackupKind(args.kind), Trigger(args.trigger))
+    return {
+        "path": str(manifest.path(run.db.backup_dir or "")),
+        "bytes": manifest.bytes,
+        "sha256": manifest.sha256,
+        "backup": bk.manifest_json(manifest),
+    }
+
+
+def list_backups(run: Run) -> dict[str, Any]:
+    directory = Path(run.db.backup_dir) if run.db.backup_dir else None
+    if directory is None:
+        raise BadInput(f"no backup_dir is configured for database {run.db_name!r}")
+    return {"backups": [m.summary(directory) for m in bk.list_backups(directory)]}
+
+
+def restore(run: Run) -> dict[str, Any]:
+    args = run.command.parsed_args()
+    assert isinstance(args, RestoreArgs)
+    directory = _backup_dir(run)
+    path = bk.resolve_inside(directory, args.path)
+    manifest = bk.read_manifest(path)
+    revision_before = run.migrations().current(run.conn)
+    run.emit(EventType.RESTORE_STARTED, path=str(path), type=str(manifest.type), revision_before=revision_before,
+             backup_revision=manifest.revision, sha256=manifest.sha256)
+    clock = time.monotonic()
+    try:
+        bk.check_integrity(path, manifest)
+        database = str(run.conn.exec_driver_sql("SELECT current_database()").scalar())
+        run.conn.commit()
+        options = f"-c lock_timeout={postgres_interval(run.db.lock_timeout)}"
+        with bk.libpq_env(run.db.url, options=options) as env:
+            argv = bk.restore_argv(path, manifest, args.jobs)
+            argv[argv.index("--dbname") + 1] = database
+            bk.run_tool(argv, env)
+    except (OperationFailed, BadInput) as exc:
+        _rollback(run.conn)
+        after = _current_or_none(run)
+        run.emit(EventType.RESTORE_FAILED, path=str(path), error=exc.message, revision_after=after)
+        exc.details.update(revision_before=revision_before, revision_after=after, path=str(path))
+        raise
+    revision_after = run.migrations().current(run.conn)
+    run.emit(EventType.RESTORE_COMPLETED, path=str(path), revision_before=revision_before,
+             revision_after=revision_after, duration_ms=round((time.monotonic() - clock) * 1000))
+    return {"path": str(path), "revision_before": revision_before, "revision_after": revision_after,
+            "sha256": manifest.sha256}
+
+
+def _current_or_none(run: Run) -> str | None:
+    try:
+        return run.migrations().current(run.conn)
+    except Exception:
+        _rollback(run.conn)
+        return None
+
+
+def verify_backup(run: Run) -> dict[str, Any]:
+    args = run.command.parsed_args()
+    assert isinstance(args, VerifyBackupArgs)
+    directory = _backup_dir(run)
+    if args.path:
+        manifests = [bk.read_manifest(bk.resolve_inside(directory, args.path))]
+    else:
+        manifests = bk.list_backups(directory)[:1]
+        if not manifests:
+            raise BadInput(f"no backups in {directory}")
+    reports = []
+    failures = []
+    for manifest in manifests:
+        path = manifest.path(directory)
+        report: dict[str, Any] = {"path": str(path), "checksum": None, "full_read": None, "drill": None}
+        try:
+            bk.check_integrity(path, manifest)
+            report["checksum"] = report["full_read"] = "ok"
+            if args.drill:
+                report["drill"] = _drill(run, path, manifest)
+        except OperationFailed as exc:
+            report["error"] = exc.message
+            failures.append(exc.message)
+        reports.append(report)
+        run.emit(EventType.BACKUP_VERIFIED, **report, ok="error" not in report)
+    if failures:
+        raise OperationFailed("; ".join(failures), backups=reports)
+    return {"backups": reports}
+
+
+def _drill(run: Run, path: Path, manifest: Manifest) -> dict[str, Any]:
+    """Restore into a scratch database (created and dropped here) and compare with the manifest."""
+    scratch = f"dbagent_drill_{uuid.uuid4().hex[:12]}"
+    admin = run.conn.engine.url
+    from sqlalchemy import create_engine, pool
+
+    engine = create_engine(admin, poolclass=pool.NullPool, isolation_level="AUTOCOMMIT")
+    with engine.connect() as conn:
+        conn.exec_driver_sql(f'CREATE DATABASE "{scratch}"')
+    try:
+        with bk.libpq_env(run.db.url, dbname=scratch) as env:
+            argv = [bk._tool("pg_restore"), "--no-password", "--exit-on-error", "--no-owner",
+                    "--single-transaction", "--dbname", scratch, str(path)]
+            bk.run_tool(argv, env)
+        scratch_url = run.db.url.rsplit("/", 1)[0] + "/" + scratch
+        drill_db = run.db.model_copy(update={"url": scratch_url + ("?" + run.db.url.split("?", 1)[1] if "?" in run.db.url else "")})
+        with pg_connection(drill_db, application_name="dbagent drill") as scratch_conn:
+            tables = _user_tables(scratch_conn)
+            counts = _count_rows(scratch_conn, tables)
+        problems = []
+        if len(tables) != manifest.table_count:
+            problems.append(f"{len(tables)} tables restored, the manifest says {manifest.table_count}")
+        if manifest.tables is not None and manifest.type == BackupKind.FULL:
+            for table, rows in manifest.tables.items():
+                if counts.get(table) != rows:
+                    problems.append(f"{table}: {counts.get(table)} rows restored, {rows} at backup time")
+        if problems:
+            raise OperationFailed(f"{path.name}: drill found differences: " + "; ".join(problems[:10]))
+        return {"database": scratch, "tables": len(tables), "rows": sum(counts.values()), "status": "ok"}
+    finally:
+        with engine.connect() as conn:
+            conn.exec_driver_sql(f'DROP DATABASE IF EXISTS "{scratch}" WITH (FORCE)')
+        engine.dispose()
+
+
+def prune(run: Run) -> dict[str, Any]:
+    from agent.retention import BackupInfo, RetentionPolicy, apply_retention
+
+    args = run.command.parsed_args()
+    assert isinstance(args, PruneArgs)
+    directory = _backup_dir(run)
+    manifests = {m.file: m for m in bk.list_backups(directory)}
+    policy = RetentionPolicy(
+        pre_migration_days=run.settings.retention.pre_migration_days,
+        daily=run.settings.retention.daily,
+        weekly=run.settings.retention.weekly,
+        monthly=run.settings.retention.monthly,
+    )
+    infos = [
+        BackupInfo(path=m.file, type=str(m.type), trigger=str(m.trigger), created=m.finished, verified=m.verified)
+        for m in manifests.values()
+    ]
+    decisions = apply_retention(infos, datetime.now(UTC), policy)
+    report = []
+    deleted = 0
+    for decision in decisions:
+        entry = {
+            "path": str(directory / decision.backup.path),
+            "keep": decision.keep,
+            "reasons": list(decision.reasons),
+            "warning": decision.warning,
+        }
+        if not decision.keep and not args.dry_run:
+            bk.delete_backup(directory, manifests[decision.backup.path])
+            deleted += 1
+        report.append(entry)
+    kept = sum(1 for d in decisions if d.keep)
+    if not args.dry_run:
+        run.emit(EventType.PRUNE_COMPLETED, kept=kept, deleted=deleted,
+                 deleted_paths=[e["path"] for e in report if not e["keep"]])
+    return {"dry_run": args.dry_run, "kept": kept, "deleted": 0 if args.dry_run else deleted,
+            "would_delete": sum(1 for d in decisions if not d.keep), "decisions": report}

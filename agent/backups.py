@@ -1,0 +1,426 @@
+"""Backups with pg_dump and restores with pg_restore: verified, private, never partial.
+
+pg_dump writes the archive itself (no Python in the data path) to a hidden
+temporary name in ``backup_dir``; only once it finished, was checksummed and
+read back in full is it renamed into place and its manifest written beside it.
+A backup is listed only when its manifest exists, so a failed or killed dump
+is never mistaken for a backup. The password reaches pg_dump and pg_restore
+through a private passfile, never their argv.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import shutil
+import stat
+import subprocess
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from datetime import UTC, datetime
+from enum import StrEnum
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel
+
+from agent.errors import BadInput, OperationFailed, Unavailable
+from agent.redact import redact
+
+MANIFEST_SUFFIX = ".manifest.json"
+PARTIAL_PREFIX = ".partial-"
+SCHEMA_EXCLUDED = "dbagent"  # dbagent's own audit tables are never dumped nor restored over
+PROGRESS_EVERY_S = 5.0
+_CHUNK = 1 << 20
+
+
+class BackupKind(StrEnum):
+    FULL = "full"
+    SCHEMA = "schema"
+    DATA = "data"
+
+
+class Trigger(StrEnum):
+    MANUAL = "manual"
+    PRE_MIGRATION = "pre-migration"
+    SCHEDULE = "schedule"
+
+
+class Manifest(BaseModel):
+    """What a backup is, written beside it once it is complete."""
+
+    version: int = 1
+    file: str
+    type: BackupKind
+    format: str  # "custom" | "directory"
+    compression: int | None
+    sha256: str
+    bytes: int
+    files: dict[str, str] | None = None  # directory format: sha256 of each file
+    database: str
+    db: str
+    server_version: str
+    pg_dump_version: str
+    revision: str | None
+    started: datetime
+    finished: datetime
+    trigger: Trigger
+    command_id: str | None
+    actor: str | None
+    tables: dict[str, int] | None = None  # row counts in the dump's snapshot (not for schema backups)
+    table_count: int
+    verified: bool
+    verified_at: datetime | None = None
+
+    def path(self, backup_dir: str | Path) -> Path:
+        return Path(backup_dir) / self.file
+
+    def summary(self, backup_dir: str | Path) -> dict[str, Any]:
+        return {
+            "path": str(self.path(backup_dir)),
+            "type": str(self.type),
+            "trigger": str(self.trigger),
+            "bytes": self.bytes,
+            "created": self.finished.isoformat(),
+            "revision": self.revision,
+            "verified": self.verified,
+            "sha256": self.sha256,
+        }
+
+
+# -- paths --------------------------------------------------------------------
+
+
+def private_dir(path: str | Path) -> Path:
+    """backup_dir, created 0700 if missing and tightened to 0700 if looser."""
+    directory = Path(path)
+    directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+    info = directory.stat()
+    if info.st_uid != os.geteuid():
+        raise OperationFailed(f"{directory} is owned by uid {info.st_uid}, not by this worker (uid {os.geteuid()})")
+    if stat.S_IMODE(info.st_mode) != 0o700:
+        directory.chmod(0o700)
+    return directory
+
+
+def backup_name(db: str, kind: BackupKind, when: datetime) -> str:
+    return f"{db}_backup_{kind}_{when.astimezone(UTC):%Y%m%d_%H%M%S}.dump"
+
+
+def resolve_inside(backup_dir: str | Path, user_path: str) -> Path:
+    """The backup a user named, refusing anything outside backup_dir (after .. and symlinks)."""
+    root = Path(backup_dir).resolve()
+    candidate = Path(user_path)
+    if not candidate.is_absolute():
+        candidate = root / candidate
+    resolved = candidate.resolve()
+    if resolved != root and root not in resolved.parents:
+        raise BadInput(f"{user_path}: outside the backup directory {root}; only backups dbagent wrote can be restored")
+    if resolved.parent != root:
+        raise BadInput(f"{user_path}: not a backup in {root}")
+    return resolved
+
+
+def read_manifest(path: Path) -> Manifest:
+    manifest_path = path.with_name(path.name + MANIFEST_SUFFIX)
+    try:
+        return Manifest.model_validate_json(manifest_path.read_text())
+    except FileNotFoundError:
+        raise BadInput(f"{path}: no manifest beside it ({manifest_path.name}): not a complete dbagent backup") from None
+    except ValueError as exc:
+        raise OperationFailed(f"{manifest_path}: unreadable manifest: {exc}") from None
+
+
+def list_backups(backup_dir: str | Path) -> list[Manifest]:
+    """Complete backups (manifest present and archive there), newest first by recorded time."""
+    directory = Path(backup_dir)
+    if not directory.is_dir():
+        return []
+    found = []
+    for manifest_path in directory.glob(f"*{MANIFEST_SUFFIX}"):
+        try:
+            manifest = Manifest.model_validate_json(manifest_path.read_text())
+        except (OSError, ValueError):
+            continue
+        if manifest.path(directory).exists():
+            found.append(manifest)
+    return sorted(found, key=lambda m: (m.finished, m.file), reverse=True)
+
+
+def remove_stale_partials(backup_dir: Path) -> list[str]:
+    """Remove temporary files left by a worker that died mid-dump."""
+    removed = []
+    for path in backup_dir.glob(f"{PARTIAL_PREFIX}*"):
+        pid = path.name.removeprefix(PARTIAL_PREFIX).split("-", 1)[0]
+        if pid.isdigit() and _alive(int(pid)):
+            continue
+        _remove(path)
+        removed.append(path.name)
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
+
+
+# -- libpq environment ----------------------------------------------------------
+
+_ENV_OF = {
+    "host": "PGHOST", "hostaddr": "PGHOSTADDR", "port": "PGPORT", "user": "PGUSER", "dbname": "PGDATABASE",
+    "sslmode": "PGSSLMODE", "sslrootcert": "PGSSLROOTCERT", "sslcert": "PGSSLCERT", "sslkey": "PGSSLKEY",
+    "connect_timeout": "PGCONNECT_TIMEOUT", "options": "PGOPTIONS", "target_session_attrs": "PGTARGETSESSIONATTRS",
+}
+
+
+@contextmanager
+def libpq_env(url: str, dbname: str | None = None, options: str | None = None) -> Iterator[dict[str, str]]:
+    """Environment for a libpq tool: connection from the URL, password in a private passfile."""
+    from psycopg.conninfo import conninfo_to_dict
+
+    params = {k: str(v) for k, v in conninfo_to_dict(url).items() if v is not None}
+    password = params.pop("password", None)
+    if dbname is not None:
+        params["dbname"] = dbname
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PG") or k in ("PGPASSFILE",)}
+    for key, value in params.items():
+        if key in _ENV_OF:
+            env[_ENV_OF[key]] = value
+    if options:
+        env["PGOPTIONS"] = options
+    env.setdefault("PGAPPNAME", "dbagent")
+    passfile = None
+    if password is not None:
+        fd, passfile = tempfile.mkstemp(prefix="dbagent-pgpass-")
+        with os.fdopen(fd, "w") as handle:  # mkstemp creates it 0600
+            escaped = password.replace("\\", "\\\\").replace(":", "\\:")
+            handle.write(f"*:*:*:*:{escaped}\n")
+        env["PGPASSFILE"] = passfile
+    try:
+        yield env
+    finally:
+        if passfile:
+            os.unlink(passfile)
+
+
+def tool_version(tool: str) -> str:
+    path = shutil.which(tool)
+    if path is None:
+        raise Unavailable(f"{tool} is not on PATH: install the PostgreSQL client tools")
+    out = subprocess.run([path, "--version"], capture_output=True, text=True, timeout=30).stdout.strip()
+    return out.rsplit(" ", 1)[-1] if out else "unknown"
+
+
+def major(version: str) -> int:
+    match = re.match(r"(\d+)", version)
+    return int(match.group(1)) if match else 0
+
+
+# -- checksums and reading back -----------------------------------------------------
+
+
+def checksum(path: Path) -> tuple[str, int, dict[str, str] | None]:
+    """sha256 and size of an archive; for a directory archive, of every file in it too."""
+    if path.is_dir():
+        files: dict[str, str] = {}
+        total = 0
+        outer = hashlib.sha256()
+        for member in sorted(p for p in path.rglob("*") if p.is_file()):
+            digest, size = _sha256_file(member)
+            name = str(member.relative_to(path))
+            files[name] = digest
+            total += size
+            outer.update(f"{name}\0{digest}\n".encode())
+        return outer.hexdigest(), total, files
+    digest, size = _sha256_file(path)
+    return digest, size, None
+
+
+def _sha256_file(path: Path) -> tuple[str, int]:
+    digest = hashlib.sha256()
+    size = 0
+    with open(path, "rb") as handle:
+        while chunk := handle.read(_CHUNK):
+            digest.update(chunk)
+            size += len(chunk)
+    return digest.hexdigest(), size
+
+
+def full_read(path: Path) -> None:
+    """Read the whole archive as pg_restore would (data included), writing nothing."""
+    proc = subprocess.run(
+        [_tool("pg_restore"), "--file", os.devnull, str(path)], capture_output=True, text=True
+    )
+    if proc.returncode != 0:
+        raise OperationFailed(f"{path.name}: the archive does not read back in full: {_first_line(proc.stderr)}")
+
+
+def check_integrity(path: Path, manifest: Manifest) -> None:
+    """Checksum against the manifest, the pg_restore version, then a full read: before anything is touched."""
+    if not path.exists():
+        raise BadInput(f"{path}: no such backup")
+    digest, size, _ = checksum(path)
+    if digest != manifest.sha256 or size != manifest.bytes:
+        raise OperationFailed(
+            f"{path.name}: checksum mismatch: the manifest says sha256 {manifest.sha256} ({manifest.bytes} bytes),"
+            f" the file has sha256 {digest} ({size} bytes); the backup is damaged and was not used"
+        )
+    local = tool_version("pg_restore")
+    if major(manifest.pg_dump_version) > major(local):
+        raise OperationFailed(
+            f"{path.name} was written by pg_dump {manifest.pg_dump_version}; this pg_restore ({local}) cannot read it"
+        )
+    full_read(path)
+
+
+def _tool(name: str) -> str:
+    path = shutil.which(name)
+    if path is None:
+        raise Unavailable(f"{name} is not on PATH: install the PostgreSQL client tools")
+    return path
+
+
+def _first_line(text: str) -> str:
+    lines = [line for line in text.strip().splitlines() if line.strip()]
+    return redact(lines[-1] if lines else "no message")
+
+
+# -- running pg_dump / pg_restore ------------------------------------------------------
+
+
+def run_tool(
+    argv: list[str],
+    env: dict[str, str],
+    *,
+    watch: Path | None = None,
+    on_progress: Callable[[int, float], None] | None = None,
+) -> None:
+    """Run a libpq tool; its files are private whatever the umask. Raises OperationFailed with its error."""
+    started = time.monotonic()
+    last = started
+    with tempfile.TemporaryFile(mode="w+") as errors:
+        proc = subprocess.Popen(
+            argv, env=env, stdout=subprocess.DEVNULL, stderr=errors, preexec_fn=lambda: os.umask(0o077)
+        )
+        try:
+            while True:
+                try:
+                    proc.wait(timeout=0.5)
+                    break
+                except subprocess.TimeoutExpired:
+                    now = time.monotonic()
+                    if on_progress is not None and watch is not None and now - last >= PROGRESS_EVERY_S:
+                        last = now
+                        on_progress(_size(watch), now - started)
+        except BaseException:
+            proc.kill()
+            proc.wait()
+            raise
+        errors.seek(0)
+        stderr = errors.read()
+    if proc.returncode != 0:
+        how = f"killed by signal {-proc.returncode}" if proc.returncode < 0 else f"exit code {proc.returncode}"
+        raise OperationFailed(f"{Path(argv[0]).name} failed ({how}): {_first_line(stderr)}")
+
+
+def _size(path: Path) -> int:
+    try:
+        if path.is_dir():
+            return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+        return path.stat().st_size
+    except OSError:
+        return 0
+
+
+def dump_argv(
+    kind: BackupKind, target: Path, *, jobs: int, compression: int | None, lock_wait_ms: int, snapshot: str | None
+) -> list[str]:
+    argv = [_tool("pg_dump"), "--no-password", f"--lock-wait-timeout={lock_wait_ms}", f"--exclude-schema={SCHEMA_EXCLUDED}"]
+    if jobs > 1:
+        argv += ["--format=directory", f"--jobs={jobs}"]
+    else:
+        argv += ["--format=custom"]
+    if compression is not None:
+        argv.append(f"--compress={compression}")
+    if kind == BackupKind.SCHEMA:
+        argv.append("--schema-only")
+    elif kind == BackupKind.DATA:
+        argv.append("--data-only")
+    if snapshot:
+        argv.append(f"--snapshot={snapshot}")
+    argv += ["--file", str(target)]
+    return argv
+
+
+def restore_argv(path: Path, manifest: Manifest, jobs: int) -> list[str]:
+    argv = [_tool("pg_restore"), "--no-password", "--exit-on-error", "--no-owner", f"--exclude-schema={SCHEMA_EXCLUDED}"]
+    if manifest.type == BackupKind.DATA:
+        argv.append("--data-only")
+    else:
+        argv += ["--clean", "--if-exists"]
+    if manifest.format == "directory" and jobs > 1:
+        argv.append(f"--jobs={jobs}")  # parallel: not atomic (documented)
+    else:
+        argv.append("--single-transaction")
+    argv += ["--dbname", "", str(path)]
+    return argv
+
+
+def write_manifest(path: Path, manifest: Manifest) -> None:
+    """Write the manifest atomically (temp + rename), 0600."""
+    target = path.with_name(path.name + MANIFEST_SUFFIX)
+    fd, tmp = tempfile.mkstemp(prefix=PARTIAL_PREFIX + f"{os.getpid()}-", dir=path.parent)
+    with os.fdopen(fd, "w") as handle:
+        handle.write(manifest.model_dump_json(indent=2))
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(tmp, target)
+    _fsync_dir(path.parent)
+
+
+def _fsync_dir(directory: Path) -> None:
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def finalize(tmp: Path, final: Path) -> None:
+    """Make a finished archive durable and give it its real name."""
+    members = [p for p in tmp.rglob("*") if p.is_file()] if tmp.is_dir() else [tmp]
+    for member in members:
+        member.chmod(0o600)
+        with open(member, "rb") as handle:
+            os.fsync(handle.fileno())
+    if tmp.is_dir():
+        tmp.chmod(0o700)
+    os.rename(tmp, final)
+    _fsync_dir(final.parent)
+
+
+def delete_backup(backup_dir: Path, manifest: Manifest) -> None:
+    """Remove a backup: the manifest first, so a half-deleted backup is never listed."""
+    path = manifest.path(backup_dir)
+    path.with_name(path.name + MANIFEST_SUFFIX).unlink(missing_ok=True)
+    _remove(path)
+
+
+def manifest_json(manifest: Manifest) -> dict[str, Any]:
+    return json.loads(manifest.model_dump_json())
