@@ -17,7 +17,7 @@ from agent.backups import BackupKind, Manifest, Trigger
 from agent.commands import BackupArgs, PruneArgs, RestoreArgs, VerifyBackupArgs
 from agent.connections import pg_connection
 from agent.durations import postgres_interval
-from agent.errors import BadInput, OperationFailed
+from agent.errors import BadInput, DbAgentError, OperationFailed
 from agent.events import EventType
 from agent.redact import redact
 
@@ -47,7 +47,7 @@ def _count_rows(conn: Connection, tables: list[str]) -> dict[str, int]:
     return {table: int(conn.exec_driver_sql(f"SELECT count(*) FROM {table}").scalar() or 0) for table in tables}
 
 
-def take_backup(run: Run, kind: BackupKind, trigger: Trigger) -> Manifest:
+def take_backup(run: Run, kind: BackupKind, trigger: Trigger, mark: str | None = None) -> Manifest:
     """pg_dump to a hidden name, checksum and read back, rename, then write the manifest."""
     directory = _backup_dir(run)
     bk.remove_stale_partials(directory)
@@ -130,6 +130,7 @@ def take_backup(run: Run, kind: BackupKind, trigger: Trigger) -> Manifest:
             started=started,
             finished=datetime.now(UTC),
             trigger=trigger,
+            mark=mark,
             command_id=command.id,
             actor=command.actor,
             tables=counts,
@@ -146,9 +147,9 @@ def take_backup(run: Run, kind: BackupKind, trigger: Trigger) -> Manifest:
         if final.exists() and not final.with_name(final.name + bk.MANIFEST_SUFFIX).exists():
             bk._remove(final)
         if isinstance(exc, Exception):
-            message = exc.message if isinstance(exc, OperationFailed | BadInput) else redact(exc)
+            message = exc.message if isinstance(exc, DbAgentError) else redact(exc)
             run.emit(EventType.BACKUP_FAILED, type=str(kind), trigger=str(trigger), path=str(final), error=message)
-            if isinstance(exc, OperationFailed | BadInput):
+            if isinstance(exc, DbAgentError):
                 raise
             raise OperationFailed(f"backup failed: {message}") from None
         raise
@@ -175,13 +176,16 @@ def _rollback(conn: Connection) -> None:
 def backup(run: Run) -> dict[str, Any]:
     args = run.command.parsed_args()
     assert isinstance(args, BackupArgs)
-    manifest = take_backup(run, BackupKind(args.kind), Trigger(args.trigger))
-    return {
+    manifest = take_backup(run, BackupKind(args.kind), Trigger(args.trigger), args.mark)
+    result = {
         "path": str(manifest.path(run.db.backup_dir or "")),
         "bytes": manifest.bytes,
         "sha256": manifest.sha256,
         "backup": bk.manifest_json(manifest),
     }
+    if args.prune:
+        result["prune"] = _prune(run, dry_run=False)
+    return result
 
 
 def list_backups(run: Run) -> dict[str, Any]:
@@ -297,10 +301,14 @@ def _drill(run: Run, path: Path, manifest: Manifest) -> dict[str, Any]:
 
 
 def prune(run: Run) -> dict[str, Any]:
-    from agent.retention import BackupInfo, RetentionPolicy, apply_retention
-
     args = run.command.parsed_args()
     assert isinstance(args, PruneArgs)
+    return _prune(run, dry_run=args.dry_run)
+
+
+def _prune(run: Run, *, dry_run: bool) -> dict[str, Any]:
+    from agent.retention import BackupInfo, RetentionPolicy, apply_retention
+
     directory = _backup_dir(run)
     manifests = {m.file: m for m in bk.list_backups(directory)}
     policy = RetentionPolicy(
@@ -323,13 +331,13 @@ def prune(run: Run) -> dict[str, Any]:
             "reasons": list(decision.reasons),
             "warning": decision.warning,
         }
-        if not decision.keep and not args.dry_run:
+        if not decision.keep and not dry_run:
             bk.delete_backup(directory, manifests[decision.backup.path])
             deleted += 1
         report.append(entry)
     kept = sum(1 for d in decisions if d.keep)
-    if not args.dry_run:
+    if not dry_run:
         run.emit(EventType.PRUNE_COMPLETED, kept=kept, deleted=deleted,
                  deleted_paths=[e["path"] for e in report if not e["keep"]])
-    return {"dry_run": args.dry_run, "kept": kept, "deleted": 0 if args.dry_run else deleted,
+    return {"dry_run": dry_run, "kept": kept, "deleted": 0 if dry_run else deleted,
             "would_delete": sum(1 for d in decisions if not d.keep), "decisions": report}

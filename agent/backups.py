@@ -69,6 +69,7 @@ class Manifest(BaseModel):
     started: datetime
     finished: datetime
     trigger: Trigger
+    mark: str | None = None  # schedule: daily, weekly, monthly or interval
     command_id: str | None
     actor: str | None
     tables: dict[str, int] | None = None  # row counts in the dump's snapshot (not for schema backups)

@@ -511,6 +511,19 @@ def worker(
 
 
 @app.command()
+def beat(
+    loglevel: Annotated[str, typer.Option("--loglevel", help="Log level.")] = "INFO",
+) -> None:
+    """Scheduled backups (daily, weekly, monthly marks, each followed by a prune); one leader at a time."""
+    from worker.beat import run_beat
+
+    cfg = settings()
+    if cfg.security.signing_key() is None:
+        raise BadInput(f"beat publishes signed commands: set the signing key in ${cfg.security.signing_key_env}")
+    run_beat(cfg, loglevel)
+
+
+@app.command()
 def demo(
     keep: Annotated[bool, typer.Option("--keep", help="Leave the embedded servers' data in .dbagent/.")] = False,
 ) -> None:

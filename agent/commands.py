@@ -80,6 +80,8 @@ class RollbackArgs(_Args):
 class BackupArgs(_Args):
     kind: str = Field("full", pattern="^(full|schema|data)$")
     trigger: str = Field("manual", pattern="^(manual|schedule)$")
+    mark: str | None = Field(None, pattern="^(daily|weekly|monthly|interval)$")
+    prune: bool = False
 
 
 class RestoreArgs(_Args):
@@ -117,6 +119,10 @@ ARGS: dict[CommandType, type[_Args]] = {
 # configured, they are refused outright.
 DESTRUCTIVE = frozenset({CommandType.MIGRATE, CommandType.ROLLBACK, CommandType.RESTORE, CommandType.PRUNE})
 
+
+def is_destructive(type_: CommandType, args: dict[str, Any]) -> bool:
+    return type_ in DESTRUCTIVE or (type_ == CommandType.BACKUP and bool(args.get("prune")))
+
 # Commands that hold the database's writer lock while they run (a dry run does not).
 LOCKED = DESTRUCTIVE | {CommandType.BACKUP}
 
@@ -146,7 +152,7 @@ class Command(BaseModel):
     @property
     def is_writer(self) -> bool:
         """Changes the database or deletes backups: needs a signature."""
-        return self.type in DESTRUCTIVE
+        return is_destructive(self.type, self.args)
 
     @property
     def needs_lock(self) -> bool:

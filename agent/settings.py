@@ -62,6 +62,30 @@ class SecuritySettings(_Section):
         return value.encode() if value else None
 
 
+_CLOCK = re.compile(r"^(?:(?P<day>mon|tue|wed|thu|fri|sat|sun|[1-9]|[12][0-9]|3[01]) )?(?P<hour>[01]?[0-9]|2[0-3]):(?P<minute>[0-5][0-9])$")
+
+
+def _clock(value: object) -> str | None:
+    if value is None:
+        return None
+    if not isinstance(value, str) or not _CLOCK.match(value.strip().lower()):
+        raise ValueError(f"{value!r} is not a time: write 'HH:MM' (UTC), 'sun HH:MM' for weekly, '1 HH:MM' for monthly")
+    return value.strip().lower()
+
+
+Clock = Annotated[str | None, BeforeValidator(_clock)]
+
+
+class ScheduleSettings(_Section):
+    """Scheduled full backups, each followed by a prune; all times UTC."""
+
+    daily: Clock = Field(None, description="'HH:MM': a full backup every day")
+    weekly: Clock = Field(None, description="'sun HH:MM': the weekly mark")
+    monthly: Clock = Field(None, description="'1 HH:MM': the monthly mark (day of month)")
+    every: Seconds | None = Field(None, description="a full backup at this interval (instead of, or besides, the clock times)")
+    prune: bool = True
+
+
 class DatabaseSettings(_Section):
     url: str
     migrations: str = "migrations"
@@ -79,11 +103,16 @@ class DatabaseSettings(_Section):
     health_checks: list[str] = []
     critical_tables: list[str] = []
     app_user: str | None = Field(None, description="the application's role; must differ from the migration user")
+    schedule: ScheduleSettings = ScheduleSettings()
 
     def takes_pre_migration_backup(self, name: str) -> bool:
         if self.pre_migration_backup is not None:
             return self.pre_migration_backup
         return not _DEV_OR_TEST.search(name)
+
+
+class BeatSettings(_Section):
+    leader_ttl: Seconds = Field(30.0, description="a stopped beat's leadership passes to a standby after this")
 
 
 class ApiSettings(_Section):
@@ -114,6 +143,7 @@ class Settings(BaseSettings):
     security: SecuritySettings = SecuritySettings()
     databases: dict[str, DatabaseSettings] = {}
     api: ApiSettings = ApiSettings()
+    beat: BeatSettings = BeatSettings()
     chatops: ChatopsSettings = ChatopsSettings()
     retention: RetentionSettings = RetentionSettings()
 
