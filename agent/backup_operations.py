@@ -80,7 +80,7 @@ def take_backup(run: Run, kind: BackupKind, trigger: Trigger, mark: str | None =
             lock_wait_ms=round(run.db.backup_lock_wait_timeout * 1000),
             snapshot=snapshot,
         )
-        with bk.libpq_env(run.db.url) as env:
+        with bk.libpq_env(run.db.url, appname="dbagent pg_dump") as env:
             errors_file = directory / f"{bk.PARTIAL_PREFIX}{os.getpid()}-stderr-{uuid.uuid4().hex[:6]}"
             with open(errors_file, "w+") as errors:
                 proc = subprocess.Popen(argv, env=env, stdout=subprocess.DEVNULL, stderr=errors,
@@ -210,7 +210,7 @@ def restore(run: Run) -> dict[str, Any]:
         database = str(run.conn.exec_driver_sql("SELECT current_database()").scalar())
         run.conn.commit()
         options = f"-c lock_timeout={postgres_interval(run.db.lock_timeout)}"
-        with bk.libpq_env(run.db.url, options=options) as env:
+        with bk.libpq_env(run.db.url, options=options, appname="dbagent pg_restore") as env:
             argv = bk.restore_argv(path, manifest, args.jobs)
             argv[argv.index("--dbname") + 1] = database
             bk.run_tool(argv, env)
@@ -275,7 +275,7 @@ def _drill(run: Run, path: Path, manifest: Manifest) -> dict[str, Any]:
     with engine.connect() as conn:
         conn.exec_driver_sql(f'CREATE DATABASE "{scratch}"')
     try:
-        with bk.libpq_env(run.db.url, dbname=scratch) as env:
+        with bk.libpq_env(run.db.url, dbname=scratch, appname="dbagent drill") as env:
             argv = [bk._tool("pg_restore"), "--no-password", "--exit-on-error", "--no-owner",
                     "--single-transaction", "--dbname", scratch, str(path)]
             bk.run_tool(argv, env)

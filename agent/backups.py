@@ -191,7 +191,9 @@ _ENV_OF = {
 
 
 @contextmanager
-def libpq_env(url: str, dbname: str | None = None, options: str | None = None) -> Iterator[dict[str, str]]:
+def libpq_env(
+    url: str, dbname: str | None = None, options: str | None = None, appname: str = "dbagent"
+) -> Iterator[dict[str, str]]:
     """Environment for a libpq tool: connection from the URL, password in a private passfile."""
     from psycopg.conninfo import conninfo_to_dict
 
@@ -205,7 +207,7 @@ def libpq_env(url: str, dbname: str | None = None, options: str | None = None) -
             env[_ENV_OF[key]] = value
     if options:
         env["PGOPTIONS"] = options
-    env.setdefault("PGAPPNAME", "dbagent")
+    env["PGAPPNAME"] = appname
     passfile = None
     if password is not None:
         fd, passfile = tempfile.mkstemp(prefix="dbagent-pgpass-")

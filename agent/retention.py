@@ -122,10 +122,11 @@ def apply_retention(
 
     kept_by: list[list[str]] = [[] for _ in ordered]
     for kind in ("full", "schema", "data"):
-        scheduled = [i for i in present if ordered[i].type == kind and ordered[i].trigger == "schedule"]
+        of_kind = [i for i in present if ordered[i].type == kind]
+        scheduled = [i for i in of_kind if ordered[i].trigger == "schedule"]
         for i, reasons in zip(scheduled, _gfs_reasons([ordered[i] for i in scheduled], policy)):
             kept_by[i].extend(reasons)
-        newest_verified = next((i for i in present if ordered[i].type == kind and ordered[i].verified), None)
+        newest_verified = next((i for i in of_kind if ordered[i].verified), None)
         if newest_verified is not None:
             kept_by[newest_verified].append(f"newest verified {kind} backup")
 
