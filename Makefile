@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: install demo test unit bench clean
+.PHONY: install demo test unit bench bench-backup clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -24,6 +24,9 @@ unit: install
 
 bench: install
 	$(PY) bench/bench_migrate.py
+
+bench-backup: install
+	$(PY) bench/bench_backup.py
 
 clean:
 	rm -rf $(VENV) .dbagent .pytest_cache

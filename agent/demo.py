@@ -75,14 +75,22 @@ STEPS = [
          "queued in Redis and executed by the database's worker.", ["status"]),
     Step("migrate --dry-run --to 002", "The plan up to 002 and the SQL it would run, without touching the database.",
          ["migrate", "--dry-run", "--to", "002", "--actor", ACTOR, "--ticket", TICKET], after="untouched"),
-    Step("migrate", "Lock the database (Redis lease + PostgreSQL advisory lock), apply every pending migration "
-         "in its own transaction, then verify. Each step is an event.",
+    Step("migrate", "Lock the database (Redis lease + PostgreSQL advisory lock), take a pre-migration backup "
+         "(pg_dump, checksummed and read back), apply every pending migration in its own transaction, then "
+         "verify. Each step is an event.",
          ["migrate", "--actor", ACTOR, "--ticket", TICKET]),
     Step("verify", "Integrity checks on the live database: the revision is head, no invalid indexes.",
          ["verify"]),
     Step("rollback 1", "Undo the last migration.", ["rollback", "1", "--actor", ACTOR, "--ticket", TICKET]),
     Step("status", "One step behind head now: one migration pending.", ["status"]),
     Step("migrate", "Back to head.", ["migrate", "--actor", ACTOR, "--ticket", TICKET]),
+    Step("backup full", "A manual full backup: pg_dump to a hidden name, checksummed, read back in full, renamed, "
+         "with a manifest beside it; files 0600 in a 0700 directory.", ["backup", "full", "--actor", ACTOR]),
+    Step("backups list", "Complete backups only, newest first: the pre-migration one and the manual one.",
+         ["backups", "list"]),
+    Step("restore", "Restore the newest backup: its checksum and a full read are checked before anything is "
+         "touched, then pg_restore --single-transaction under the database's lock.",
+         ["restore", "{newest_backup}", "--yes", "--actor", ACTOR, "--ticket", TICKET]),
     Step("history", "The change log in PostgreSQL: every step applied or reverted, by whom, for which ticket, "
          "how long it took.", ["history"]),
     Step("events --limit 40", "The audit trail: the event stream every consumer (audit sink, rollback agent) reads.",
@@ -215,6 +223,7 @@ class Demo:
             f"url = {_toml(self.pg_url())}",
             f"migrations = {_toml(str(self.migrations))}",
             f"backup_dir = {_toml(str(backups))}",
+            "pre_migration_backup = true",
             'lock_wait_timeout = "60s"',
             "",
         ])
@@ -263,9 +272,9 @@ class Demo:
             console.print()
             console.rule(f"[bold cyan]{number}/{len(STEPS)}  {escape(step.title)}[/bold cyan]", align="left")
             console.print(escape(step.why), style="dim")
-            console.print(f"$ dbagent {escape(' '.join(step.args))}", style="bold")
+            console.print(f"$ dbagent {escape(' '.join(self.resolve(a) for a in step.args))}", style="bold")
             sys.stdout.flush()
-            argv = [*self.dbagent(), *step.args]
+            argv = [*self.dbagent(), *[self.resolve(arg) for arg in step.args]]
             if step.queued:
                 argv += ["--timeout", str(STEP_TIMEOUT_S)]
             clock = time.monotonic()
@@ -280,6 +289,15 @@ class Demo:
                 raise DemoError(f"{which} failed (exit code {code})")
             if step.after == "untouched":
                 self.check_untouched()
+
+    def resolve(self, arg: str) -> str:
+        """Fill in a placeholder a step needs from what earlier steps made."""
+        if arg != "{newest_backup}":
+            return arg
+        manifests = sorted((self.root / "backups").glob("*.manifest.json"), key=lambda p: p.stat().st_mtime)
+        if not manifests:
+            raise DemoError("no backup to restore: the backup step made none")
+        return str(manifests[-1]).removesuffix(".manifest.json")
 
     def run_step(self, argv: list[str]) -> int:
         """Run one CLI command, its output on this terminal; fail early if the worker dies."""

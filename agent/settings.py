@@ -96,6 +96,7 @@ class DatabaseSettings(_Section):
     backup_jobs: int = Field(1, ge=1, le=64, description="above 1: directory format, pg_dump -j N")
     backup_compression: int | None = Field(None, ge=0, le=9, description="pg_dump -Z; default: pg_dump's")
     backup_lock_wait_timeout: TimeoutSeconds = Field(30.0, description="pg_dump --lock-wait-timeout")
+    verify_after_backup: bool = Field(True, description="read every new backup back in full (pg_restore) before listing it as verified")
     lock_timeout: TimeoutSeconds = 5.0
     statement_timeout: TimeoutSeconds = 900.0
     connect_timeout: Seconds = 5.0
