@@ -265,31 +265,54 @@ def _sha256_file(path: Path) -> tuple[str, int]:
     return digest.hexdigest(), size
 
 
+def _start_full_read(path: Path) -> subprocess.Popen:
+    return subprocess.Popen(
+        [_tool("pg_restore"), "--file", os.devnull, str(path)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+def _finish_full_read(path: Path, proc: subprocess.Popen) -> None:
+    _, stderr = proc.communicate()
+    if proc.returncode != 0:
+        raise OperationFailed(f"{path.name}: the archive does not read back in full: {_first_line(stderr)}")
+
+
 def full_read(path: Path) -> None:
     """Read the whole archive as pg_restore would (data included), writing nothing."""
-    proc = subprocess.run(
-        [_tool("pg_restore"), "--file", os.devnull, str(path)], capture_output=True, text=True
-    )
-    if proc.returncode != 0:
-        raise OperationFailed(f"{path.name}: the archive does not read back in full: {_first_line(proc.stderr)}")
+    _finish_full_read(path, _start_full_read(path))
 
 
 def check_integrity(path: Path, manifest: Manifest) -> None:
-    """Checksum against the manifest, the pg_restore version, then a full read: before anything is touched."""
+    """Checksum against the manifest, the pg_restore version, then a full read: before anything is touched.
+
+    The checksum and the full read run side by side (one hashes, pg_restore
+    decompresses); the checksum's verdict comes first.
+    """
     if not path.exists():
         raise BadInput(f"{path}: no such backup")
-    digest, size, _ = checksum(path)
-    if digest != manifest.sha256 or size != manifest.bytes:
-        raise OperationFailed(
-            f"{path.name}: checksum mismatch: the manifest says sha256 {manifest.sha256} ({manifest.bytes} bytes),"
-            f" the file has sha256 {digest} ({size} bytes); the backup is damaged and was not used"
-        )
     local = tool_version("pg_restore")
     if major(manifest.pg_dump_version) > major(local):
         raise OperationFailed(
             f"{path.name} was written by pg_dump {manifest.pg_dump_version}; this pg_restore ({local}) cannot read it"
         )
-    full_read(path)
+    reader = _start_full_read(path)
+    try:
+        digest, size, _ = checksum(path)
+    except BaseException:
+        reader.kill()
+        reader.wait()
+        raise
+    if digest != manifest.sha256 or size != manifest.bytes:
+        reader.kill()
+        reader.wait()
+        raise OperationFailed(
+            f"{path.name}: checksum mismatch: the manifest says sha256 {manifest.sha256} ({manifest.bytes} bytes),"
+            f" the file has sha256 {digest} ({size} bytes); the backup is damaged and was not used"
+        )
+    _finish_full_read(path, reader)
 
 
 def _tool(name: str) -> str:

@@ -54,17 +54,20 @@ def fill(url: str) -> int:
         while conn.execute("SELECT pg_database_size(current_database())").fetchone()[0] < TARGET_GB * 1024**3:
             batch += 1
             conn.execute(
-                "INSERT INTO audit_logs (user_id, action, resource_type, resource_id, details, ip_address, created_at)"
-                " SELECT u.id, (ARRAY['login','logout','update','delete','create'])[1 + (g % 5)], 'document',"
-                " (g * 31)::text, jsonb_build_object('request_id', md5(g::text), 'path', '/api/v1/documents/' || g,"
-                " 'status', 200 + (g % 3), 'agent', 'Mozilla/5.0 (X11; Linux x86_64) bench/' || (g % 97)),"
+                "WITH ids AS (SELECT array_agg(id) AS a FROM (SELECT id FROM users LIMIT 1000) s)"
+                " INSERT INTO audit_logs (user_id, action, resource_type, resource_id, details, ip_address, created_at)"
+                " SELECT ids.a[1 + g % 1000], (ARRAY['login','logout','update','delete','create'])[1 + (g % 5)],"
+                " 'document', (g * 31)::text, jsonb_build_object('request_id', md5(g::text), 'path',"
+                " '/api/v1/documents/' || g, 'status', 200 + (g % 3), 'agent',"
+                " 'Mozilla/5.0 (X11; Linux x86_64) bench/' || (g % 97)),"
                 " ('10.0.' || (g % 250) || '.' || (g % 200))::inet, now() - (g || ' seconds')::interval"
-                " FROM generate_series(1, 500000) g JOIN LATERAL (SELECT id FROM users OFFSET (g %% 1000) LIMIT 1) u ON true"
+                " FROM generate_series(1, 500000) g, ids"
             )
             conn.execute(
-                "INSERT INTO notifications (user_id, type, title, body, data)"
-                " SELECT u.id, 'info', 'Notice ' || g, repeat('Lorem ipsum dolor sit amet. ', 4), jsonb_build_object('n', g)"
-                " FROM generate_series(1, 100000) g JOIN LATERAL (SELECT id FROM users OFFSET (g %% 1000) LIMIT 1) u ON true"
+                "WITH ids AS (SELECT array_agg(id) AS a FROM (SELECT id FROM users LIMIT 1000) s)"
+                " INSERT INTO notifications (user_id, type, title, body, data)"
+                " SELECT ids.a[1 + g % 1000], 'info', 'Notice ' || g, repeat('Lorem ipsum dolor sit amet. ', 4),"
+                " jsonb_build_object('n', g) FROM generate_series(1, 100000) g, ids"
             )
         conn.execute("VACUUM ANALYZE")
         return conn.execute("SELECT pg_database_size(current_database())").fetchone()[0]

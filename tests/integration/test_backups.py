@@ -233,3 +233,95 @@ def test_a_failed_pre_migration_backup_stops_the_migration(env):
     assert result.code == 3 and "pg_dump" in result.json()["error"]
     assert env.revision() is None
     assert list((env.tmp / "backups").iterdir()) == []
+
+
+def test_an_archive_from_a_newer_pg_dump_is_refused(env):
+    migrated_with_rows(env)
+    taken = backup(env)
+    manifest_path = Path(taken["path"] + ".manifest.json")
+    manifest = json.loads(manifest_path.read_text())
+    manifest["pg_dump_version"] = "99.1"
+    manifest_path.write_text(json.dumps(manifest))
+    env.sql("DELETE FROM users")
+    result = env.cli("restore", taken["path"], "--yes", "--json")
+    assert result.code == 1 and "pg_dump 99.1" in result.json()["error"] and "cannot read it" in result.json()["error"]
+    assert env.sql("SELECT count(*) FROM users")[0][0] == 0
+
+
+def test_a_restore_that_hits_an_sql_error_exits_1_and_changes_nothing(env):
+    migrated_with_rows(env)
+    data = backup(env, "data")
+    env.sql("DELETE FROM users WHERE email = 'a@example.com'")
+    # restoring the data over rows that are still there: duplicate keys, so pg_restore fails
+    result = env.cli("restore", data["path"], "--yes", "--json")
+    assert result.code == 1 and "pg_restore failed" in result.json()["error"]
+    assert env.sql("SELECT email FROM users") == [("b@example.com",)]  # single transaction: nothing half-restored
+
+
+def test_directory_format_with_parallel_jobs(env):
+    env.extra_config = "backup_jobs = 2"
+    migrated_with_rows(env)
+    taken = backup(env)
+    path = Path(taken["path"])
+    assert path.is_dir() and oct(path.stat().st_mode & 0o777) == "0o700"
+    manifest = json.loads(Path(taken["path"] + ".manifest.json").read_text())
+    assert manifest["format"] == "directory" and "toc.dat" in manifest["files"]
+    assert all(oct(p.stat().st_mode & 0o777) == "0o600" for p in path.iterdir())
+    env.sql("DELETE FROM users")
+    result = env.cli("restore", taken["path"], "--yes", "--jobs", "2", "--json")
+    assert result.code == 0, result.stderr
+    assert env.sql("SELECT count(*) FROM users")[0][0] == 2
+    member = next(p for p in path.iterdir() if p.name != "toc.dat")
+    member.write_bytes(member.read_bytes() + b"x")
+    damaged = env.cli("restore", taken["path"], "--yes", "--json")
+    assert damaged.code == 1 and "checksum" in damaged.json()["error"]
+
+
+def _age(path: str, days: float, trigger: str | None = None) -> None:
+    from datetime import UTC, datetime, timedelta
+
+    manifest_path = Path(path + ".manifest.json")
+    manifest = json.loads(manifest_path.read_text())
+    when = datetime.now(UTC) - timedelta(days=days)
+    manifest["started"] = manifest["finished"] = when.isoformat()
+    if trigger:
+        manifest["trigger"] = trigger
+    manifest_path.write_text(json.dumps(manifest))
+
+
+def test_prune_applies_retention_and_dry_run_deletes_nothing(env, redis_client):
+    migrated_with_rows(env)
+    old = [backup(env)["path"] for _ in range(3)]
+    newest = backup(env)["path"]
+    for number, path in enumerate(old):
+        _age(path, 40 + number, trigger="pre-migration")
+    _age(newest, 35, trigger="pre-migration")
+    scheduled = backup(env)["path"]
+    _age(scheduled, 1, trigger="schedule")
+
+    dry = env.cli("backups", "prune", "--dry-run", "--json")
+    assert dry.code == 0
+    body = dry.json()
+    assert body["dry_run"] is True and body["would_delete"] == 4 and body["deleted"] == 0
+    assert all(Path(p).exists() for p in [*old, newest, scheduled])
+    reasons = {d["path"]: d for d in body["decisions"]}
+    assert reasons[scheduled]["keep"] and any("daily" in r for r in reasons[scheduled]["reasons"])
+    assert not reasons[old[0]]["keep"] and "pre-migration" in reasons[old[0]]["reasons"][0]
+
+    real = env.cli("backups", "prune", "--json")
+    assert real.code == 0 and real.json()["deleted"] == 4
+    assert not any(Path(p).exists() or Path(p + ".manifest.json").exists() for p in [*old, newest])
+    assert Path(scheduled).exists()
+    human = env.cli("backups", "prune", "--dry-run")
+    assert "keep" in human.stdout and "0 to delete" in human.stdout
+    pruned = [e for e in env.stream_events(redis_client) if e["type"] == "prune.completed"]
+    assert len(pruned) == 1 and pruned[0]["data"]["deleted"] == 4
+
+
+def test_prune_never_deletes_the_newest_verified_backup(env):
+    migrated_with_rows(env)
+    only = backup(env)["path"]
+    _age(only, 400, trigger="pre-migration")
+    result = env.cli("backups", "prune", "--json")
+    assert result.code == 0 and result.json()["deleted"] == 0 and Path(only).exists()
+    assert any("newest verified" in r for r in result.json()["decisions"][0]["reasons"])
