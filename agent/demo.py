@@ -419,9 +419,12 @@ class Demo:
 
     def pg_bin(self) -> Path | None:
         try:
-            from pgserver import POSTGRES_BIN_PATH
+            from pgserver._commands import POSTGRES_BIN_PATH
         except ImportError:
-            return None
+            try:
+                from pgserver import POSTGRES_BIN_PATH  # older pgserver releases
+            except ImportError:
+                return None
         return Path(POSTGRES_BIN_PATH)
 
     def _pg_version(self) -> str:
@@ -694,7 +697,8 @@ def _summary(demo: Demo, code: int, keep: bool, seconds: float) -> None:
     if code == 0:
         console.print(
             "Shown: static validation, a dry run that changes nothing, signed commands through Redis to a worker, "
-            "migrate with locking and verification, rollback, the change log and the audit trail."
+            "migrate with locking, a pre-migration backup and verification, rollback, a verified backup, "
+            "the backup list, a checked restore, the change log and the audit trail."
         )
     if keep:
         console.print(escape(
