@@ -21,7 +21,13 @@ import redis
 from fastapi import Depends, FastAPI, Header, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, generate_latest
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    generate_latest,
+)
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.concurrency import run_in_threadpool
 
@@ -65,7 +71,7 @@ def submitted_key(prefix: str, command_id: str) -> str:
 def slack_seen_key(prefix: str, signature: str) -> str:
     """A Slack request already handled, by a hash of its signature: a signed request
     replayed within the replay window is refused instead of queueing the same
-    rollback twice. Expires once the window has passed (slack_seen_ttl_s)."""
+    rollback twice. Expires once the window has passed (SLACK_SEEN_TTL_S)."""
     return f"{prefix}:slack-seen:{hashlib.sha256(signature.encode()).hexdigest()}"
 
 
@@ -463,10 +469,15 @@ def create_app(settings: Settings, producer: Producer | None = None) -> FastAPI:
         return await run_in_threadpool(answer_slack, slack.parse_form(raw), signature or "")
 
     def answer_slack(form: dict[str, str], signature: str) -> dict[str, Any]:
-        if not producer.redis.set(slack_seen_key(prefix, signature), "1", nx=True, ex=SLACK_SEEN_TTL_S):
-            log.warning("refused a replayed Slack request from %s", form.get("user_id"))
-            raise ApiError(401, "Slack request refused: already handled (replayed)")
         user = form.get("user_id", "")
+        try:
+            first_time = producer.redis.set(slack_seen_key(prefix, signature), "1", nx=True, ex=SLACK_SEEN_TTL_S)
+        except redis.RedisError as exc:
+            log.warning("slack request from %s not handled: %s", user, redact(exc))
+            return _ephemeral(f"Could not handle this request: {UNAVAILABLE_TEXT}")
+        if not first_time:
+            log.warning("refused a replayed Slack request from %s", user)
+            raise ApiError(401, "Slack request refused: already handled (replayed)")
         try:
             wanted = slack.parse_text(form.get("text", ""))
         except slack.UsageError as exc:
@@ -482,8 +493,9 @@ def create_app(settings: Settings, producer: Producer | None = None) -> FastAPI:
             return _ephemeral(exc.message)
         if not slack.is_allowed(permissions, user, wanted.verb, name):
             log.warning("slack user %s may not %s %s", user, wanted.verb, name)
+            needed = f"{wanted.verb}:{name}"
             return _ephemeral(
-                f"Sorry, you are not allowed to {wanted.verb} {name} (it needs \"{wanted.verb}:{name}\" in [chatops.permissions])."
+                f'Sorry, you are not allowed to {wanted.verb} {name} (it needs "{needed}" in [chatops.permissions]).'
             )
         try:
             command = build_command(wanted.verb, name, wanted.args, f"slack:{user}", None)
@@ -492,7 +504,7 @@ def create_app(settings: Settings, producer: Producer | None = None) -> FastAPI:
             return _ephemeral(f"Could not queue {wanted.verb} of {name}: {redact(exc.message)}")
         except Unavailable as exc:
             log.warning("slack %s of %s not queued: %s", wanted.verb, name, redact(exc.message))
-            return _ephemeral(f"Could not queue {wanted.verb} of {name}: the queue is unavailable, try again shortly.")
+            return _ephemeral(f"Could not queue {wanted.verb} of {name}: {UNAVAILABLE_TEXT}")
         return {"response_type": "in_channel", "text": f"{wanted.verb} of {name} queued: command {command.id}"}
 
     @app.get("/healthz")
@@ -517,6 +529,10 @@ def create_app(settings: Settings, producer: Producer | None = None) -> FastAPI:
     return app
 
 
+# What a Slack user is told when Redis is down; the details go to the API's log only.
+UNAVAILABLE_TEXT = "the queue is unavailable, try again shortly."
+
+
 def _ephemeral(text: str) -> dict[str, Any]:
     """A Slack answer only the asking user sees (Slack wants 200 even for refusals)."""
     return {"response_type": "ephemeral", "text": text}
@@ -531,7 +547,7 @@ def run(settings: Settings, listen: str | None = None) -> None:
     import uvicorn
 
     host, port = parse_listen(listen or settings.api.listen)
-    app = create_app(settings)
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    app = create_app(settings)
     uvicorn.run(app, host=host, port=port, log_level="info", server_header=False)

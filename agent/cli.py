@@ -524,6 +524,16 @@ def beat(
 
 
 @app.command()
+def serve(
+    listen: Annotated[str | None, typer.Option("--listen", help="host:port (default: [api] listen).")] = None,
+) -> None:
+    """HTTP API for deploy systems and chat-ops (Slack)."""
+    from agent.api import run
+
+    run(settings(), listen)
+
+
+@app.command()
 def demo(
     keep: Annotated[bool, typer.Option("--keep", help="Leave the embedded servers' data in .dbagent/.")] = False,
 ) -> None:
