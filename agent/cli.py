@@ -409,22 +409,19 @@ def events(
     limit: Annotated[int, typer.Option("--limit", help="How many of the newest events to show first.", min=1)] = 50,
     command_id: Annotated[str | None, typer.Option("--command", help="Only this command's events.")] = None,
     db: Annotated[str | None, typer.Option("--db", help="Only this database's events (default: all).")] = None,
+    source: Annotated[str, typer.Option("--source", help="auto (PostgreSQL's audit log, else the stream), postgres or stream.")] = "auto",
     as_json: JsonOpt = False,
 ) -> None:
-    """The audit trail, from the event stream."""
-    from agent.connections import ping_redis, redis_client
+    """The audit trail: from PostgreSQL's audit log (the record), or the Redis stream."""
+    from agent.connections import redis_client
     from agent.eventlog import EventLog
 
+    if source not in ("auto", "postgres", "stream"):
+        raise BadInput(f"--source takes auto, postgres or stream (got {source!r})")
     cfg = settings()
-    if db is not None:
-        cfg.database(db)
+    names = [cfg.database(db)[0]] if db is not None else sorted(cfg.databases)
     client = redis_client(cfg.redis)
-    ping_redis(client, cfg.redis)
     log = EventLog(client, cfg.redis.prefix)
-    if command_id:
-        entries = log.read(command_id=command_id, db=db, count=100_000)[-limit:]
-    else:
-        entries = log.tail(limit, db)
 
     def show(event: Event) -> None:
         if as_json:
@@ -432,16 +429,49 @@ def events(
         else:
             out.print(format_event(event))
 
-    last = entries[-1][0] if entries else log.last_id()
-    for _, event in entries:
+    shown: list[Event] = []
+    if source in ("auto", "postgres") and names:
+        try:
+            shown = _audit_events(cfg, names, limit, command_id)
+        except DbAgentError as exc:
+            if source == "postgres":
+                raise
+            err.print(f"warning: reading the stream instead of the audit log: {exc.message}", markup=False)
+            source = "stream"
+    elif source == "auto":
+        source = "stream"
+    if source == "stream":
+        from agent.connections import ping_redis
+
+        ping_redis(client, cfg.redis)
+        if command_id:
+            entries = log.read(command_id=command_id, db=db, count=1_000_000)[-limit:]
+        else:
+            entries = log.tail(limit, db)
+        shown = [event for _, event in entries]
+    for event in shown:
         show(event)
     if follow:
+        from agent.connections import ping_redis
+
+        ping_redis(client, cfg.redis)
+        seen = {event.id for event in shown}
         try:
-            for _, event in log.follow(last, db):
-                if command_id is None or event.command_id == command_id:
+            for _, event in log.follow(log.last_id(), db):
+                if event.id not in seen and (command_id is None or event.command_id == command_id):
                     show(event)
         except KeyboardInterrupt:
             raise typer.Exit(0) from None
+
+
+def _audit_events(cfg: Settings, names: list[str], limit: int, command_id: str | None) -> list[Event]:
+    from agent.audit import read_audit
+
+    merged: list[Event] = []
+    for name in names:
+        merged += read_audit(name, cfg.databases[name], limit=limit, command_id=command_id)
+    merged.sort(key=lambda e: e.ts)
+    return merged[-limit:]
 
 
 @app.command()
@@ -521,6 +551,49 @@ def beat(
     if cfg.security.signing_key() is None:
         raise BadInput(f"beat publishes signed commands: set the signing key in ${cfg.security.signing_key_env}")
     run_beat(cfg, loglevel)
+
+
+@app.command("agent")
+def agent_command(
+    loglevel: Annotated[str, typer.Option("--loglevel", help="Log level.")] = "INFO",
+) -> None:
+    """Audit sink and rollback trigger: consumes the event stream (several agents may run)."""
+    import logging
+
+    from agent.daemon import run_agent
+
+    logging.basicConfig(level=loglevel, format="[%(asctime)s: %(levelname)s/%(name)s] %(message)s")
+    cfg = settings()
+    if cfg.security.signing_key() is None:
+        raise BadInput(f"the agent publishes signed rollbacks: set the signing key in ${cfg.security.signing_key_env}")
+    run_agent(cfg)
+
+
+notify_app = typer.Typer(help="Report application events that dbagent acts on.", no_args_is_help=True)
+app.add_typer(notify_app, name="notify")
+
+
+@notify_app.command("startup-failed")
+def notify_startup_failed(
+    detail: Annotated[str | None, typer.Option("--detail", help="What failed (recorded in the audit trail).")] = None,
+    db: DbOpt = None, as_json: JsonOpt = False, actor: ActorOpt = None, ticket: TicketOpt = None,
+) -> None:
+    """The application failed to start after a deploy: the agent rolls back the last migration run."""
+    from agent.connections import ping_redis, redis_client
+    from agent.eventlog import EventLog
+    from agent.events import EventType
+
+    cfg = settings()
+    name, _ = cfg.database(db)
+    client = redis_client(cfg.redis)
+    ping_redis(client, cfg.redis)
+    event = Event(type=EventType.APP_STARTUP_FAILED, db=name, actor=default_actor(actor), ticket=ticket,
+                  data={"detail": redact(detail) if detail else None})
+    EventLog(client, cfg.redis.prefix).publish([event])
+    if as_json:
+        _print_json({"event_id": event.id, "type": event.type, "db": name, "status": "published", "error": None})
+    else:
+        out.print(f"app.startup_failed published for {name} (event {event.id}); the agent rolls back the last migration run")
 
 
 @app.command()

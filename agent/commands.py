@@ -69,6 +69,7 @@ class MigrateArgs(_Args):
 class RollbackArgs(_Args):
     steps: int | None = Field(None, ge=1)
     to: str | None = None
+    cause: dict[str, Any] | None = None  # set by the agent: the failure this undoes
 
     @model_validator(mode="after")
     def _one_target(self) -> RollbackArgs:

@@ -532,9 +532,15 @@ def rollback(run: Run) -> dict[str, Any]:
     before = migrator.current(run.conn)
     plan = migrator.downgrade_plan(before, steps=args.steps, to=args.to)
     target = plan[-1].destination if plan else (before or "base")
-    run.emit(EventType.ROLLBACK_STARTED, revision_before=before, target=target, steps=[s.to_json() for s in plan])
+    cause = args.cause or {}
+    run.emit(EventType.ROLLBACK_STARTED, revision_before=before, target=target, steps=[s.to_json() for s in plan],
+             cause=args.cause)
     started = time.monotonic()
-    facts = {"revision_before": before, "target": None if target == "base" else target}
+    facts = {"revision_before": before, "target": None if target == "base" else target, "cause": args.cause}
+    if cause.get("backup"):
+        facts["next_step"] = f"restore the pre-migration backup: dbagent restore {cause['backup']} --db {run.db_name}"
+    else:
+        facts["next_step"] = f"restore the newest pre-migration backup (dbagent backups list --db {run.db_name})"
     _apply_steps(run, plan, facts, EventType.ROLLBACK_FAILED)
     after = migrator.current(run.conn)
     run.emit(

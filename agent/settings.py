@@ -105,11 +105,22 @@ class DatabaseSettings(_Section):
     critical_tables: list[str] = []
     app_user: str | None = Field(None, description="the application's role; must differ from the migration user")
     schedule: ScheduleSettings = ScheduleSettings()
+    auto_restore: bool = Field(False, description="a failed automatic rollback escalates to restoring the pre-migration backup")
 
     def takes_pre_migration_backup(self, name: str) -> bool:
         if self.pre_migration_backup is not None:
             return self.pre_migration_backup
         return not _DEV_OR_TEST.search(name)
+
+
+class MonitoringSettings(_Section):
+    sentry_dsn_env: str = Field("SENTRY_DSN", description="env var holding the Sentry DSN; unset = no Sentry")
+    environment: str = "production"
+
+
+class AgentSettings(_Section):
+    claim_idle: Seconds = Field(30.0, description="take over entries a stopped agent left pending this long")
+    max_deliveries: int = Field(5, ge=1, description="an entry failing this often goes to the dead-letter stream")
 
 
 class BeatSettings(_Section):
@@ -145,6 +156,8 @@ class Settings(BaseSettings):
     databases: dict[str, DatabaseSettings] = {}
     api: ApiSettings = ApiSettings()
     beat: BeatSettings = BeatSettings()
+    agent: AgentSettings = AgentSettings()
+    monitoring: MonitoringSettings = MonitoringSettings()
     chatops: ChatopsSettings = ChatopsSettings()
     retention: RetentionSettings = RetentionSettings()
 

@@ -10,6 +10,7 @@ from celery.signals import worker_ready
 
 from agent import keys, runner
 from agent.errors import DbAgentError
+from agent.monitoring import alert, init_sentry
 from agent.queue import EXECUTE_TASK, celery_app
 from agent.redact import redact
 from agent.settings import Settings
@@ -21,6 +22,7 @@ def create_app(settings: Settings, db_name: str) -> Celery:
     """The app a worker of database ``db_name`` runs: its queue alone, one command at a time."""
     app = celery_app(settings)
     app.conf.task_default_queue = keys.queue(settings.redis.prefix, db_name)
+    init_sentry(settings, "worker")
 
     @app.task(name=EXECUTE_TASK, acks_late=True, reject_on_worker_lost=True, ignore_result=True)
     def execute(message: Any) -> None:
@@ -33,6 +35,14 @@ def create_app(settings: Settings, db_name: str) -> Celery:
             outcome.get("status"),
             f": {outcome['error']}" if outcome.get("error") else "",
         )
+        if outcome.get("status") in ("failed", "rejected"):
+            alert(
+                f"{outcome.get('type')} on {db_name} {outcome.get('status')}: {outcome.get('error')}",
+                level="error" if outcome.get("status") == "failed" else "warning",
+                db=db_name,
+                command_id=outcome.get("command_id"),
+                actor=(message.get("actor") if isinstance(message, dict) else None),
+            )
 
     @worker_ready.connect(weak=False)
     def recover(**_: Any) -> None:

@@ -132,6 +132,9 @@ def run_beat(settings: Settings, loglevel: str = "INFO") -> None:
     from celery.apps.beat import Beat
 
     logging.basicConfig(level=loglevel, format="[%(asctime)s: %(levelname)s/%(name)s] %(message)s")
+    from agent.monitoring import init_sentry
+
+    init_sentry(settings, "beat")
     DbAgentScheduler.settings = settings
     app = create_beat_app(settings)
     Beat(app=app, scheduler=DbAgentScheduler, max_interval=TICK_S, loglevel=loglevel, no_color=True).run()

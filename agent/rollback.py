@@ -1,0 +1,100 @@
+"""When to roll back, and to where: pure planning from failure events (no I/O).
+
+A failed run (``migration.failed``, ``verify.failed`` from a migrate) or an
+application that cannot start after a deploy (``app.startup_failed``) gets one
+rollback to the revision the database had before the run. The rollback's
+command id is derived from the failed run's command id, so however many
+events, agents or redeliveries there are, the worker executes it once.
+A failed rollback never plans another rollback: it alerts, and may escalate
+to restoring the run's pre-migration backup when the database allows it.
+"""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass, field
+from typing import Any
+
+from agent.events import Event, EventType
+
+ROLLBACK_TRIGGERS = frozenset({EventType.MIGRATION_FAILED, EventType.VERIFY_FAILED, EventType.APP_STARTUP_FAILED})
+AGENT_ACTOR = "agent"
+
+
+def _derived_id(kind: str, of: str) -> str:
+    return str(uuid.uuid5(uuid.NAMESPACE_URL, f"dbagent:{kind}-for:{of}"))
+
+
+@dataclass(frozen=True)
+class RollbackPlan:
+    """A rollback to enqueue: back to ``target`` (None: base) because of ``cause``."""
+
+    db: str
+    target: str | None
+    command_id: str
+    cause: dict[str, Any] = field(default_factory=dict)
+
+    def args(self) -> dict[str, Any]:
+        return {"to": self.target or "base", "cause": self.cause}
+
+
+@dataclass(frozen=True)
+class Escalation:
+    """What to do about a failed rollback: always alert; restore a backup when allowed."""
+
+    db: str
+    message: str
+    restore_path: str | None
+    restore_command_id: str | None
+
+
+def backup_path(backup: Any) -> str | None:
+    return backup.get("path") if isinstance(backup, dict) else None
+
+
+def plan_rollback(event: Event, last_run: dict[str, Any] | None = None) -> RollbackPlan | None:
+    """The rollback a failure event calls for, or None.
+
+    ``last_run`` is, for ``app.startup_failed``, the database's last completed
+    migrate run: ``{"command_id", "revision_before", "backup"}``.
+    """
+    data = event.data
+    if event.type == EventType.MIGRATION_FAILED:
+        run_id, before, backup = event.command_id, data.get("revision_before"), data.get("backup")
+    elif event.type == EventType.VERIFY_FAILED:
+        # Only a migrate's verification says which run to undo; a standalone verify alerts only.
+        if "run_command_id" not in data:
+            return None
+        run_id, before, backup = data.get("run_command_id"), data.get("revision_before"), data.get("backup")
+    elif event.type == EventType.APP_STARTUP_FAILED:
+        if not last_run:
+            return None
+        run_id, before, backup = last_run.get("command_id"), last_run.get("revision_before"), last_run.get("backup")
+    else:
+        return None
+    if not run_id:
+        return None
+    cause = {
+        "event_id": event.id,
+        "event_type": event.type,
+        "run_command_id": run_id,
+        "revision_before": before,
+        "backup": backup_path(backup),
+    }
+    return RollbackPlan(db=event.db, target=before, command_id=_derived_id("rollback", run_id), cause=cause)
+
+
+def plan_escalation(event: Event, auto_restore: bool) -> Escalation | None:
+    """For a ``rollback.failed``: the alert, and the restore to enqueue when auto_restore is on."""
+    if event.type != EventType.ROLLBACK_FAILED:
+        return None
+    cause = event.data.get("cause") or {}
+    path = cause.get("backup")
+    next_step = event.data.get("next_step") or (
+        f"restore the pre-migration backup: dbagent restore {path} --db {event.db}" if path
+        else f"restore the newest pre-migration backup (dbagent backups list --db {event.db})"
+    )
+    message = f"rollback of {event.db} failed: {event.data.get('error', 'unknown error')}; {next_step}"
+    if auto_restore and path and event.command_id:
+        return Escalation(event.db, message, path, _derived_id("restore", event.command_id))
+    return Escalation(event.db, message, None, None)
