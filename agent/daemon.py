@@ -115,7 +115,8 @@ class RollbackTrigger:
         try:
             with connect(db, "dbagent agent") as conn:
                 row = conn.execute(
-                    "SELECT c.command_id, c.data->>'revision_before', s.data->'backup' FROM dbagent.audit_log c"
+                    "SELECT c.command_id, c.data->>'revision_before', s.data->'backup', c.data->>'revision_after'"
+                    " FROM dbagent.audit_log c"
                     " LEFT JOIN dbagent.audit_log s ON s.command_id = c.command_id AND s.type = 'migration.started'"
                     " WHERE c.type = 'migration.completed' AND (c.data->>'steps')::int > 0 AND c.ts <= %s"
                     " ORDER BY c.ts DESC, c.seq DESC LIMIT 1",
@@ -125,7 +126,7 @@ class RollbackTrigger:
             raise DbAgentError(f"cannot read the audit log of {event.db}: {redact(exc)}") from None
         if row is None:
             return None
-        return {"command_id": row[0], "revision_before": row[1], "backup": row[2]}
+        return {"command_id": row[0], "revision_before": row[1], "backup": row[2], "revision_after": row[3]}
 
 
 def run_agent(settings: Settings, name: str | None = None, stop: threading.Event | None = None) -> None:

@@ -60,16 +60,19 @@ def plan_rollback(event: Event, last_run: dict[str, Any] | None = None) -> Rollb
     """
     data = event.data
     if event.type == EventType.MIGRATION_FAILED:
-        run_id, before, backup = event.command_id, data.get("revision_before"), data.get("backup")
+        run_id, before, after = event.command_id, data.get("revision_before"), data.get("revision_after")
+        backup = data.get("backup")
     elif event.type == EventType.VERIFY_FAILED:
         # Only a migrate's verification says which run to undo; a standalone verify alerts only.
         if "run_command_id" not in data:
             return None
-        run_id, before, backup = data.get("run_command_id"), data.get("revision_before"), data.get("backup")
+        run_id, before, after = data.get("run_command_id"), data.get("revision_before"), data.get("revision")
+        backup = data.get("backup")
     elif event.type == EventType.APP_STARTUP_FAILED:
         if not last_run:
             return None
-        run_id, before, backup = last_run.get("command_id"), last_run.get("revision_before"), last_run.get("backup")
+        run_id, before, after = last_run.get("command_id"), last_run.get("revision_before"), last_run.get("revision_after")
+        backup = last_run.get("backup")
     else:
         return None
     if not run_id:
@@ -79,6 +82,9 @@ def plan_rollback(event: Event, last_run: dict[str, Any] | None = None) -> Rollb
         "event_type": event.type,
         "run_command_id": run_id,
         "revision_before": before,
+        # The worker rolls back only while the database is still where the failure left it:
+        # a failure read late (an agent that was down) must not undo later, good runs.
+        "expect_revision": after,
         "backup": backup_path(backup),
     }
     return RollbackPlan(db=event.db, target=before, command_id=_derived_id("rollback", run_id), cause=cause)

@@ -59,6 +59,7 @@ class Env:
     extra_config: str = ""
     statement_timeout: str = "2min"
     workers: list[subprocess.Popen] = field(default_factory=list)
+    _logs: dict[int, Path] = field(default_factory=dict)
 
     @property
     def url(self) -> str:
@@ -105,9 +106,20 @@ statement_timeout = "{self.statement_timeout}"
         return Result(proc.returncode, proc.stdout, proc.stderr, time.monotonic() - started)
 
     def start_worker(self, log_name: str = "worker", **extra_env: str) -> subprocess.Popen:
-        log = open(self.tmp / f"{log_name}-{len(self.workers)}.log", "w")
+        return self.start_process(["worker", "--db", "test", "--loglevel", "INFO"], log_name, **extra_env)
+
+    def start_agent(self, log_name: str = "agent", **extra_env: str) -> subprocess.Popen:
+        return self.start_process(["agent"], log_name, **extra_env)
+
+    def log_of(self, proc: subprocess.Popen) -> str:
+        return self._logs[proc.pid].read_text()
+
+    def start_process(self, args: list[str], log_name: str, **extra_env: str) -> subprocess.Popen:
+        """A dbagent subprocess in its own process group, logging to a file; stopped after the test."""
+        path = self.tmp / f"{log_name}-{len(self.workers)}.log"
+        log = open(path, "w")
         proc = subprocess.Popen(
-            [sys.executable, "-m", "agent.cli", "--config", str(self.config), "worker", "--db", "test", "--loglevel", "INFO"],
+            [sys.executable, "-m", "agent.cli", "--config", str(self.config), *args],
             stdout=log,
             stderr=subprocess.STDOUT,
             env=self.environ(**extra_env),
@@ -115,6 +127,7 @@ statement_timeout = "{self.statement_timeout}"
             start_new_session=True,
         )
         self.workers.append(proc)
+        self._logs[proc.pid] = path
         return proc
 
     def kill_worker(self, proc: subprocess.Popen, sig: int = signal.SIGKILL) -> None:
