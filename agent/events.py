@@ -22,6 +22,7 @@ class EventType(StrEnum):
     LOCK_ACQUIRED = "lock.acquired"
     LOCK_RELEASED = "lock.released"
     LOCK_WAITING = "lock.waiting"
+    LOCK_BLOCKING = "lock.blocking"
     BACKUP_STARTED = "backup.started"
     BACKUP_PROGRESS = "backup.progress"
     BACKUP_COMPLETED = "backup.completed"

@@ -101,7 +101,16 @@ class DatabaseSettings(_Section):
     statement_timeout: TimeoutSeconds = 900.0
     connect_timeout: Seconds = 5.0
     lock_wait_timeout: Seconds = Field(1800.0, description="how long a writer waits for the database's lock")
+    lock_blocking_threshold: Seconds = Field(
+        2.0, description="a lock.blocking event once a session waits on a migration step (or it on one) this long"
+    )
     health_checks: list[str] = []
+    health_check_timeout: TimeoutSeconds = Field(
+        5.0, description="each health check query runs at most this long (statement_timeout); longer fails it"
+    )
+    fk_check_timeout: TimeoutSeconds = Field(
+        30.0, description="each foreign-key orphan scan after a migration runs at most this long; longer fails the check"
+    )
     critical_tables: list[str] = []
     app_user: str | None = Field(None, description="the application's role; must differ from the migration user")
     schedule: ScheduleSettings = ScheduleSettings()
