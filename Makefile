@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: install demo test unit bench bench-backup clean
+.PHONY: install demo test unit bench bench-backup bench-agent clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -27,6 +27,9 @@ bench: install
 
 bench-backup: install
 	$(PY) bench/bench_backup.py
+
+bench-agent: install
+	$(PY) bench/bench_agent.py
 
 clean:
 	rm -rf $(VENV) .dbagent .pytest_cache

@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import logging
 from datetime import datetime
-from typing import Any
 
 import psycopg
 
@@ -25,12 +24,16 @@ from agent.settings import DatabaseSettings, Settings
 
 log = logging.getLogger(__name__)
 
-_INSERT = f"""
-INSERT INTO {store.SCHEMA}.audit_log (id, ts, type, db, command_id, actor, ticket, host, data)
-SELECT * FROM unnest(%s::text[], %s::timestamptz[], %s::text[], %s::text[], %s::text[], %s::text[],
-                     %s::text[], %s::text[], %s::jsonb[])
-ON CONFLICT (id) DO NOTHING
-"""
+# Batches go in by COPY into a session-private staging table, then one idempotent INSERT.
+_STAGING = (
+    "CREATE TEMP TABLE IF NOT EXISTS audit_in (id text, ts timestamptz, type text, db text, command_id text,"
+    " actor text, ticket text, host text, data jsonb) ON COMMIT DELETE ROWS"
+)
+_COLUMNS = "id, ts, type, db, command_id, actor, ticket, host, data"
+_MERGE = (
+    f"INSERT INTO {store.SCHEMA}.audit_log ({_COLUMNS}) SELECT {_COLUMNS} FROM audit_in"
+    " ON CONFLICT (id) DO NOTHING"
+)
 
 
 def connect(db: DatabaseSettings, application_name: str) -> psycopg.Connection:
@@ -86,16 +89,15 @@ class AuditSink:
 
     def write(self, db: str, events: list[Event]) -> None:
         conn = self._conn(db)
-        columns: list[list[Any]] = [[] for _ in range(9)]
-        for e in events:
-            for column, value in zip(
-                columns,
-                (e.id, e.ts, e.type, e.db, e.command_id, e.actor, e.ticket, e.host, json.dumps(e.data, default=str)),
-                strict=True,
-            ):
-                column.append(value)
         try:
-            conn.execute(_INSERT, columns)
+            with conn.cursor() as cur:
+                cur.execute(_STAGING)
+                with cur.copy(f"COPY audit_in ({_COLUMNS}) FROM STDIN") as copy:
+                    for e in events:
+                        copy.write_row(
+                            (e.id, e.ts, e.type, e.db, e.command_id, e.actor, e.ticket, e.host, json.dumps(e.data, default=str))
+                        )
+                cur.execute(_MERGE)
             conn.commit()
         except psycopg.Error:
             conn.rollback()
