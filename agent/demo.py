@@ -42,6 +42,40 @@ DB_NAME = "demo"
 PG_DATABASE = "aegisx_demo"
 PREFIX = "dbagent-demo"
 ACTOR = "demo"
+
+NICKNAMES_012 = '''"""Create the user_nicknames table."""
+from alembic import op
+
+revision = "012"
+down_revision = "011"
+branch_labels = None
+depends_on = None
+
+
+def upgrade() -> None:
+    op.execute("CREATE TABLE user_nicknames (user_id uuid PRIMARY KEY REFERENCES users (id), nickname text NOT NULL)")
+
+
+def downgrade() -> None:
+    op.execute("DROP TABLE user_nicknames")
+'''
+
+BROKEN_013 = '''"""Index users by nickname (on the wrong table: fails)."""
+from alembic import op
+
+revision = "013"
+down_revision = "012"
+branch_labels = None
+depends_on = None
+
+
+def upgrade() -> None:
+    op.execute("CREATE INDEX ix_users_nickname ON users (nickname)")
+
+
+def downgrade() -> None:
+    op.execute("DROP INDEX ix_users_nickname")
+'''
 TICKET = "DEMO-1"
 STEP_TIMEOUT_S = 300          # --timeout of the commands that go through the queue
 WORKER_STOP_GRACE_S = 10.0    # SIGTERM, then SIGKILL after this long
@@ -66,6 +100,8 @@ class Step:
     args: list[str]
     queued: bool = True                       # goes through the queue to the worker
     after: str | None = None                  # a check the demo runs itself afterwards
+    before: str | None = None                 # something the demo does first
+    expect: int = 0                           # the exit code that means the step showed what it should
 
 
 STEPS = [
@@ -91,6 +127,13 @@ STEPS = [
     Step("restore", "Restore the newest backup: its checksum and a full read are checked before anything is "
          "touched, then pg_restore --single-transaction under the database's lock.",
          ["restore", "{newest_backup}", "--yes", "--actor", ACTOR, "--ticket", TICKET]),
+    Step("migrate (012 fine, 013 broken)", "A developer ships 012 and 013; 013 fails. Its transaction is rolled "
+         "back, migrate exits 1 at 012 and emits migration.failed; the agent, consuming the event stream, rolls "
+         "the database back to the revision before the run (011), once.",
+         ["migrate", "--no-backup", "--actor", ACTOR, "--ticket", TICKET], before="add_broken_012", expect=1,
+         after="rolled_back"),
+    Step("status", "Back at 011, as before the broken deploy; 012 and 013 stay pending until 013 is fixed.",
+         ["status"]),
     Step("history", "The change log in PostgreSQL: every step applied or reverted, by whom, for which ticket, "
          "how long it took.", ["history"]),
     Step("events --limit 40", "The audit trail: the event stream every consumer (audit sink, rollback agent) reads.",
@@ -119,6 +162,8 @@ class Demo:
     redis_port: int | None = None
     worker: subprocess.Popen[bytes] | None = None
     worker_log: Path = field(init=False)
+    agent: subprocess.Popen[bytes] | None = None
+    agent_log: Path = field(init=False)
     env: dict[str, str] = field(default_factory=dict)
     modes: dict[Path, int] = field(default_factory=dict)   # directory modes pgserver may widen (as root)
     results: list[StepResult] = field(default_factory=list)
@@ -126,6 +171,7 @@ class Demo:
     def __post_init__(self) -> None:
         self.config = self.root / "dbagent.toml"
         self.worker_log = self.root / "worker.log"
+        self.agent_log = self.root / "agent.log"
 
     # -- the servers ------------------------------------------------------------
 
@@ -230,10 +276,14 @@ class Demo:
         self.config.write_text(text)
 
     def start_worker(self) -> None:
-        log = open(self.worker_log, "wb")
+        self.worker = self._start(["worker", "--db", DB_NAME, "--loglevel", "WARNING"], self.worker_log)
+        self.agent = self._start(["agent", "--loglevel", "WARNING"], self.agent_log)
+
+    def _start(self, args: list[str], log_path: Path) -> subprocess.Popen[bytes]:
+        log = open(log_path, "wb")
         try:
-            self.worker = subprocess.Popen(
-                [*self.dbagent(), "worker", "--db", DB_NAME, "--loglevel", "WARNING"],
+            return subprocess.Popen(
+                [*self.dbagent(), *args],
                 stdin=subprocess.DEVNULL,
                 stdout=log,
                 stderr=subprocess.STDOUT,
@@ -274,6 +324,8 @@ class Demo:
             console.print(escape(step.why), style="dim")
             console.print(f"$ dbagent {escape(' '.join(self.resolve(a) for a in step.args))}", style="bold")
             sys.stdout.flush()
+            if step.before == "add_broken_012":
+                self.add_broken_migration()
             argv = [*self.dbagent(), *[self.resolve(arg) for arg in step.args]]
             if step.queued:
                 argv += ["--timeout", str(STEP_TIMEOUT_S)]
@@ -284,11 +336,45 @@ class Demo:
             except DemoError as exc:
                 self.results.append(StepResult(step.title, -1, time.monotonic() - clock))
                 raise DemoError(f"{which}: {exc.message}") from None
-            self.results.append(StepResult(step.title, code, time.monotonic() - clock))
-            if code != 0:
-                raise DemoError(f"{which} failed (exit code {code})")
+            self.results.append(StepResult(step.title, code if code != step.expect else 0, time.monotonic() - clock))
+            if code != step.expect:
+                raise DemoError(f"{which} failed (exit code {code}, expected {step.expect})")
             if step.after == "untouched":
                 self.check_untouched()
+            elif step.after == "rolled_back":
+                self.wait_for_rollback()
+
+    def add_broken_migration(self) -> None:
+        """Ship a good 012 and a broken 013, into the demo's own copy of the migrations."""
+        (self.migrations / "versions" / "012_create_user_nicknames.py").write_text(NICKNAMES_012)
+        (self.migrations / "versions" / "013_index_users_by_nickname.py").write_text(BROKEN_013)
+
+    def wait_for_rollback(self, timeout_s: float = 120.0) -> None:
+        """Follow the audit trail until the agent's rollback completed, showing its events."""
+        import redis as redis_lib
+
+        client = redis_lib.Redis(host="127.0.0.1", port=self.redis_port)
+        stream = f"{PREFIX}:events"
+        deadline = time.monotonic() + timeout_s
+        console.print("[dim]waiting for the agent…[/dim]")
+        last = "0-0"
+        while time.monotonic() < deadline:
+            for entry_id, fields in (client.xread({stream: last}, block=500, count=500) or [[None, []]])[0][1]:
+                last = entry_id
+                kind = fields.get(b"type", b"").decode()
+                if fields.get(b"actor") == b"agent" and kind.startswith(("rollback.", "command.rejected")):
+                    data = json.loads(fields.get(b"data", b"{}"))
+                    console.print(f"  agent: {kind} {escape(str(data.get('revision_after') or data.get('target') or data.get('reason') or ''))}")
+                    if kind == "rollback.completed":
+                        client.close()
+                        return
+                    if kind in ("rollback.failed", "command.rejected"):
+                        client.close()
+                        raise DemoError(f"the agent's rollback did not complete: {kind}")
+            if self.agent is not None and self.agent.poll() is not None:
+                raise DemoError(f"the agent exited (code {self.agent.returncode})")
+        client.close()
+        raise DemoError(f"no rollback by the agent within {timeout_s:.0f} s")
 
     def resolve(self, arg: str) -> str:
         """Fill in a placeholder a step needs from what earlier steps made."""
@@ -336,7 +422,8 @@ class Demo:
     def stop(self) -> list[str]:
         """Stop everything that was started; returns problems worth telling."""
         problems: list[str] = []
-        for name, action in (("worker", self.stop_worker), ("Redis", self.stop_redis), ("PostgreSQL", self.stop_postgres)):
+        for name, action in (("worker", self.stop_worker), ("agent", self.stop_agent), ("Redis", self.stop_redis),
+                             ("PostgreSQL", self.stop_postgres)):
             try:
                 action()
             except Exception as exc:  # keep stopping the rest
@@ -344,8 +431,13 @@ class Demo:
         self.restore_modes()
         return problems
 
+    def stop_agent(self) -> None:
+        self._stop_process(self.agent)
+
     def stop_worker(self) -> None:
-        proc = self.worker
+        self._stop_process(self.worker)
+
+    def _stop_process(self, proc: subprocess.Popen[bytes] | None) -> None:
         if proc is None:
             return
         if proc.poll() is None:
@@ -458,7 +550,11 @@ def run_demo(keep: bool = False) -> int:
         console.print(f"[red]error:[/red] another dbagent demo is running in this directory ({escape(_rel(root))})")
         return 2
 
-    demo = Demo(root, keep, migrations)
+    # The demo's own copy of the migrations: it adds a broken 012 later, as a developer would.
+    own = root / "migrations"
+    shutil.rmtree(own, ignore_errors=True)
+    shutil.copytree(migrations, own, ignore=shutil.ignore_patterns("__pycache__"))
+    demo = Demo(root, keep, own)
     code = 0
     failure: str | None = None
     with _interrupts_as_keyboard_interrupt():
@@ -698,7 +794,8 @@ def _summary(demo: Demo, code: int, keep: bool, seconds: float) -> None:
         console.print(
             "Shown: static validation, a dry run that changes nothing, signed commands through Redis to a worker, "
             "migrate with locking, a pre-migration backup and verification, rollback, a verified backup, "
-            "the backup list, a checked restore, the change log and the audit trail."
+            "the backup list, a checked restore, a broken migration rolled back by the agent, the change log "
+            "and the audit trail."
         )
     if keep:
         console.print(escape(

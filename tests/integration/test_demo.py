@@ -22,4 +22,5 @@ def test_demo_runs_the_whole_loop_and_leaves_nothing_behind(tmp_path):
     for step in ("validate", "migrate --dry-run --to 002", "rollback 1", "backup full", "backups list", "restore", "history"):
         assert step in proc.stdout
     assert "pre-migration" in proc.stdout and "migration.step" in proc.stdout
+    assert "agent: rollback.completed" in proc.stdout  # the broken 013 was rolled back by the agent
     assert not (tmp_path / ".dbagent" / "demo").exists()
