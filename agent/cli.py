@@ -638,7 +638,7 @@ def _render_checks(body: dict[str, Any] | None) -> None:
         return
     for check in body.get("checks", []):
         mark = "[green]ok  [/green]" if check["ok"] else "[red]FAIL[/red]"
-        out.print(f"{mark} {check['name']:<16} {_escape(check['detail'])}")
+        out.print(f"{mark} {check['name']:<22} {_escape(check['detail'])}")
 
 
 def _human_bytes(size: int | None) -> str:

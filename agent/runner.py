@@ -23,6 +23,7 @@ from sqlalchemy import Connection
 
 from agent import backup_operations, keys, store
 from agent.backups import BackupKind, Trigger, list_backups
+from agent.blocking import BlockingMonitor
 from agent.commands import (
     FINISHED,
     Command,
@@ -44,7 +45,7 @@ from agent.locks import AdvisoryLock, RedisLease, holder_backend, read_lease
 from agent.migrator import Migrator, Step
 from agent.redact import redact
 from agent.settings import DatabaseSettings, Settings
-from agent.verify import run_checks, summary
+from agent.verify import Baseline, capture_baseline, run_checks, summary
 
 log = logging.getLogger(__name__)
 
@@ -65,6 +66,7 @@ class Journal:
         self.db = db
         self.command = command
         self.conn: Connection | None = None
+        self.db_url: str | None = None
         self._unpublished: list[Event] = []
 
     def make(self, type_: EventType, data: dict[str, Any]) -> Event:
@@ -97,6 +99,27 @@ class Journal:
         event = self.make(type_, data)
         store.insert_event(conn, event)
         self._unpublished.append(event)
+
+    def publish_from_thread(self, data: dict[str, Any]) -> None:
+        """A lock.blocking event from the sampler thread: its own connection writes the audit row."""
+        event = self.make(EventType.LOCK_BLOCKING, data)
+        if self.db_url is not None:
+            try:
+                import psycopg
+
+                with psycopg.connect(self.db_url, autocommit=True, connect_timeout=5) as conn:
+                    conn.execute(
+                        f"INSERT INTO {store.SCHEMA}.audit_log (id, ts, type, db, command_id, actor, ticket, host, data)"
+                        " VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s) ON CONFLICT (id) DO NOTHING",
+                        (event.id, event.ts, event.type, event.db, event.command_id, event.actor, event.ticket,
+                         event.host, json.dumps(event.data, default=str)),
+                    )
+            except Exception as exc:
+                log.warning("lock.blocking not written to the audit log: %s", redact(exc))
+        try:
+            self.eventlog.publish([event])
+        except redis.RedisError as exc:
+            log.warning("could not publish lock.blocking: %s", redact(exc))
 
     def discard_staged(self) -> None:
         self._unpublished.clear()
@@ -209,6 +232,7 @@ def execute(
             store.ensure_schema(conn)
             apply_timeouts(conn, db)
             journal.conn = conn
+            journal.db_url = db.url
             run = Run(settings, db_name, db, command, conn, journal, client, worker)
             return journal.finish(_execute(run, result))
     except DbAgentError as exc:
@@ -461,10 +485,13 @@ def verify(run: Run) -> dict[str, Any]:
     return _verify(run, expected)
 
 
-def _verify(run: Run, expected: str | None) -> dict[str, Any]:
+def _verify(
+    run: Run, expected: str | None, baseline: Baseline | None = None, run_facts: dict[str, Any] | None = None
+) -> dict[str, Any]:
+    """Run every check; ``baseline`` and ``run_facts`` (revision_before, run_command_id, backup) come from a migrate."""
     current = run.migrations().current(run.conn)
-    checks = run_checks(run.conn, current, expected)
-    body = {"revision": current, "expected": expected, "checks": [c.to_json() for c in checks]}
+    checks = run_checks(run.conn, current, expected, run.db, baseline)
+    body = {"revision": current, "expected": expected, **(run_facts or {}), "checks": [c.to_json() for c in checks]}
     if all(c.ok for c in checks):
         run.emit(EventType.VERIFY_COMPLETED, **body)
         return {"verify": body}
@@ -498,6 +525,12 @@ def migrate(run: Run) -> dict[str, Any]:
         # The schema is not touched unless this succeeded and read back against its checksum.
         manifest = backup_operations.take_backup(run, BackupKind.FULL, Trigger.PRE_MIGRATION)
         backup = {"path": str(manifest.path(run.db.backup_dir or "")), "sha256": manifest.sha256, "bytes": manifest.bytes}
+    try:
+        # What verification compares the run against; nothing is changed if it cannot be read.
+        baseline = capture_baseline(run.conn, run.db)
+    except OperationFailed as exc:
+        exc.details.update(revision_before=before, revision_after=before, target=target, backup=backup)
+        raise
     run.emit(
         EventType.MIGRATION_STARTED,
         revision_before=before,
@@ -518,7 +551,9 @@ def migrate(run: Run) -> dict[str, Any]:
     )
     facts.update(revision_after=after, steps=[s.to_json() for s in plan])
     try:
-        verified = _verify(run, target)
+        verified = _verify(
+            run, target, baseline, {"revision_before": before, "run_command_id": run.command.id, "backup": backup}
+        )
     except OperationFailed as exc:
         exc.details.update(facts)
         raise
@@ -530,6 +565,14 @@ def rollback(run: Run) -> dict[str, Any]:
     assert isinstance(args, RollbackArgs)
     migrator = run.migrations()
     before = migrator.current(run.conn)
+    expected = (args.cause or {}).get("expect_revision", before)
+    if expected != before:
+        raise BadInput(
+            f"not rolling back: the database moved on since the failure (it left {expected or 'base'},"
+            f" the database is now at {before or 'base'})",
+            revision_before=before,
+            revision_after=before,
+        )
     plan = migrator.downgrade_plan(before, steps=args.steps, to=args.to)
     target = plan[-1].destination if plan else (before or "base")
     cause = args.cause or {}
@@ -555,58 +598,76 @@ def rollback(run: Run) -> dict[str, Any]:
 
 def _apply_steps(run: Run, plan: list[Step], facts: dict[str, Any], failed: EventType) -> None:
     """Apply the steps one transaction each; on failure report where the database stands."""
+    if not plan:
+        return
     migrator, conn, command = run.migrations(), run.conn, run.command
-    outcome = "applied"
-    for number, step in enumerate(plan, start=1):
-        outcome = "applied" if step.direction == "up" else "reverted"
-        step_started = utcnow()
-        clock = time.monotonic()
-        recorded: list[bool] = []
+    backend_pid = int(conn.exec_driver_sql("SELECT pg_backend_pid()").scalar() or 0)
+    conn.commit()
+    monitor = BlockingMonitor(run.db.url, backend_pid, run.db.lock_blocking_threshold, run.journal.publish_from_thread)
+    with monitor:
+        outcome = "applied"
+        for number, step in enumerate(plan, start=1):
+            outcome = "applied" if step.direction == "up" else "reverted"
+            step_started = utcnow()
+            clock = time.monotonic()
+            recorded: list[bool] = []
 
-        def record(connection: Connection, step: Step = step, started: datetime = step_started, clock: float = clock) -> None:
-            finished = utcnow()
-            store.insert_changelog(
-                connection, command=command, revision=step.revision, description=step.description,
-                direction=step.direction, started_at=started, finished_at=finished, outcome=outcome,
-            )
-            run.journal.stage(
-                connection, EventType.MIGRATION_STEP, **step.to_json(), number=number, of=len(plan),
-                duration_ms=round((time.monotonic() - clock) * 1000),
-            )
-            recorded.append(True)
-
-        def on_version_apply(*, ctx: Any, **_: Any) -> None:
-            record(ctx.connection)
-
-        try:
-            migrator.apply(conn, step, on_version_apply)
-        except Exception as exc:
-            run.journal.discard_staged()
-            _rollback_quietly(conn)
-            error = redact(exc).strip()
-            try:
-                after = migrator.current(conn)
+            def record(connection: Connection, step: Step = step, started: datetime = step_started, clock: float = clock) -> None:
+                finished = utcnow()
                 store.insert_changelog(
-                    conn, command=command, revision=step.revision, description=step.description,
-                    direction=step.direction, started_at=step_started, finished_at=utcnow(),
-                    outcome="failed", error=error,
+                    connection, command=command, revision=step.revision, description=step.description,
+                    direction=step.direction, started_at=started, finished_at=finished, outcome=outcome,
                 )
-                conn.commit()
-            except Exception as inner:  # the connection itself is gone
+                run.journal.stage(
+                    connection, EventType.MIGRATION_STEP, **step.to_json(), number=number, of=len(plan),
+                    duration_ms=round((time.monotonic() - clock) * 1000),
+                )
+                recorded.append(True)
+
+            def on_version_apply(*, ctx: Any, **_: Any) -> None:
+                record(ctx.connection)
+
+            try:
+                migrator.apply(conn, step, on_version_apply)
+            except Exception as exc:
+                run.journal.discard_staged()
                 _rollback_quietly(conn)
-                raise Unavailable(f"lost the database during step {step.revision}: {redact(inner)}", **facts) from None
-            run.emit(failed, **facts, revision_after=after, failed_step=step.to_json(), error=error)
-            raise OperationFailed(
-                f"step {step.revision} ({step.description}) failed: {error.splitlines()[0] if error else type(exc).__name__};"
-                f" the database is at revision {after or 'base'}",
-                **facts,
-                revision_after=after,
-            ) from None
-        if not recorded:
-            # env.py did not pass on_version_apply: record after the commit instead of inside it.
-            record(conn)
-            conn.commit()
-        run.journal.flush()
+                error = describe_error(exc)
+                try:
+                    after = migrator.current(conn)
+                    store.insert_changelog(
+                        conn, command=command, revision=step.revision, description=step.description,
+                        direction=step.direction, started_at=step_started, finished_at=utcnow(),
+                        outcome="failed", error=error,
+                    )
+                    conn.commit()
+                except Exception as inner:  # the connection itself is gone
+                    _rollback_quietly(conn)
+                    raise Unavailable(f"lost the database during step {step.revision}: {redact(inner)}", **facts) from None
+                run.emit(failed, **facts, revision_after=after, failed_step=step.to_json(), error=error)
+                raise OperationFailed(
+                    f"step {step.revision} ({step.description}) failed: {error.splitlines()[0] if error else type(exc).__name__};"
+                    f" the database is at revision {after or 'base'}",
+                    **facts,
+                    revision_after=after,
+                ) from None
+            if not recorded:
+                # env.py did not pass on_version_apply: record after the commit instead of inside it.
+                record(conn)
+                conn.commit()
+            run.journal.flush()
+
+
+def describe_error(exc: BaseException) -> str:
+    """A driver error as an operator reads it: the server's message and the statement, secrets masked."""
+    import sqlalchemy.exc
+
+    if isinstance(exc, sqlalchemy.exc.DBAPIError) and exc.orig is not None:
+        message = str(exc.orig).strip()
+        if exc.statement:
+            message += f" (statement: {exc.statement.strip()[:300]})"
+        return redact(message)
+    return redact(exc).strip()
 
 
 def _json_row(row: dict[str, Any]) -> dict[str, Any]:

@@ -42,7 +42,10 @@ def test_status_dry_run_migrate_verify_rollback_history(env, redis_client):
     result = run.json()
     assert result["status"] == "succeeded" and result["error"] is None
     assert result["revision_before"] is None and result["revision_after"] == "011"
-    assert {c["name"]: c["ok"] for c in result["verify"]["checks"]} == {"revision": True, "invalid_indexes": True}
+    assert {c["name"]: c["ok"] for c in result["verify"]["checks"]} == {
+        "revision": True, "invalid_indexes": True, "not_valid_constraints": True,
+        "fk_orphans": True, "health_checks": True, "critical_tables": True,
+    }
     assert env.revision() == "011" and public_tables(env) == TABLES_AT_HEAD
     assert env.sql("SELECT count(*) FROM role_permissions rp JOIN permissions p ON p.id = rp.permission_id WHERE p.name = '*'")[0][0] == 1
     # dbagent's own tables never land in public
