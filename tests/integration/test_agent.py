@@ -188,3 +188,22 @@ def test_events_survive_redis_losing_the_stream(env, redis_client):
     shown = [json.loads(line) for line in after.stdout.splitlines()]
     assert {e["id"] for e in shown} == {e["id"] for e in before}
     assert "app.startup_failed" in {e["type"] for e in shown}
+
+
+def test_a_health_check_failing_at_011_is_rolled_back_to_009_once(env, redis_client):
+    env.extra_config = 'health_checks = ["select not exists (select 1 from permissions where name = \'*\')"]'
+    env.start_worker()
+    env.start_agent()
+    assert env.cli("migrate", "--to", "009", "--json").code == 0
+    run = env.cli("migrate", "--json")
+    assert run.code == 1 and run.json()["revision_after"] == "011"
+    failed = [e for e in env.stream_events(redis_client, run.json()["command_id"]) if e["type"] == "verify.failed"]
+    assert failed and {c["name"]: c["ok"] for c in failed[0]["data"]["checks"]}["health_checks"] is False
+    wait_for(lambda: rollback_events(env, redis_client, "rollback.completed"), 60, "the agent's rollback")
+    time.sleep(2)
+    assert env.revision() == "009"
+    assert env.sql("SELECT count(*) FROM permissions WHERE name = '*'")[0][0] == 0
+    assert env.sql("SELECT to_regclass('public.settings')")[0][0] is None  # 010 really downgraded
+    assert len(rollback_events(env, redis_client, "rollback.started")) == 1
+    steps = [e["data"]["revision"] for e in env.stream_events(redis_client) if e["type"] == "migration.step" and e["data"]["direction"] == "down"]
+    assert steps == ["011", "010"]
