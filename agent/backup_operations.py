@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import subprocess
 import time
 import uuid
 from datetime import UTC, datetime
@@ -80,34 +79,16 @@ def take_backup(run: Run, kind: BackupKind, trigger: Trigger, mark: str | None =
             lock_wait_ms=round(run.db.backup_lock_wait_timeout * 1000),
             snapshot=snapshot,
         )
+        def progress(size: int, elapsed_s: float) -> None:
+            run.emit(EventType.BACKUP_PROGRESS, path=str(final), bytes=size, elapsed_ms=round(elapsed_s * 1000))
+
+        def count_rows() -> dict[str, int] | None:
+            # In the exported snapshot, while pg_dump reads the same one.
+            return _count_rows(conn, tables) if kind != BackupKind.SCHEMA else None
+
         with bk.libpq_env(run.db.url, appname="dbagent pg_dump") as env:
-            errors_file = directory / f"{bk.PARTIAL_PREFIX}{os.getpid()}-stderr-{uuid.uuid4().hex[:6]}"
-            with open(errors_file, "w+") as errors:
-                proc = subprocess.Popen(argv, env=env, stdout=subprocess.DEVNULL, stderr=errors,
-                                        preexec_fn=lambda: os.umask(0o077))
-                try:
-                    counts = _count_rows(conn, tables) if kind != BackupKind.SCHEMA else None
-                    last = time.monotonic()
-                    while True:
-                        try:
-                            proc.wait(timeout=0.5)
-                            break
-                        except subprocess.TimeoutExpired:
-                            if time.monotonic() - last >= bk.PROGRESS_EVERY_S:
-                                last = time.monotonic()
-                                run.emit(EventType.BACKUP_PROGRESS, path=str(final), bytes=bk._size(tmp),
-                                         elapsed_ms=round((last - clock) * 1000))
-                except BaseException:
-                    proc.kill()
-                    proc.wait()
-                    raise
-                errors.seek(0)
-                stderr = errors.read()
-            errors_file.unlink(missing_ok=True)
+            counts = bk.run_tool(argv, env, watch=tmp, on_progress=progress, during=count_rows)
         conn.commit()
-        if proc.returncode != 0:
-            how = f"killed by signal {-proc.returncode}" if proc.returncode < 0 else f"exit code {proc.returncode}"
-            raise OperationFailed(f"pg_dump failed ({how}): {bk._first_line(stderr)}")
         digest, size, files = bk.checksum(tmp)
         verified_at = None
         if run.db.verify_after_backup:
@@ -142,8 +123,6 @@ def take_backup(run: Run, kind: BackupKind, trigger: Trigger, mark: str | None =
     except BaseException as exc:
         _rollback(conn)
         bk._remove(tmp)
-        for leftover in directory.glob(f"{bk.PARTIAL_PREFIX}{os.getpid()}-stderr-*"):
-            leftover.unlink(missing_ok=True)
         if final.exists() and not final.with_name(final.name + bk.MANIFEST_SUFFIX).exists():
             bk._remove(final)
         if isinstance(exc, Exception):

