@@ -479,17 +479,27 @@ def validate(
     db: DbOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
-    """Static checks of the migration scripts (naming, ids, chain, single head, downgrade())."""
+    """Static checks of the migration scripts, then a lint of the SQL each upgrade() emits (pglast)."""
+    from agent.lint import lint_migrations
     from agent.validate import check_sources, load_sources, status_of
 
     _, database = settings().database(db)
-    findings = check_sources(load_sources(database.migrations))
-    status = status_of(findings)
+    structural = check_sources(load_sources(database.migrations))
+    findings = [{"statement": None, "fix": None, **f.to_json()} for f in structural]
+    if status_of(structural) == "passed":
+        # The lint renders each upgrade offline: only once the scripts form one sound chain.
+        findings += [f.to_json() for f in lint_migrations(database.migrations)]
+    status = "failed" if any(f["severity"] == "error" for f in findings) else "passed"
     if as_json:
-        _print_json({"status": status, "findings": [f.to_json() for f in findings]})
+        _print_json({"status": status, "findings": findings})
     else:
         for f in findings:
-            (err if f.severity == "error" else out).print(f"{f.severity}: [{f.rule}] {f.message}", markup=False)
+            where = f" {f['revision']}" if f.get("revision") else ""
+            (err if f["severity"] == "error" else out).print(f"{f['severity']}:{where} [{f['rule']}] {f['message']}", markup=False)
+            if f.get("statement"):
+                out.print(f"    statement: {f['statement']}", markup=False)
+            if f.get("fix"):
+                out.print(f"    fix: {f['fix']}", markup=False)
         out.print(f"validate: {status} ({len(findings)} finding(s)) in {database.migrations}")
     raise typer.Exit(1 if status == "failed" else 0)
 

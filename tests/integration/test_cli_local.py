@@ -56,7 +56,37 @@ def test_env_show_masks_the_password(env):
 def test_validate_the_shipped_migrations(env):
     result = env.cli("validate", "--json")
     assert result.code == 0
-    assert json.loads(result.stdout) == {"status": "passed", "findings": []}
+    body = json.loads(result.stdout)
+    assert body["status"] == "passed"
+    # only the one data migration draws (warning) findings: 011's INSERTs
+    assert {(f["revision"], f["rule"], f["severity"]) for f in body["findings"]} == {("011", "data-change", "warning")}
+    assert all(set(f) >= {"revision", "rule", "severity", "message", "statement", "fix"} for f in body["findings"])
+
+
+def test_validate_lints_risky_sql(env, tmp_path):
+    from tests.servers import copy_migrations
+
+    risky = '''"""Drop the users' phone column."""
+from alembic import op
+revision = "012"
+down_revision = "011"
+branch_labels = None
+depends_on = None
+
+
+def upgrade() -> None:
+    op.drop_column("users", "phone")
+
+
+def downgrade() -> None:
+    op.execute("ALTER TABLE users ADD COLUMN phone text")
+'''
+    env.migrations = copy_migrations(tmp_path, {"012_drop_phone.py": risky})
+    result = env.cli("validate", "--json")
+    assert result.code == 1
+    errors = [f for f in json.loads(result.stdout)["findings"] if f["severity"] == "error"]
+    assert [(f["revision"], f["rule"]) for f in errors] == [("012", "drop-column")]
+    assert "phone" in errors[0]["statement"] and errors[0]["fix"]
 
 
 def test_validate_exits_1_on_an_error_finding(env, tmp_path):
