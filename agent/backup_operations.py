@@ -42,7 +42,10 @@ def _user_tables(conn: Connection) -> list[str]:
     return [row[0] for row in rows]
 
 
-def _count_rows(conn: Connection, tables: list[str]) -> dict[str, int]:
+def _count_rows(conn: Connection, tables: list[str], *, beside_pg_dump: bool = False) -> dict[str, int]:
+    if beside_pg_dump:
+        # One backend, no parallel workers: the counts share the machine with pg_dump, not race it.
+        conn.exec_driver_sql("SET LOCAL max_parallel_workers_per_gather = 0")
     return {table: int(conn.exec_driver_sql(f"SELECT count(*) FROM {table}").scalar() or 0) for table in tables}
 
 
@@ -84,7 +87,7 @@ def take_backup(run: Run, kind: BackupKind, trigger: Trigger, mark: str | None =
 
         def count_rows() -> dict[str, int] | None:
             # In the exported snapshot, while pg_dump reads the same one.
-            return _count_rows(conn, tables) if kind != BackupKind.SCHEMA else None
+            return _count_rows(conn, tables, beside_pg_dump=True) if kind != BackupKind.SCHEMA else None
 
         with bk.libpq_env(run.db.url, appname="dbagent pg_dump") as env:
             counts = bk.run_tool(argv, env, watch=tmp, on_progress=progress, during=count_rows)

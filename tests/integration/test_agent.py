@@ -207,3 +207,21 @@ def test_a_health_check_failing_at_011_is_rolled_back_to_009_once(env, redis_cli
     assert len(rollback_events(env, redis_client, "rollback.started")) == 1
     steps = [e["data"]["revision"] for e in env.stream_events(redis_client) if e["type"] == "migration.step" and e["data"]["direction"] == "down"]
     assert steps == ["011", "010"]
+
+
+def test_auto_restore_escalates_a_failed_rollback_to_the_pre_migration_backup(env, tmp_path, redis_client):
+    env.extra_config = "pre_migration_backup = true\nauto_restore = true"
+    env.migrations = copy_migrations(tmp_path, {"012_sticky.py": BROKEN_DOWNGRADE_012, "013_failing.py": FAILING_013})
+    env.start_worker()
+    env.start_agent()
+    assert env.cli("migrate", "--to", "011", "--json").code == 0
+    env.sql("INSERT INTO roles (name) VALUES ('before-the-deploy')")
+    run = env.cli("migrate", "--json")
+    assert run.code == 1 and env.revision() == "012"
+    backup = run.json()["backup"]["path"]
+    env.sql("DELETE FROM roles WHERE name = 'before-the-deploy'")  # damage done after the backup
+    restored = wait_for(lambda: [e for e in env.stream_events(redis_client) if e["type"] == "restore.completed"], 90, "the restore")
+    assert restored[0]["actor"] == "agent" and restored[0]["data"]["path"] == backup
+    assert env.revision() == "011"
+    assert env.sql("SELECT count(*) FROM roles WHERE name = 'before-the-deploy'")[0][0] == 1
+    assert len(rollback_events(env, redis_client, "rollback.started")) == 1
