@@ -56,24 +56,8 @@ EVENTS_MAX_LIMIT = 1000
 _STREAM_ID = re.compile(r"^\d+(-\d+)?$")
 
 
-# -- Redis names of the API ------------------------------------------------------
-# These belong with the others in agent.keys; they live here until that module
-# takes them, and follow its rules (the deployment's prefix first, a TTL on each).
-
-
-def submitted_key(prefix: str, command_id: str) -> str:
-    """A command the API queued (its JSON and the stream position before it), so that
-    ``GET /v1/commands/{id}`` answers "queued" until the worker picks it up rather
-    than 404. Expires with the result, after keys.RESULT_TTL_S."""
-    return f"{prefix}:submitted:{command_id}"
-
-
-def slack_seen_key(prefix: str, signature: str) -> str:
-    """A Slack request already handled, by a hash of its signature: a signed request
-    replayed within the replay window is refused instead of queueing the same
-    rollback twice. Expires once the window has passed (SLACK_SEEN_TTL_S)."""
-    return f"{prefix}:slack-seen:{hashlib.sha256(signature.encode()).hexdigest()}"
-
+submitted_key = keys.submitted
+slack_seen_key = keys.slack_seen
 
 # Past twice the window, a replayed request fails the timestamp check anyway.
 SLACK_SEEN_TTL_S = 2 * slack.REPLAY_WINDOW_S

@@ -125,9 +125,9 @@ def take_backup(run: Run, kind: BackupKind, trigger: Trigger, mark: str | None =
         bk.write_manifest(final, manifest)
     except BaseException as exc:
         _rollback(conn)
-        bk._remove(tmp)
+        bk.remove_path(tmp)
         if final.exists() and not final.with_name(final.name + bk.MANIFEST_SUFFIX).exists():
-            bk._remove(final)
+            bk.remove_path(final)
         if isinstance(exc, Exception):
             message = exc.message if isinstance(exc, DbAgentError) else redact(exc)
             run.emit(EventType.BACKUP_FAILED, type=str(kind), trigger=str(trigger), path=str(final), error=message)
@@ -260,7 +260,7 @@ def _drill(run: Run, path: Path, manifest: Manifest) -> dict[str, Any]:
         conn.exec_driver_sql(f'CREATE DATABASE "{scratch}"')
     try:
         with bk.libpq_env(run.db.url, dbname=scratch, appname="dbagent drill") as env:
-            argv = [bk._tool("pg_restore"), "--no-password", "--exit-on-error", "--no-owner",
+            argv = [bk.tool_path("pg_restore"), "--no-password", "--exit-on-error", "--no-owner",
                     "--single-transaction", "--dbname", scratch, str(path)]
             bk.run_tool(argv, env)
         scratch_url = run.db.url.rsplit("/", 1)[0] + "/" + scratch

@@ -161,7 +161,7 @@ def remove_stale_partials(backup_dir: Path) -> list[str]:
         pid = path.name.removeprefix(PARTIAL_PREFIX).split("-", 1)[0]
         if pid.isdigit() and pid_alive(int(pid)):
             continue
-        _remove(path)
+        remove_path(path)
         removed.append(path.name)
     return removed
 
@@ -181,7 +181,7 @@ def pid_alive(pid: int) -> bool:
         return True
 
 
-def _remove(path: Path) -> None:
+def remove_path(path: Path) -> None:
     if path.is_dir() and not path.is_symlink():
         shutil.rmtree(path, ignore_errors=True)
     else:
@@ -274,7 +274,7 @@ def _sha256_file(path: Path) -> tuple[str, int]:
 
 def _start_full_read(path: Path) -> subprocess.Popen:
     return subprocess.Popen(
-        [_tool("pg_restore"), "--file", os.devnull, str(path)],
+        [tool_path("pg_restore"), "--file", os.devnull, str(path)],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
         text=True,
@@ -284,7 +284,7 @@ def _start_full_read(path: Path) -> subprocess.Popen:
 def _finish_full_read(path: Path, proc: subprocess.Popen) -> None:
     _, stderr = proc.communicate()
     if proc.returncode != 0:
-        raise OperationFailed(f"{path.name}: the archive does not read back in full: {_first_line(stderr)}")
+        raise OperationFailed(f"{path.name}: the archive does not read back in full: {first_line(stderr)}")
 
 
 def full_read(path: Path) -> None:
@@ -322,14 +322,14 @@ def check_integrity(path: Path, manifest: Manifest) -> None:
     _finish_full_read(path, reader)
 
 
-def _tool(name: str) -> str:
+def tool_path(name: str) -> str:
     path = shutil.which(name)
     if path is None:
         raise Unavailable(f"{name} is not on PATH: install the PostgreSQL client tools")
     return path
 
 
-def _first_line(text: str) -> str:
+def first_line(text: str) -> str:
     lines = [line for line in text.strip().splitlines() if line.strip()]
     return redact(lines[-1] if lines else "no message")
 
@@ -368,7 +368,7 @@ def run_tool(
                     now = time.monotonic()
                     if on_progress is not None and watch is not None and now - last >= PROGRESS_EVERY_S:
                         last = now
-                        on_progress(_size(watch), now - started)
+                        on_progress(size_of(watch), now - started)
         except BaseException:
             proc.kill()
             proc.wait()
@@ -377,11 +377,11 @@ def run_tool(
         stderr = errors.read()
     if proc.returncode != 0:
         how = f"killed by signal {-proc.returncode}" if proc.returncode < 0 else f"exit code {proc.returncode}"
-        raise OperationFailed(f"{Path(argv[0]).name} failed ({how}): {_first_line(stderr)}")
+        raise OperationFailed(f"{Path(argv[0]).name} failed ({how}): {first_line(stderr)}")
     return outcome
 
 
-def _size(path: Path) -> int:
+def size_of(path: Path) -> int:
     try:
         if path.is_dir():
             return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
@@ -393,7 +393,7 @@ def _size(path: Path) -> int:
 def dump_argv(
     kind: BackupKind, target: Path, *, jobs: int, compression: int | None, lock_wait_ms: int, snapshot: str | None
 ) -> list[str]:
-    argv = [_tool("pg_dump"), "--no-password", f"--lock-wait-timeout={lock_wait_ms}", f"--exclude-schema={SCHEMA_EXCLUDED}"]
+    argv = [tool_path("pg_dump"), "--no-password", f"--lock-wait-timeout={lock_wait_ms}", f"--exclude-schema={SCHEMA_EXCLUDED}"]
     if jobs > 1:
         argv += ["--format=directory", f"--jobs={jobs}"]
     else:
@@ -411,7 +411,7 @@ def dump_argv(
 
 
 def restore_argv(path: Path, manifest: Manifest, jobs: int) -> list[str]:
-    argv = [_tool("pg_restore"), "--no-password", "--exit-on-error", "--no-owner", f"--exclude-schema={SCHEMA_EXCLUDED}"]
+    argv = [tool_path("pg_restore"), "--no-password", "--exit-on-error", "--no-owner", f"--exclude-schema={SCHEMA_EXCLUDED}"]
     if manifest.type == BackupKind.DATA:
         argv.append("--data-only")
     else:
@@ -461,7 +461,7 @@ def delete_backup(backup_dir: Path, manifest: Manifest) -> None:
     """Remove a backup: the manifest first, so a half-deleted backup is never listed."""
     path = manifest.path(backup_dir)
     path.with_name(path.name + MANIFEST_SUFFIX).unlink(missing_ok=True)
-    _remove(path)
+    remove_path(path)
 
 
 def manifest_json(manifest: Manifest) -> dict[str, Any]:

@@ -36,10 +36,6 @@ AUDIT_GROUP = "audit"
 ROLLBACK_GROUP = "rollback"
 
 
-def dead_letter_stream(prefix: str) -> str:
-    return f"{keys.events(prefix)}:dead"
-
-
 def pause_point(name: str) -> None:
     """Fault injection for tests: hold here while ``DBAGENT_PAUSE_AT`` names this point."""
     if os.environ.get("DBAGENT_PAUSE_AT") == name:
@@ -147,9 +143,9 @@ def run_agent(settings: Settings, name: str | None = None, stop: threading.Event
 
     sink = AuditSink(settings)
     consumers = [
-        GroupConsumer(client, keys.events(prefix), AUDIT_GROUP, name, sink, dead_letter_stream(prefix), options, on_dead),
+        GroupConsumer(client, keys.events(prefix), AUDIT_GROUP, name, sink, keys.dead_letters(prefix), options, on_dead),
         GroupConsumer(client, keys.events(prefix), ROLLBACK_GROUP, name, RollbackTrigger(settings, Producer(settings, client)),
-                      dead_letter_stream(prefix), options, on_dead),
+                      keys.dead_letters(prefix), options, on_dead),
     ]
     for consumer in consumers:
         consumer.ensure_group()

@@ -6,6 +6,8 @@ runs) can share one Redis without seeing each other.
 
 from __future__ import annotations
 
+import hashlib
+
 # How long a command's outcome stays readable in Redis for a waiting CLI or
 # `GET /v1/commands/{id}`; PostgreSQL keeps it for good.
 RESULT_TTL_S = 7 * 24 * 3600
@@ -43,3 +45,27 @@ def fence(prefix: str, db: str) -> str:
 def broker_prefix(prefix: str) -> str:
     """Prefix Celery/kombu put before their own keys (bindings, unacked)."""
     return f"{prefix}:celery:"
+
+
+def submitted(prefix: str, command_id: str) -> str:
+    """A command the API queued (its JSON and the stream position before it), so that
+    ``GET /v1/commands/{id}`` answers "queued" until the worker picks it up rather
+    than 404. Expires with the result, after RESULT_TTL_S."""
+    return f"{prefix}:submitted:{command_id}"
+
+
+def slack_seen(prefix: str, signature: str) -> str:
+    """A Slack request already handled, by a hash of its signature: a signed request
+    replayed within the replay window is refused instead of queueing the same
+    rollback twice. Expires once the window has passed."""
+    return f"{prefix}:slack-seen:{hashlib.sha256(signature.encode()).hexdigest()}"
+
+
+def beat_leader(prefix: str) -> str:
+    """The lease of the beat that schedules; renewed by its holder, expires after [beat] leader_ttl."""
+    return f"{prefix}:beat:leader"
+
+
+def dead_letters(prefix: str) -> str:
+    """Events the agent could not handle after [agent] max_deliveries attempts; kept for an operator."""
+    return f"{events(prefix)}:dead"

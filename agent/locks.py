@@ -93,7 +93,7 @@ class RedisLease:
             if on_wait is not None:
                 on_wait(waited, self.holder())
             time.sleep(poll_s)
-        self._start_heartbeat()
+        self.start_heartbeat()
         assert self.token is not None
         return self.token
 
@@ -121,7 +121,7 @@ class RedisLease:
         finally:
             self._value = None
 
-    def _start_heartbeat(self) -> None:
+    def start_heartbeat(self) -> None:
         self._stop.clear()
         self._thread = threading.Thread(target=self._beat, name=f"lease-heartbeat {self.key}", daemon=True)
         self._thread.start()

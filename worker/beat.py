@@ -34,10 +34,6 @@ log = logging.getLogger("dbagent.beat")
 TICK_S = 1.0
 
 
-def leader_key(prefix: str) -> str:
-    return f"{prefix}:beat:leader"
-
-
 class DbAgentScheduler(Scheduler):
     """A Celery beat scheduler whose entries publish signed dbagent commands."""
 
@@ -49,7 +45,7 @@ class DbAgentScheduler(Scheduler):
         client = redis_client(self.settings.redis)
         owner = {"beat": f"{socket.gethostname()}:{os.getpid()}"}
         prefix = self.settings.redis.prefix
-        self.lease = RedisLease(client, leader_key(prefix), keys.fence(prefix, "beat"), owner, self.settings.beat.leader_ttl)
+        self.lease = RedisLease(client, keys.beat_leader(prefix), keys.fence(prefix, "beat"), owner, self.settings.beat.leader_ttl)
         self.leading = False
         super().__init__(*args, **kwargs)
 
@@ -78,7 +74,7 @@ class DbAgentScheduler(Scheduler):
         if self.leading and not self.lease.lost.is_set():
             return True
         if self.lease.try_acquire():
-            self.lease._start_heartbeat()
+            self.lease.start_heartbeat()
             self.leading = True
             log.info("this beat leads the schedule (token %s)", self.lease.token)
             # Entries are due from now on: nothing "missed" while standing by is replayed.
