@@ -151,9 +151,20 @@ class Migrator:
             raise BadInput(f"the database has several current revisions: {', '.join(heads)}")
         return heads[0] if heads else None
 
-    def apply(self, conn: Connection, step: Step, on_version_apply: OnVersionApply | None = None) -> None:
-        """Run one step on conn, in its own transaction, committed when this returns."""
+    def apply(
+        self,
+        conn: Connection,
+        step: Step,
+        on_version_apply: OnVersionApply | None = None,
+        attributes: dict[str, Any] | None = None,
+    ) -> None:
+        """Run one step on conn, in its own transaction, committed when this returns.
+
+        ``attributes`` are handed to the scripts as ``context.config.attributes``
+        (for instance ``"dbagent.backfill"``, read by ``agent.backfill``).
+        """
         cfg = self._config()
+        cfg.attributes.update(attributes or {})
         cfg.attributes["connection"] = conn
         cfg.attributes["on_version_apply"] = on_version_apply
         destination = step.destination
