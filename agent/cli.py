@@ -478,20 +478,33 @@ def _audit_events(cfg: Settings, names: list[str], limit: int, command_id: str |
 def validate(
     db: DbOpt = None,
     as_json: JsonOpt = False,
+    rehearse: Annotated[bool, typer.Option("--rehearse", help="Then apply each pending migration up, down and up again on a scratch database, comparing schemas.")] = False,
+    from_empty: Annotated[bool, typer.Option("--from-empty", help="With --rehearse: start from an empty database, not the newest schema backup.")] = False,
 ) -> None:
     """Static checks of the migration scripts, then a lint of the SQL each upgrade() emits (pglast)."""
     from agent.lint import lint_migrations
     from agent.validate import check_sources, load_sources, status_of
 
-    _, database = settings().database(db)
+    db_name, database = settings().database(db)
     structural = check_sources(load_sources(database.migrations))
     findings = [{"statement": None, "fix": None, **f.to_json()} for f in structural]
+    rehearsal: dict[str, Any] | None = None
     if status_of(structural) == "passed":
         # The lint renders each upgrade offline: only once the scripts form one sound chain.
         findings += [f.to_json() for f in lint_migrations(database.migrations)]
+        if rehearse:
+            from agent.rehearse import rehearse as run_rehearsal
+
+            progress = None if as_json else (lambda line: out.print(line, markup=False))
+            outcome = run_rehearsal(db_name, database, from_empty=from_empty, on_progress=progress)
+            findings += [f.to_json() for f in outcome.findings]
+            rehearsal = outcome.to_json()
+    elif rehearse:
+        findings.append({"revision": None, "rule": "rehearsal-skipped", "severity": "warning", "statement": None, "fix": None, "file": None,
+                         "message": "the rehearsal needs one sound chain of scripts: fix the errors above first"})
     status = "failed" if any(f["severity"] == "error" for f in findings) else "passed"
     if as_json:
-        _print_json({"status": status, "findings": findings})
+        _print_json({"status": status, "findings": findings, **({"rehearsal": rehearsal} if rehearse else {})})
     else:
         for f in findings:
             where = f" {f['revision']}" if f.get("revision") else ""
