@@ -42,6 +42,7 @@ class EventType(StrEnum):
     BACKUP_VERIFIED = "backup.verified"
     PRUNE_COMPLETED = "prune.completed"
     APP_STARTUP_FAILED = "app.startup_failed"
+    BACKFILL_PROGRESS = "backfill.progress"
 
 
 HOST = socket.gethostname()

@@ -115,6 +115,8 @@ class DatabaseSettings(_Section):
     app_user: str | None = Field(None, description="the application's role; must differ from the migration user")
     schedule: ScheduleSettings = ScheduleSettings()
     auto_restore: bool = Field(False, description="a failed automatic rollback escalates to restoring the pre-migration backup")
+    backfill_batch_size: int = Field(1000, ge=1, description="rows per batch of a batched data migration (agent.backfill)")
+    backfill_pause: Seconds = Field(0.0, description="pause between a batched data migration's batches, to spare replicas and the application")
 
     def takes_pre_migration_backup(self, name: str) -> bool:
         if self.pre_migration_backup is not None:
