@@ -162,6 +162,18 @@ def format_event(event: Event) -> str:
         detail = f"{data.get('error', '')}; at {data.get('revision_after') or 'base'}"
     elif event.type.startswith("verify."):
         detail = ", ".join(f"{c['name']}: {'ok' if c['ok'] else c['detail']}" for c in data.get("checks", []))
+    elif event.type == "lock.waiting" and data.get("guard") == "table_locks":
+        blockers = data.get("blockers") or []
+        who = ", ".join(
+            f"pid {b['pid']} ({b.get('application_name') or b.get('usename')}, {b.get('state')},"
+            f" transaction open {b.get('xact_age_s', 0):.0f}s: {b.get('query', '')[:60]})"
+            for b in blockers[:3]
+        ) or "sessions that let go before dbagent looked"
+        verb = "timed out after" if data.get("tried") else "not tried: would queue the application for up to"
+        detail = (
+            f"step {data.get('revision')} attempt {data.get('attempt')}/{data.get('attempts')} {verb}"
+            f" {data.get('lock_timeout_ms', 0) / 1000:g}s; blocked by {who}; retry in {data.get('retry_in_ms', 0) / 1000:.1f}s"
+        )
     elif event.type == "lock.waiting":
         holder = data.get("holder") or {}
         who = holder.get("worker") or holder.get("application_name") or holder.get("pid") or "?"

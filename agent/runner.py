@@ -21,7 +21,7 @@ from typing import Any
 import redis
 from sqlalchemy import Connection
 
-from agent import backup_operations, keys, store
+from agent import backup_operations, keys, retries, store
 from agent.backups import BackupKind, Trigger, list_backups
 from agent.blocking import BlockingMonitor
 from agent.commands import (
@@ -611,6 +611,7 @@ def _apply_steps(run: Run, plan: list[Step], facts: dict[str, Any], failed: Even
             step_started = utcnow()
             clock = time.monotonic()
             recorded: list[bool] = []
+            invalid_before = _invalid_indexes(conn)
 
             def record(connection: Connection, step: Step = step, started: datetime = step_started, clock: float = clock) -> None:
                 finished = utcnow()
@@ -628,11 +629,16 @@ def _apply_steps(run: Run, plan: list[Step], facts: dict[str, Any], failed: Even
                 record(ctx.connection)
 
             try:
-                migrator.apply(conn, step, on_version_apply)
+                _apply_politely(run, step, on_version_apply)
             except Exception as exc:
                 run.journal.discard_staged()
                 _rollback_quietly(conn)
                 error = describe_error(exc)
+                dropped = _drop_invalid_indexes(run, invalid_before)
+                if dropped:
+                    facts = {**facts, "dropped_invalid_indexes": dropped}
+                if isinstance(exc, LocksUnavailable):
+                    error = exc.message
                 try:
                     after = migrator.current(conn)
                     store.insert_changelog(
@@ -656,6 +662,130 @@ def _apply_steps(run: Run, plan: list[Step], facts: dict[str, Any], failed: Even
                 record(conn)
                 conn.commit()
             run.journal.flush()
+
+
+class LocksUnavailable(OperationFailed):
+    """A step kept timing out on its table locks, attempt after attempt."""
+
+
+def _set_lock_timeout(conn: Connection, seconds: float) -> None:
+    conn.exec_driver_sql(f"SET lock_timeout = '{postgres_interval(seconds)}'")
+    conn.commit()
+
+
+def _lock_targets(migrator: Migrator, step: Step) -> dict[str, str]:
+    """The tables a step will lock, from its offline SQL; empty when that cannot be told."""
+    try:
+        return retries.lock_targets(migrator.offline_sql(step))
+    except Exception as exc:  # noqa: BLE001 - a script's own code may raise anything offline
+        log.info("step %s: cannot tell which tables it locks (%s); retrying on lock timeouts only", step.revision, redact(exc))
+        return {}
+
+
+def _apply_politely(run: Run, step: Step, on_version_apply: Callable[..., None]) -> None:
+    """Apply one step under a short lock_timeout, retried with backoff while sessions are in its way.
+
+    Before each attempt, a transaction older than the attempt's lock_timeout
+    that holds a conflicting lock on a table the step needs means the attempt
+    would only queue the application behind it: dbagent waits without asking.
+    An attempt that times out has rolled back entirely and is tried again.
+    Each wait is a ``lock.waiting`` event naming the sessions in the way.
+    """
+    migrator, conn = run.migrations(), run.conn
+    policy = run.db.retry_policy()
+    targets = _lock_targets(migrator, step)
+    attributes = _script_attributes(run)
+    waited = 0.0
+    try:
+        for attempt in range(1, policy.attempts + 1):
+            timeout = policy.lock_timeout(attempt)
+            last = attempt == policy.attempts
+            in_the_way = retries.blockers(conn, targets, older_than_s=timeout) if targets and not last else []
+            tried = not in_the_way
+            if tried:
+                _set_lock_timeout(conn, timeout)
+                try:
+                    migrator.apply(conn, step, on_version_apply, attributes)
+                    return
+                except Exception as exc:
+                    if not retries.is_lock_timeout(exc):
+                        raise
+                    run.journal.discard_staged()
+                    _rollback_quietly(conn)
+                    in_the_way = retries.blockers(conn, targets) if targets else []
+                    if last:
+                        raise LocksUnavailable(
+                            f"could not get the locks it needs in {attempt} attempt(s) over {waited:.0f}s"
+                            f" (lock_timeout up to {postgres_interval(timeout)}): blocked by {retries.describe(in_the_way)}"
+                        ) from exc
+            pause = policy.pause(attempt)
+            run.emit(
+                EventType.LOCK_WAITING,
+                guard="table_locks",
+                revision=step.revision,
+                direction=step.direction,
+                attempt=attempt,
+                attempts=policy.attempts,
+                tried=tried,
+                lock_timeout_ms=round(timeout * 1000),
+                retry_in_ms=round(pause * 1000),
+                waited_ms=round(waited * 1000),
+                tables=targets,
+                blockers=in_the_way,
+            )
+            time.sleep(pause)
+            waited += pause + timeout
+    finally:
+        try:
+            _set_lock_timeout(conn, run.db.lock_timeout)
+        except Exception:  # the connection is gone; the failure is reported by the caller
+            _rollback_quietly(conn)
+
+
+def _script_attributes(run: Run) -> dict[str, Any]:
+    """What the migration scripts can read from ``context.config.attributes``."""
+    return {}
+
+
+_INVALID_INDEXES = """
+SELECT quote_ident(n.nspname) || '.' || quote_ident(c.relname)
+FROM pg_index i JOIN pg_class c ON c.oid = i.indexrelid JOIN pg_namespace n ON n.oid = c.relnamespace
+WHERE NOT i.indisvalid
+"""
+
+
+def _invalid_indexes(conn: Connection) -> set[str]:
+    names = {row[0] for row in conn.exec_driver_sql(_INVALID_INDEXES).all()}
+    conn.commit()
+    return names
+
+
+def _drop_invalid_indexes(run: Run, before: set[str]) -> list[str]:
+    """Drop the INVALID indexes a failed step left behind (a failed CREATE INDEX CONCURRENTLY).
+
+    Such an index is useless for reads yet still maintained on every write;
+    ``DROP INDEX CONCURRENTLY`` runs outside a transaction, on the step's own
+    connection (which holds the database's lock). Returns the names dropped.
+    """
+    conn = run.conn
+    try:
+        left = sorted(_invalid_indexes(conn) - before)
+    except Exception as exc:  # the connection is gone; the failure is reported by the caller
+        log.warning("could not look for invalid indexes: %s", redact(exc))
+        _rollback_quietly(conn)
+        return []
+    dropped = []
+    driver = conn.connection.driver_connection
+    for name in left:  # quoted by quote_ident
+        try:
+            driver.autocommit = True
+            driver.execute(f"DROP INDEX CONCURRENTLY IF EXISTS {name}")
+            dropped.append(name)
+        except Exception as exc:
+            log.error("could not drop the invalid index %s left by a failed step: %s", name, redact(exc))
+        finally:
+            driver.autocommit = False
+    return dropped
 
 
 def describe_error(exc: BaseException) -> str:

@@ -11,7 +11,7 @@ import os
 import re
 import tomllib
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, PrivateAttr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, SettingsError
@@ -19,6 +19,9 @@ from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, Settings
 from agent.durations import parse_duration_s
 from agent.errors import BadInput, ConfigError
 from agent.redact import redact
+
+if TYPE_CHECKING:
+    from agent.retries import RetryPolicy
 
 DEFAULT_CONFIG_PATH = Path("config/dbagent.toml")
 
@@ -97,7 +100,14 @@ class DatabaseSettings(_Section):
     backup_compression: int | None = Field(None, ge=0, le=9, description="pg_dump -Z; default: pg_dump's")
     backup_lock_wait_timeout: TimeoutSeconds = Field(30.0, description="pg_dump --lock-wait-timeout")
     verify_after_backup: bool = Field(True, description="read every new backup back in full (pg_restore) before listing it as verified")
-    lock_timeout: TimeoutSeconds = 5.0
+    lock_timeout: TimeoutSeconds = Field(
+        2.0, description="PostgreSQL lock_timeout of every statement; a step that times out is retried"
+    )
+    lock_retries: int = Field(10, ge=1, le=1000, description="attempts of a step that keeps timing out on its locks")
+    lock_timeout_growth: float = Field(1.5, ge=1.0, le=10.0, description="each retry's lock_timeout is this much longer")
+    lock_timeout_max: TimeoutSeconds = Field(10.0, description="the longest lock_timeout a retry grows to")
+    lock_retry_pause: Seconds = Field(1.0, ge=0, description="the first pause between attempts; doubles, jittered 50-100%")
+    lock_retry_max_pause: Seconds = Field(30.0, ge=0, description="the longest pause between attempts")
     statement_timeout: TimeoutSeconds = 900.0
     connect_timeout: Seconds = 5.0
     lock_wait_timeout: Seconds = Field(1800.0, description="how long a writer waits for the database's lock")
@@ -117,6 +127,18 @@ class DatabaseSettings(_Section):
     auto_restore: bool = Field(False, description="a failed automatic rollback escalates to restoring the pre-migration backup")
     backfill_batch_size: int = Field(1000, ge=1, description="rows per batch of a batched data migration (agent.backfill)")
     backfill_pause: Seconds = Field(0.0, description="pause between a batched data migration's batches, to spare replicas and the application")
+
+    def retry_policy(self) -> RetryPolicy:
+        from agent.retries import RetryPolicy
+
+        return RetryPolicy(
+            lock_timeout_s=self.lock_timeout,
+            attempts=self.lock_retries,
+            growth=self.lock_timeout_growth,
+            max_lock_timeout_s=max(self.lock_timeout_max, self.lock_timeout),
+            pause_s=self.lock_retry_pause,
+            max_pause_s=self.lock_retry_max_pause,
+        )
 
     def takes_pre_migration_backup(self, name: str) -> bool:
         if self.pre_migration_backup is not None:

@@ -58,6 +58,7 @@ class Env:
     migrations: Path = MIGRATIONS
     extra_config: str = ""
     statement_timeout: str = "2min"
+    lock_timeout: str = "5s"
     workers: list[subprocess.Popen] = field(default_factory=list)
     _logs: dict[int, Path] = field(default_factory=dict)
 
@@ -81,7 +82,7 @@ lease_ttl = "3s"
 url = "{self.url}"
 migrations = "{self.migrations}"
 backup_dir = "{backups}"
-lock_timeout = "5s"
+lock_timeout = "{self.lock_timeout}"
 statement_timeout = "{self.statement_timeout}"
 {self.extra_config}
 """

@@ -95,7 +95,7 @@ def test_keys_left_out_take_the_built_in_defaults(tmp_path):
 
     db = settings.databases["production"]
     assert db.migrations == "migrations"
-    assert db.lock_timeout == 5.0
+    assert db.lock_timeout == 2.0 and db.lock_retries == 10  # issue 5: 2 s, retried
     assert db.statement_timeout == 900.0
     assert db.health_checks == []
     assert settings.redis.prefix == "dbagent"

@@ -1,0 +1,258 @@
+"""Lock-timeout retries: a migration step waits politely for its table locks.
+
+A DDL statement asks for an ACCESS EXCLUSIVE lock; while it waits in the lock
+queue, every later query on the table (even a plain ``SELECT``) queues behind
+it. So the application is stalled for as long as the migration waits. In the
+spirit of GitLab's ``with_lock_retries``, dbagent bounds that wait:
+
+* each attempt runs under a short ``lock_timeout`` (default 2 s, growing by
+  ``lock_timeout_growth`` per attempt up to ``lock_timeout_max``); when it
+  expires, the step's transaction rolls back, nothing is half-done, and the
+  queue behind it drains at once;
+* between attempts dbagent sleeps (jittered exponential backoff) and says who
+  is in the way: a ``lock.waiting`` event names each blocking session's pid,
+  query, state and transaction age;
+* before an attempt it looks at ``pg_locks``: when a transaction that has
+  already been open longer than the attempt's lock_timeout holds a
+  conflicting lock on a table the step is about to lock, the attempt would
+  only queue the application behind it for nothing, so dbagent waits without
+  joining the lock queue at all.
+
+``lock_targets`` and ``RetryPolicy`` are pure; ``blockers`` reads the server.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import pglast
+from pglast import ast
+from pglast.enums import ObjectType
+from pglast.parser import ParseError
+
+from agent.redact import redact
+
+if TYPE_CHECKING:
+    from sqlalchemy import Connection
+
+LOCK_NOT_AVAILABLE = "55P03"
+
+# PostgreSQL's table-level lock modes, weakest first (pg_locks spells them "...Lock").
+ACCESS_SHARE = "AccessShareLock"
+ROW_SHARE = "RowShareLock"
+ROW_EXCLUSIVE = "RowExclusiveLock"
+SHARE_UPDATE_EXCLUSIVE = "ShareUpdateExclusiveLock"
+SHARE = "ShareLock"
+SHARE_ROW_EXCLUSIVE = "ShareRowExclusiveLock"
+EXCLUSIVE = "ExclusiveLock"
+ACCESS_EXCLUSIVE = "AccessExclusiveLock"
+
+MODES = [
+    ACCESS_SHARE, ROW_SHARE, ROW_EXCLUSIVE, SHARE_UPDATE_EXCLUSIVE,
+    SHARE, SHARE_ROW_EXCLUSIVE, EXCLUSIVE, ACCESS_EXCLUSIVE,
+]
+
+# The conflict table of the PostgreSQL manual ("Table-Level Lock Modes").
+CONFLICTS: dict[str, frozenset[str]] = {
+    ACCESS_SHARE: frozenset({ACCESS_EXCLUSIVE}),
+    ROW_SHARE: frozenset({EXCLUSIVE, ACCESS_EXCLUSIVE}),
+    ROW_EXCLUSIVE: frozenset({SHARE, SHARE_ROW_EXCLUSIVE, EXCLUSIVE, ACCESS_EXCLUSIVE}),
+    SHARE_UPDATE_EXCLUSIVE: frozenset({SHARE_UPDATE_EXCLUSIVE, SHARE, SHARE_ROW_EXCLUSIVE, EXCLUSIVE, ACCESS_EXCLUSIVE}),
+    SHARE: frozenset({ROW_EXCLUSIVE, SHARE_UPDATE_EXCLUSIVE, SHARE_ROW_EXCLUSIVE, EXCLUSIVE, ACCESS_EXCLUSIVE}),
+    SHARE_ROW_EXCLUSIVE: frozenset({ROW_EXCLUSIVE, SHARE_UPDATE_EXCLUSIVE, SHARE, SHARE_ROW_EXCLUSIVE, EXCLUSIVE, ACCESS_EXCLUSIVE}),
+    EXCLUSIVE: frozenset(MODES[1:]),
+    ACCESS_EXCLUSIVE: frozenset(MODES),
+}
+
+_LOCK_MODE_NAMES = {  # LOCK TABLE ... IN <mode> MODE, as pglast numbers them (1 = ACCESS SHARE)
+    i + 1: mode for i, mode in enumerate(MODES)
+}
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """How long each attempt may wait for its locks, how often, and how long to pause between."""
+
+    lock_timeout_s: float = 2.0
+    attempts: int = 10
+    growth: float = 1.5
+    max_lock_timeout_s: float = 10.0
+    pause_s: float = 1.0
+    max_pause_s: float = 30.0
+
+    def lock_timeout(self, attempt: int) -> float:
+        """The lock_timeout of attempt ``attempt`` (1-based): growing, capped."""
+        grown = self.lock_timeout_s * self.growth ** (attempt - 1)
+        return max(self.lock_timeout_s, min(grown, self.max_lock_timeout_s))
+
+    def pause(self, attempt: int, rng: random.Random | None = None) -> float:
+        """The sleep after failed attempt ``attempt``: exponential, capped, jittered (50–100 %)."""
+        base = min(self.pause_s * 2 ** (attempt - 1), self.max_pause_s)
+        return base * (rng or random).uniform(0.5, 1.0)
+
+
+# -- which tables a step locks, and how strongly -------------------------------
+
+
+def _stronger(a: str | None, b: str) -> str:
+    return b if a is None or MODES.index(b) > MODES.index(a) else a
+
+
+def _range_name(relation: ast.RangeVar | None) -> str | None:
+    if relation is None or not relation.relname:
+        return None
+    return f"{relation.schemaname}.{relation.relname}" if relation.schemaname else relation.relname
+
+
+def _alter_table_mode(stmt: ast.AlterTableStmt) -> tuple[str, list[str]]:
+    """The lock an ALTER TABLE takes, and the tables its foreign keys reference (SHARE ROW EXCLUSIVE)."""
+    from pglast.enums import AlterTableType, ConstrType
+
+    referenced: list[str] = []
+    mode: str | None = None
+    for cmd in stmt.cmds or ():
+        if not isinstance(cmd, ast.AlterTableCmd):
+            continue
+        sub = cmd.subtype
+        constraint = cmd.def_ if isinstance(cmd.def_, ast.Constraint) else None
+        if sub == AlterTableType.AT_AddConstraint and constraint is not None and constraint.contype == ConstrType.CONSTR_FOREIGN:
+            name = _range_name(constraint.pktable)
+            if name:
+                referenced.append(name)
+            mode = _stronger(mode, SHARE_ROW_EXCLUSIVE)
+        elif sub == AlterTableType.AT_ValidateConstraint:
+            mode = _stronger(mode, SHARE_UPDATE_EXCLUSIVE)
+        elif sub in (AlterTableType.AT_SetStatistics, AlterTableType.AT_ClusterOn, AlterTableType.AT_DropCluster,
+                     AlterTableType.AT_SetRelOptions, AlterTableType.AT_ResetRelOptions):
+            mode = _stronger(mode, SHARE_UPDATE_EXCLUSIVE)
+        else:
+            if isinstance(cmd.def_, ast.ColumnDef):
+                for c in cmd.def_.constraints or ():
+                    if isinstance(c, ast.Constraint) and c.contype == ConstrType.CONSTR_FOREIGN:
+                        name = _range_name(c.pktable)
+                        if name:
+                            referenced.append(name)
+            mode = ACCESS_EXCLUSIVE
+    return mode or ACCESS_EXCLUSIVE, referenced
+
+
+def lock_targets(sql: str) -> dict[str, str]:
+    """The existing tables a step's SQL locks, each with the strongest mode asked for.
+
+    Tables the same SQL creates are left out (nobody else can hold them), and so
+    is Alembic's version table. Row-level DML (ROW EXCLUSIVE) is left out too:
+    it conflicts only with other schema changes, not with the application.
+    Raises ``ValueError`` for SQL pglast cannot parse.
+    """
+    try:
+        statements = pglast.parse_sql(sql)
+    except ParseError as exc:
+        raise ValueError(str(exc)) from None
+    created: set[str] = set()
+    targets: dict[str, str] = {}
+
+    def want(name: str | None, mode: str) -> None:
+        if name and name not in created and name.rsplit(".", 1)[-1] != "alembic_version":
+            targets[name] = _stronger(targets.get(name), mode)
+
+    for raw in statements:
+        stmt = raw.stmt
+        if isinstance(stmt, ast.CreateStmt):
+            name = _range_name(stmt.relation)
+            for element in stmt.tableElts or ():
+                constraints = list(getattr(element, "constraints", None) or ())
+                if isinstance(element, ast.Constraint):
+                    constraints.append(element)
+                for c in constraints:
+                    if isinstance(c, ast.Constraint) and c.pktable is not None:
+                        want(_range_name(c.pktable), SHARE_ROW_EXCLUSIVE)
+            if name:
+                created.add(name)
+        elif isinstance(stmt, ast.AlterTableStmt):
+            mode, referenced = _alter_table_mode(stmt)
+            want(_range_name(stmt.relation), mode)
+            for name in referenced:
+                want(name, SHARE_ROW_EXCLUSIVE)
+        elif isinstance(stmt, ast.IndexStmt):
+            want(_range_name(stmt.relation), SHARE_UPDATE_EXCLUSIVE if stmt.concurrent else SHARE)
+        elif isinstance(stmt, ast.RenameStmt) and stmt.relation is not None:
+            want(_range_name(stmt.relation), ACCESS_EXCLUSIVE)
+        elif isinstance(stmt, ast.DropStmt) and stmt.removeType == ObjectType.OBJECT_TABLE:
+            for obj in stmt.objects or ():
+                parts = [getattr(p, "sval", None) for p in obj]
+                want(".".join(p for p in parts if p), ACCESS_EXCLUSIVE)
+        elif isinstance(stmt, ast.TruncateStmt):
+            for rel in stmt.relations or ():
+                want(_range_name(rel), ACCESS_EXCLUSIVE)
+        elif isinstance(stmt, ast.LockStmt):
+            for rel in stmt.relations or ():
+                want(_range_name(rel), _LOCK_MODE_NAMES.get(stmt.mode, ACCESS_EXCLUSIVE))
+        elif isinstance(stmt, ast.CreateTrigStmt):
+            want(_range_name(stmt.relation), SHARE_ROW_EXCLUSIVE)
+    return targets
+
+
+def is_lock_timeout(exc: BaseException) -> bool:
+    """Did a statement give up waiting for a lock (SQLSTATE 55P03)?"""
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        if getattr(current, "sqlstate", None) == LOCK_NOT_AVAILABLE:
+            return True
+        current = getattr(current, "orig", None) or current.__cause__
+    return False
+
+
+# -- who holds them ------------------------------------------------------------
+
+_HOLDERS = """
+SELECT l.pid, l.mode, a.application_name, a.usename, a.state, left(a.query, 200),
+       extract(epoch FROM now() - a.xact_start), extract(epoch FROM now() - a.state_change)
+FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid
+WHERE l.locktype = 'relation' AND l.granted AND l.pid <> pg_backend_pid()
+  AND l.relation = to_regclass(%(table)s) AND l.mode = ANY(%(modes)s)
+"""
+
+
+def blockers(conn: Connection, targets: dict[str, str], *, older_than_s: float = 0.0) -> list[dict[str, Any]]:
+    """Sessions holding a lock that conflicts with one the step will ask for.
+
+    Only sessions whose transaction has been open at least ``older_than_s``
+    count. One entry per session, with the tables it holds; the oldest first.
+    Reads on ``conn`` and commits.
+    """
+    found: dict[int, dict[str, Any]] = {}
+    for table, mode in targets.items():
+        rows = conn.exec_driver_sql(_HOLDERS, {"table": table, "modes": sorted(CONFLICTS[mode])}).all()
+        for pid, held, app, user, state, query, xact_s, state_s in rows:
+            age = float(xact_s) if xact_s is not None else 0.0
+            if age < older_than_s:
+                continue
+            entry = found.setdefault(pid, {
+                "pid": pid,
+                "application_name": app,
+                "usename": user,
+                "state": state,
+                "query": redact(query or ""),
+                "xact_age_s": round(age, 3),
+                "state_age_s": round(float(state_s), 3) if state_s is not None else None,
+                "locks": [],
+            })
+            entry["locks"].append({"table": table, "mode": held, "conflicts_with": mode})
+    conn.commit()
+    return sorted(found.values(), key=lambda b: -b["xact_age_s"])
+
+
+def describe(found: list[dict[str, Any]]) -> str:
+    """'pid 4242 (report-job, idle in transaction for 73s: SELECT ...)' for an error message."""
+    if not found:
+        return "a session that had already let go when dbagent looked"
+    parts = []
+    for b in found[:3]:
+        who = b.get("application_name") or b.get("usename") or "?"
+        parts.append(f"pid {b['pid']} ({who}, {b.get('state')}, transaction open {b['xact_age_s']:.0f}s: {b['query'][:80]})")
+    more = f" and {len(found) - 3} more" if len(found) > 3 else ""
+    return "; ".join(parts) + more

@@ -1,0 +1,200 @@
+"""Lock-timeout retries and non-transactional steps, on real PostgreSQL through a real worker.
+
+A step that needs ACCESS EXCLUSIVE on ``users`` while a long transaction holds
+ACCESS SHARE on it must wait without stalling the application: short
+lock_timeouts, retries with backoff, ``lock.waiting`` naming the blocker, and
+other sessions' reads measured to keep answering meanwhile.
+"""
+
+from __future__ import annotations
+
+import statistics
+import subprocess
+import sys
+import threading
+import time
+
+import psycopg
+import pytest
+
+from tests.faults.test_faults import wait_for
+from tests.servers import ROOT, copy_migrations
+
+pytestmark = pytest.mark.integration
+
+ADD_NICKNAME = '''"""Add users.nickname."""
+from alembic import op
+import sqlalchemy as sa
+
+revision = "012"
+down_revision = "011"
+branch_labels = None
+depends_on = None
+
+
+def upgrade() -> None:
+    op.add_column("users", sa.Column("nickname", sa.Text(), nullable=True))
+
+
+def downgrade() -> None:
+    op.drop_column("users", "nickname")
+'''
+
+UNIQUE_TAGS_CONCURRENTLY = '''"""A unique index on tags(v), built concurrently."""
+from alembic import op
+
+revision = "012"
+down_revision = "011"
+branch_labels = None
+depends_on = None
+
+
+def upgrade() -> None:
+    with op.get_context().autocommit_block():
+        op.execute("CREATE UNIQUE INDEX CONCURRENTLY tags_v_unique ON tags (v)")
+
+
+def downgrade() -> None:
+    with op.get_context().autocommit_block():
+        op.execute("DROP INDEX CONCURRENTLY IF EXISTS tags_v_unique")
+'''
+
+
+class Reader(threading.Thread):
+    """The application: reads users in a loop on its own connection and times every query."""
+
+    def __init__(self, url: str) -> None:
+        super().__init__(daemon=True)
+        self.url = url
+        self.latencies: list[tuple[float, float]] = []  # (started at, seconds)
+        self.stop = threading.Event()
+
+    def run(self) -> None:
+        with psycopg.connect(self.url, autocommit=True, application_name="the application") as conn:
+            while not self.stop.is_set():
+                started = time.monotonic()
+                conn.execute("SELECT count(*) FROM users").fetchone()
+                self.latencies.append((started, time.monotonic() - started))
+                time.sleep(0.02)
+
+    def between(self, start: float, end: float) -> list[float]:
+        return [s for t, s in self.latencies if start <= t <= end]
+
+
+def table_lock_waits(env, redis_client) -> list[dict]:
+    return [e for e in env.stream_events(redis_client) if e["type"] == "lock.waiting" and e["data"].get("guard") == "table_locks"]
+
+
+def migrate_in_background(env) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, "-m", "agent.cli", "--config", str(env.config), "migrate", "--json"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env.environ(), cwd=ROOT,
+    )
+
+
+def test_a_step_behind_a_long_transaction_retries_and_the_application_keeps_reading(env, tmp_path, redis_client):
+    env.lock_timeout = "2s"
+    env.extra_config = 'pre_migration_backup = true\nlock_timeout_max = "2s"\nlock_retry_pause = "200ms"\nlock_retry_max_pause = "400ms"\nlock_retries = 60'
+    env.migrations = copy_migrations(tmp_path, {"012_add_users_nickname.py": ADD_NICKNAME})
+    env.start_worker()
+    assert env.cli("migrate", "--to", "011", "--json").code == 0
+    backups_before = len([e for e in env.stream_events(redis_client) if e["type"] == "backup.started"])
+
+    reader = Reader(env.url)
+    reader.start()
+    run = migrate_in_background(env)
+    # The long transaction starts while the run takes its pre-migration backup, so the
+    # step's first attempt asks for the lock (and times out) before it waits without asking.
+    wait_for(lambda: len([e for e in env.stream_events(redis_client) if e["type"] == "backup.started"]) > backups_before,
+             60, "the pre-migration backup")
+    holder = psycopg.connect(env.url, application_name="long report")
+    holder.execute("SELECT count(*) FROM users")  # ACCESS SHARE on users, held by an open transaction
+    holder_pid = holder.info.backend_pid
+    held_from = time.monotonic()
+    try:
+        wait_for(lambda: any(e["data"]["tried"] for e in table_lock_waits(env, redis_client))
+                 and any(not e["data"]["tried"] for e in table_lock_waits(env, redis_client)), 60, "retries")
+        time.sleep(2.0)  # the long transaction goes on; the application must not notice
+    finally:
+        holder.rollback()
+        holder.close()
+    held_until = time.monotonic()
+    out, err = run.communicate(timeout=60)
+    reader.stop.set()
+    reader.join(timeout=10)
+
+    assert run.returncode == 0, err
+    assert env.revision() == "012"
+    assert env.sql("SELECT count(*) FROM information_schema.columns WHERE table_name = 'users' AND column_name = 'nickname'") == [(1,)]
+
+    waits = table_lock_waits(env, redis_client)
+    attempts = [e["data"]["attempt"] for e in waits]
+    assert attempts == sorted(attempts) and len(attempts) >= 2
+    first = waits[0]["data"]
+    assert first["tried"] is True and first["lock_timeout_ms"] == 2000 and first["revision"] == "012"
+    assert first["tables"] == {"users": "AccessExclusiveLock"}
+    blocker = first["blockers"][0]
+    assert blocker["pid"] == holder_pid and blocker["application_name"] == "long report"
+    assert "count(*) FROM users" in blocker["query"] and blocker["state"] == "idle in transaction"
+    assert blocker["xact_age_s"] > 0 and blocker["locks"][0]["mode"] == "AccessShareLock"
+    later = [e["data"] for e in waits if not e["data"]["tried"]]
+    assert later and all(d["blockers"][0]["xact_age_s"] >= d["lock_timeout_ms"] / 1000 for d in later)
+    assert env.sql("SELECT count(*) FROM dbagent.audit_log WHERE type = 'lock.waiting'")[0][0] >= len(waits)
+
+    # Measured: the application's reads went on while the long transaction held the migration up.
+    during = reader.between(held_from, held_until)
+    assert held_until - held_from >= 3.0
+    assert len(during) >= 30, f"only {len(during)} reads answered in {held_until - held_from:.1f}s"
+    # A read queues behind the step's lock request for at most one attempt's lock_timeout (2 s),
+    # and only while the step actually asks; plain Alembic would hold it for the whole transaction.
+    assert max(during) < 2.5, f"a read waited {max(during):.2f}s behind the migration"
+    assert held_until - held_from > max(during) + 2.0
+    assert sum(1 for d in during if d > 0.5) <= 2
+    assert statistics.median(during) < 0.1
+
+
+def test_a_step_that_never_gets_its_locks_fails_at_the_previous_revision_naming_the_blocker(env, tmp_path, redis_client):
+    env.lock_timeout = "200ms"
+    env.extra_config = 'lock_timeout_max = "300ms"\nlock_retry_pause = "100ms"\nlock_retry_max_pause = "200ms"\nlock_retries = 4'
+    env.migrations = copy_migrations(tmp_path, {"012_add_users_nickname.py": ADD_NICKNAME})
+    env.start_worker()
+    assert env.cli("migrate", "--to", "011", "--json").code == 0
+    with psycopg.connect(env.url, application_name="forgotten session") as holder:
+        holder.execute("SELECT count(*) FROM users")
+        holder_pid = holder.info.backend_pid
+        result = env.cli("migrate", "--json")
+        holder.rollback()
+    assert result.code == 1
+    body = result.json()
+    assert body["status"] == "failed" and body["revision_after"] == "011"
+    assert "could not get the locks it needs in 4 attempt(s)" in body["error"]
+    assert f"pid {holder_pid} (forgotten session, idle in transaction" in body["error"]
+    assert env.revision() == "011"
+    waits = table_lock_waits(env, redis_client)
+    assert [e["data"]["attempt"] for e in waits] == [1, 2, 3]
+    failed = [e for e in env.stream_events(redis_client) if e["type"] == "migration.failed"]
+    assert failed and "forgotten session" in failed[0]["data"]["error"]
+    assert env.sql("SELECT outcome FROM dbagent.changelog WHERE revision = '012'") == [("failed",)]
+
+
+def test_a_failed_create_index_concurrently_leaves_no_invalid_index(env, tmp_path, redis_client):
+    env.migrations = copy_migrations(tmp_path, {"012_unique_tags.py": UNIQUE_TAGS_CONCURRENTLY})
+    env.start_worker()
+    assert env.cli("migrate", "--to", "011", "--json").code == 0
+    env.sql("CREATE TABLE tags (v int)")
+    env.sql("INSERT INTO tags VALUES (1), (2), (2)")  # a unique index cannot be built
+
+    result = env.cli("migrate", "--json")
+
+    assert result.code == 1
+    body = result.json()
+    assert "could not create unique index" in body["error"] and body["revision_after"] == "011"
+    assert body["dropped_invalid_indexes"] == ["public.tags_v_unique"]
+    assert env.sql("SELECT count(*) FROM pg_index WHERE NOT indisvalid") == [(0,)]
+    assert env.sql("SELECT count(*) FROM pg_class WHERE relname = 'tags_v_unique'") == [(0,)]
+    failed = [e for e in env.stream_events(redis_client) if e["type"] == "migration.failed"]
+    assert failed[0]["data"]["dropped_invalid_indexes"] == ["public.tags_v_unique"]
+    # The same migration goes through once the data is fixed: nothing was left in its way.
+    env.sql("DELETE FROM tags WHERE ctid = (SELECT max(ctid) FROM tags WHERE v = 2)")
+    assert env.cli("migrate", "--json").code == 0
+    assert env.sql("SELECT indisvalid FROM pg_index WHERE indexrelid = 'tags_v_unique'::regclass") == [(True,)]
