@@ -460,7 +460,7 @@ def _rehearse_in(db: DatabaseSettings, migrator: Migrator, name: str, from_empty
         for index, step in enumerate(plan):
             outcome = _rehearse_step(conn, steps_migrator, scratch, step, rehearsal)
             rehearsal.steps.append(outcome)
-            say(f"rehearse {step.revision} {step.description}: {outcome.status} ({outcome.duration_ms} ms)")
+            say(f"rehearse {step.revision} {step.description.rstrip('.')}: {outcome.status} ({outcome.duration_ms} ms)")
             if outcome.status != "ok":
                 rest = plan[index + 1 :]
                 rehearsal.steps += [StepOutcome(s.revision, s.description, "not rehearsed") for s in rest]

@@ -98,7 +98,7 @@ def test_rehearsal_catches_a_downgrade_that_forgets_to_drop_a_column(env, tmp_pa
     # a person at a terminal sees one line per step, then the finding
     human = env.cli("validate", "--rehearse", timeout=300)
     assert human.code == 1
-    assert "rehearse 011 " in human.stdout and "rehearse 012 Add a nickname and a bio to users.: failed" in human.stdout
+    assert "rehearse 011 " in human.stdout and "rehearse 012 Add a nickname and a bio to users: failed" in human.stdout
     assert (
         "error: 012 [rehearsal-downgrade-mismatch] column public.users.nickname (text) is still there after downgrade of 012"
         in human.stderr
@@ -121,6 +121,23 @@ def test_a_later_step_is_not_rehearsed_on_a_schema_a_downgrade_left_wrong(env, t
         "column public.users.nickname (text) is still there after downgrade of 012",
     ]
     assert [(s["revision"], s["status"]) for s in body["rehearsal"]["steps"][-2:]] == [("012", "failed"), ("013", "not rehearsed")]
+
+
+def test_a_step_failing_verification_is_an_error_naming_the_check(env, tmp_path):
+    not_valid = script(
+        "012", "011", "Require an email domain.",
+        ["ALTER TABLE users ADD CONSTRAINT users_email_domain CHECK (email LIKE '%@%') NOT VALID"],
+        ["ALTER TABLE users DROP CONSTRAINT users_email_domain"],
+    )
+    env.migrations = copy_migrations(tmp_path, {"012_require_email_domain.py": not_valid})
+    result, body = rehearse(env)
+    assert result.code == 1
+    [finding] = rehearsal_findings(body)
+    assert (finding["revision"], finding["rule"], finding["severity"]) == ("012", "rehearsal-verify-failed", "error")
+    assert finding["message"].startswith("after upgrade to 012, check not_valid_constraints failed: ")
+    assert "users_email_domain" in finding["message"]
+    # the downgrade itself was sound: the step was rehearsed to the end
+    assert body["rehearsal"]["steps"][-1]["status"] == "failed"
 
 
 @pytest.mark.parametrize(
@@ -173,6 +190,17 @@ def test_rehearsal_from_the_newest_schema_backup_rehearses_only_the_pending_migr
     assert result.code == 0
     assert body["rehearsal"]["source"] == "empty"
     assert [s["revision"] for s in body["rehearsal"]["steps"]] == [*SHIPPED, "012"]
+
+    # a damaged backup cannot seed it: a warning, and the rehearsal starts empty
+    with open(newest.json()["path"], "r+b") as archive:
+        archive.seek(100)
+        archive.write(b"\xff\xff\xff\xff")
+    result, body = rehearse(env)
+    assert result.code == 0
+    [warning] = rehearsal_findings(body)
+    assert (warning["rule"], warning["severity"]) == ("rehearsal-backup-unusable", "warning")
+    assert "checksum mismatch" in warning["message"] and "starts from an empty database" in warning["message"]
+    assert body["rehearsal"]["source"] == "empty" and len(body["rehearsal"]["steps"]) == 12
 
 
 def test_a_server_refusing_create_database_exits_3_with_a_clear_error(env):
