@@ -108,7 +108,7 @@ _BATCH = """
 WITH span AS (
     SELECT {key} AS dbagent_key FROM {table} {after} ORDER BY {key} LIMIT {limit}
 ), bound AS (
-    SELECT (SELECT dbagent_key FROM span ORDER BY dbagent_key DESC LIMIT 1) AS hi,
+    SELECT (SELECT dbagent_key FROM span ORDER BY dbagent_key DESC NULLS LAST LIMIT 1) AS hi,
            (SELECT count(*) FROM span) AS scanned
 ), changed AS (
     UPDATE {table} SET {set_}
@@ -185,7 +185,7 @@ def backfill(
     ``Connection`` not in a transaction (each batch is committed on it).
     ``table`` is ``name`` or ``schema.name``, ``key`` a column with an index
     (unique keys page exactly; duplicates of a key value on a batch boundary
-    are all covered by that batch). ``set_`` and ``where`` are SQL fragments
+    are all covered by that batch; rows whose key is NULL are left alone). ``set_`` and ``where`` are SQL fragments
     written as for ``UPDATE``. ``name`` identifies the backfill for resuming
     (default: derived from table, key, set and where). Arguments left as None
     come from the Alembic config attributes ``"dbagent.backfill"``
@@ -307,7 +307,7 @@ class _Backfill:
         common = {"key": key, "table": table, "limit": self.batch_size, "set_": fragment(self.set_),
                   "where": fragment(self.where) if self.where else "TRUE"}
         after = f"{key} > CAST(%(after)s AS {key_type})"
-        first = _BATCH.format(after="", after_and="", **common)
+        first = _BATCH.format(after=f"WHERE {key} IS NOT NULL", after_and="", **common)
         later = _BATCH.format(after=f"WHERE {after}", after_and=f"{after} AND", **common)
         return first, later
 
@@ -317,7 +317,7 @@ class _Backfill:
         self.row_id, last_key, rows_done, rows_scanned, batches, finished = row
         progress = Progress(
             self.name, self.table, last_key, rows_done, rows_scanned, batches, finished,
-            rows_estimate=int(reltuples) if reltuples is not None and reltuples >= 0 else None,
+            rows_estimate=int(reltuples) if reltuples is not None and reltuples > 0 else None,
             resumed_after=last_key,
         )
         if finished:
@@ -378,7 +378,10 @@ class _Backfill:
     def _report(self, progress: Progress) -> None:
         """Every batch to ``on_progress``; without one, a log line every LOG_EVERY_S and at the end."""
         if self.on_progress is not None:
-            self.on_progress(progress.to_json())
+            try:
+                self.on_progress(progress.to_json())
+            except Exception as exc:  # noqa: BLE001 - a lost report must not fail the migration
+                log.warning("backfill %r: progress report failed: %s", self.name, redact(exc))
         elif progress.finished or time.monotonic() - self.logged_at >= LOG_EVERY_S:
             self.logged_at = time.monotonic()
             total = f"/~{progress.rows_estimate}" if progress.rows_estimate else ""

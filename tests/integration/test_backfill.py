@@ -110,7 +110,8 @@ def test_a_backfill_of_a_million_rows_killed_half_way_resumes_and_finishes(db, t
     sql(db, "CREATE TABLE items (id bigint PRIMARY KEY, counter integer NOT NULL DEFAULT 0)")
     sql(db, f"INSERT INTO items (id) SELECT g FROM generate_series(1, {rows}) g")
     sql(db, "ANALYZE items")
-    location = scripts(tmp_path, {"b01_backfill.py": migration("b01", None, '    backfill(op, "items", "counter = counter + 1", name="items-counter")')})
+    body = '    backfill(op, "items", "counter = counter + 1", name="items-counter")'
+    location = scripts(tmp_path, {"b01_backfill.py": migration("b01", None, body)})
     args = [sys.executable, "-c", UPGRADE, str(location), db_url(db), "20000"]
     environ = {**os.environ, "PYTHONPATH": str(ROOT)}
 
@@ -244,6 +245,39 @@ def test_a_step_failing_after_its_backfill_reruns_without_redoing_it_and_reapply
     ]
 
 
+def test_backfills_of_consecutive_steps_in_one_run_are_each_archived_with_their_own_step(db, tmp_path):
+    sql(db, "CREATE TABLE items (id bigint PRIMARY KEY, counter integer NOT NULL DEFAULT 0)")
+    sql(db, "INSERT INTO items (id) SELECT generate_series(1, 1500)")
+    location = scripts(tmp_path, {
+        "b01_ones.py": migration("b01", None, '    backfill(op, "items", "counter = counter + 1", name="ones")'),
+        "b02_tens.py": migration("b02", "b01", '    backfill(op, "items", "counter = counter + 10", name="tens")\n'
+                                               '    op.execute("SELECT 1 / (SELECT count(*) FROM items WHERE counter = 11)::int")'),
+    })
+    reports: list[dict] = []
+    command.upgrade(alembic_config(db, location, {"batch_size": 700, "on_progress": reports.append}), "head")
+    assert [(r["name"], r["rows_done"]) for r in reports] == [
+        ("ones", 700), ("ones", 1400), ("ones", 1500), ("tens", 700), ("tens", 1400), ("tens", 1500)
+    ]
+    assert sql(db, "SELECT counter, count(*) FROM items GROUP BY counter") == [(11, 1500)]
+    assert sql(db, "SELECT name, finished_at IS NOT NULL, archived_at IS NOT NULL FROM dbagent.backfills ORDER BY id") == [
+        ("ones", True, True), ("tens", True, True)
+    ]
+
+
+def test_a_failing_progress_callback_does_not_stop_the_backfill_and_null_keys_are_skipped(db, caplog):
+    sql(db, "CREATE TABLE things (k integer UNIQUE, counter integer NOT NULL DEFAULT 0)")
+    sql(db, "INSERT INTO things (k) SELECT CASE WHEN g % 100 = 0 THEN NULL ELSE g END FROM generate_series(1, 1000) g")
+
+    def broken(report: dict) -> None:
+        raise ConnectionError("redis is down")
+
+    with engine(db).connect() as conn:
+        progress = backfill(conn, "things", "counter = counter + 1", key="k", batch_size=300, on_progress=broken)
+    assert progress.finished and progress.rows_done == 990 and progress.last_key == "999"
+    assert sql(db, "SELECT k IS NULL, counter, count(*) FROM things GROUP BY 1, 2 ORDER BY 1") == [(False, 1, 990), (True, 0, 10)]
+    assert any("progress report failed: redis is down" in r.getMessage() for r in caplog.records)
+
+
 @pytest.mark.parametrize("key_type,key_values", [
     ("uuid", "gen_random_uuid()"),
     ("text", "'k' || lpad(g::text, 3, '0') || md5(g::text)"),
@@ -301,6 +335,22 @@ def test_offline_sql_says_what_the_backfill_would_do(db, tmp_path):
     assert "-- dbagent backfill 'items:" in out and "in batches of 5000 rows by id" in out
     assert "--   UPDATE items SET counter = counter + 1 WHERE counter = 0" in out
     assert sql(db, "SELECT to_regclass('dbagent.backfills')") == [(None,)]
+
+
+def test_a_migration_with_a_backfill_runs_through_dbagent_migrate(env):
+    body = (
+        '    op.execute("CREATE TABLE IF NOT EXISTS big (id bigint PRIMARY KEY, counter integer NOT NULL DEFAULT 0)")\n'
+        '    op.execute("INSERT INTO big (id) SELECT generate_series(1, 5000) ON CONFLICT DO NOTHING")\n'
+        '    backfill(op, "big", "counter = counter + 1", name="big")'
+    )
+    env.migrations = copy_migrations(env.tmp, extra={"012_backfill.py": migration("012", "011", body, 'op.execute("DROP TABLE big")')})
+    env.extra_config = "pre_migration_backup = false\nbackfill_batch_size = 800\n"
+    env.start_worker()
+    run = env.cli("migrate", "--json")
+    assert run.code == 0, run.stderr
+    assert run.json()["revision_after"] == "012"
+    assert env.sql("SELECT counter, count(*) FROM big GROUP BY counter") == [(1, 5000)]
+    assert env.sql("SELECT rows_done, finished_at IS NOT NULL, archived_at IS NOT NULL FROM dbagent.backfills") == [(5000, True, True)]
 
 
 def test_backfill_settings_have_defaults_and_take_durations():
