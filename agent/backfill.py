@@ -185,8 +185,9 @@ def backfill(
     ``Connection`` not in a transaction (each batch is committed on it).
     ``table`` is ``name`` or ``schema.name``, ``key`` a column with an index
     (unique keys page exactly; duplicates of a key value on a batch boundary
-    are all covered by that batch; rows whose key is NULL are left alone). ``set_`` and ``where`` are SQL fragments
-    written as for ``UPDATE``. ``name`` identifies the backfill for resuming
+    are all covered by that batch; rows whose key is NULL are left alone).
+    ``set_`` and ``where`` are SQL fragments written as for ``UPDATE``, passed
+    through verbatim. ``name`` identifies the backfill for resuming
     (default: derived from table, key, set and where). Arguments left as None
     come from the Alembic config attributes ``"dbagent.backfill"``
     (``batch_size``, ``pause_s``, ``on_progress``), else the defaults.
@@ -204,7 +205,8 @@ def backfill(
             f"-- dbagent backfill {name or default_name(table, key, set_, where)!r}: in batches of"
             f" {batch_size or DEFAULT_BATCH_SIZE} rows by {key}, each committed on its own:"
         )
-        context.impl.static_output(f"--   UPDATE {table} SET {set_}" + (f" WHERE {where}" if where else ""))
+        statement = f"UPDATE {table} SET {set_}" + (f" WHERE {where}" if where else "")
+        context.impl.static_output("--   " + " ".join(statement.split()))
         return Progress(name or default_name(table, key, set_, where), table)
     # Archiving commits with the end of the step: a rerun of a step that failed
     # after its backfills skips them, a later re-application starts afresh. An
