@@ -17,7 +17,7 @@ from rich.table import Table
 from agent.errors import BadInput, DbAgentError
 from agent.events import Event
 from agent.redact import redact
-from agent.settings import Settings, load_settings
+from agent.settings import DatabaseSettings, Settings, load_settings
 
 app = typer.Typer(
     name="dbagent",
@@ -136,7 +136,7 @@ def finish(result: dict[str, Any], as_json: bool, render: Any = None) -> NoRetur
     else:
         if render is not None and result.get("status") == "succeeded":
             render(result)
-        elif render is not None and result.get("verify"):
+        elif render is not None and (result.get("verify") or result.get("validation")):
             render(result)
         if result.get("error"):
             err.print(f"error: {redact(result['error'])}")
@@ -236,22 +236,37 @@ def migrate(
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Print pending steps and their SQL; change nothing.")] = False,
     to: Annotated[str | None, typer.Option("--to", help="Target revision (default: head).")] = None,
     no_backup: Annotated[bool, typer.Option("--no-backup", help="Skip the pre-migration backup (recorded in the audit trail).")] = False,
+    allow: Annotated[list[str] | None, typer.Option(
+        "--allow", metavar="RULE",
+        help="Let this migration go ahead despite validation errors of this rule (repeatable; recorded in the audit trail).",
+    )] = None,
     db: DbOpt = None, as_json: JsonOpt = False, actor: ActorOpt = None, ticket: TicketOpt = None,
     no_wait: NoWaitOpt = False, timeout: TimeoutOpt = 3600.0,
 ) -> None:
-    """Backup → migrate → verify; --dry-run shows the plan and its SQL."""
+    """Validate → backup → migrate → verify; --dry-run shows the plan, its SQL and the validation findings."""
+    from agent.preflight import check_allow
+
     if to is not None:
         _check_revision_locally(db, to, allow_base=False)
-    args = {"dry_run": dry_run, "to": to, "no_backup": no_backup}
+    try:
+        allowed = check_allow(allow or [])
+    except BadInput as exc:
+        err.print(f"error: {exc.message}")
+        raise typer.Exit(2) from None
+    args = {"dry_run": dry_run, "to": to, "no_backup": no_backup, "allow": allowed}
     result = submit("migrate", args, db=db, as_json=as_json, actor=actor, ticket=ticket, no_wait=no_wait, timeout=timeout)
 
     def render(r: dict[str, Any]) -> None:
+        if r.get("status") != "succeeded" and not r.get("verify"):  # stopped by validation
+            _render_findings([f for f in (r.get("validation") or {}).get("findings") or [] if f["severity"] == "error"])
+            return
         if r.get("dry_run"):
             steps = r.get("steps") or []
             out.print(f"dry run: {r['db']} at {r.get('revision_before') or 'base'}, {len(steps)} pending step(s); nothing was changed")
             for step in steps:
                 out.print(f"\n-- {step['revision']}: {step['description']}")
                 out.print(step.get("sql", "").rstrip(), markup=False)
+            _render_findings((r.get("validation") or {}).get("findings") or [])
             return
         before, after = r.get("revision_before") or "base", r.get("revision_after") or "base"
         steps = r.get("steps") or []
@@ -493,17 +508,18 @@ def validate(
     rehearse: Annotated[bool, typer.Option("--rehearse", help="Then apply each pending migration up, down and up again on a scratch database, comparing schemas.")] = False,
     from_empty: Annotated[bool, typer.Option("--from-empty", help="With --rehearse: start from an empty database, not the newest schema backup.")] = False,
 ) -> None:
-    """Static checks of the migration scripts, then a lint of the SQL each upgrade() emits (pglast)."""
-    from agent.lint import lint_migrations
-    from agent.validate import check_sources, load_sources, status_of
+    """Static checks of the scripts, a lint of the SQL each upgrade() emits (pglast), checksums of the applied ones."""
+    from agent import preflight
 
     db_name, database = settings().database(db)
-    structural = check_sources(load_sources(database.migrations))
-    findings = [{"statement": None, "fix": None, **f.to_json()} for f in structural]
+    current, recorded, unchecked = _applied_checksums(database)
+    findings = preflight.findings(database.migrations, current=current, recorded=recorded)
+    if unchecked:
+        findings.append({"revision": None, "rule": "checksums-unchecked", "severity": "warning", "statement": None,
+                         "fix": None, "file": None, "message": unchecked})
     rehearsal: dict[str, Any] | None = None
-    if status_of(structural) == "passed":
-        # The lint renders each upgrade offline: only once the scripts form one sound chain.
-        findings += [f.to_json() for f in lint_migrations(database.migrations)]
+    if not any(f["rule"] in preflight.STRUCTURAL_RULES and f["severity"] == "error" for f in findings):
+        # The rehearsal applies the scripts: only once they form one sound chain.
         if rehearse:
             from agent.rehearse import rehearse as run_rehearsal
 
@@ -518,15 +534,33 @@ def validate(
     if as_json:
         _print_json({"status": status, "findings": findings, **({"rehearsal": rehearsal} if rehearse else {})})
     else:
-        for f in findings:
-            where = f" {f['revision']}" if f.get("revision") else ""
-            (err if f["severity"] == "error" else out).print(f"{f['severity']}:{where} [{f['rule']}] {f['message']}", markup=False)
-            if f.get("statement"):
-                out.print(f"    statement: {f['statement']}", markup=False)
-            if f.get("fix"):
-                out.print(f"    fix: {f['fix']}", markup=False)
+        _render_findings(findings)
         out.print(f"validate: {status} ({len(findings)} finding(s)) in {database.migrations}")
     raise typer.Exit(1 if status == "failed" else 0)
+
+
+def _applied_checksums(database: DatabaseSettings) -> tuple[str | None, dict[str, dict[str, Any]] | None, str | None]:
+    """(current revision, recorded checksums, why they could not be read) from the database itself."""
+    from sqlalchemy.exc import SQLAlchemyError
+
+    from agent import store
+    from agent.connections import pg_connection
+    from agent.migrator import Migrator
+
+    try:
+        with pg_connection(database, application_name="dbagent validate") as conn:
+            current = Migrator.current(conn)
+            present = conn.exec_driver_sql(
+                f"SELECT to_regclass('{store.SCHEMA}.changelog') IS NOT NULL AND EXISTS (SELECT 1 FROM pg_attribute"
+                f" WHERE attrelid = to_regclass('{store.SCHEMA}.changelog') AND attname = 'checksum')"
+            ).scalar()
+            recorded = store.applied_checksums(conn) if present else {}
+            conn.rollback()
+            return current, recorded, None
+    except DbAgentError as exc:
+        return None, None, f"checksums of applied migrations not checked: {exc.message}"
+    except SQLAlchemyError as exc:
+        return None, None, f"checksums of applied migrations not checked: {redact(exc).splitlines()[0]}"
 
 
 @env_app.command("validate")
@@ -666,6 +700,16 @@ def _check_revision_locally(db: str | None, rev: str | None, *, allow_base: bool
     from agent.migrator import Migrator
 
     Migrator(database.migrations, database.url).revision(rev)
+
+
+def _render_findings(findings: list[dict[str, Any]]) -> None:
+    for f in findings:
+        where = f" {f['revision']}" if f.get("revision") else ""
+        (err if f["severity"] == "error" else out).print(f"{f['severity']}:{where} [{f['rule']}] {f['message']}", markup=False)
+        if f.get("statement"):
+            out.print(f"    statement: {f['statement']}", markup=False)
+        if f.get("fix"):
+            out.print(f"    fix: {f['fix']}", markup=False)
 
 
 def _render_checks(body: dict[str, Any] | None) -> None:

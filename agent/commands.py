@@ -64,6 +64,7 @@ class MigrateArgs(_Args):
     dry_run: bool = False
     to: str | None = None
     no_backup: bool = False
+    allow: list[str] = []  # validation rules whose errors may not stop this migration
 
 
 class RollbackArgs(_Args):

@@ -23,6 +23,8 @@ class EventType(StrEnum):
     LOCK_RELEASED = "lock.released"
     LOCK_WAITING = "lock.waiting"
     LOCK_BLOCKING = "lock.blocking"
+    VALIDATION_COMPLETED = "validation.completed"
+    VALIDATION_FAILED = "validation.failed"
     BACKUP_STARTED = "backup.started"
     BACKUP_PROGRESS = "backup.progress"
     BACKUP_COMPLETED = "backup.completed"

@@ -22,7 +22,7 @@ from __future__ import annotations
 import io
 import re
 import tokenize
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Collection, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -848,8 +848,9 @@ def lint_migrations(
     url: str = OFFLINE_URL,
     *,
     runner_sets_lock_timeout: bool = True,
+    only: Collection[str] | None = None,
 ) -> list[LintFinding]:
-    """Lint the upgrade() SQL of every revision of an Alembic script directory, oldest first.
+    """Lint the upgrade() SQL of every revision (or those in ``only``) of a script directory, oldest first.
 
     Each revision is rendered offline (``url`` only picks the dialect; nothing
     connects) and linted on its own, with the allow directives of its file.
@@ -859,6 +860,8 @@ def lint_migrations(
     migrator = Migrator(script_location, url)
     findings: list[LintFinding] = []
     for step in migrator.upgrade_plan(None):
+        if only is not None and step.revision not in only:
+            continue
         path = Path(migrator.revision(step.revision).path)
         disabled = disabled_rules(path.read_text(encoding="utf-8"))
         try:

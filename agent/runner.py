@@ -21,7 +21,7 @@ from typing import Any
 import redis
 from sqlalchemy import Connection
 
-from agent import backup_operations, keys, retries, store
+from agent import backup_operations, keys, preflight, retries, store
 from agent.backups import BackupKind, Trigger, list_backups
 from agent.blocking import BlockingMonitor
 from agent.commands import (
@@ -100,9 +100,13 @@ class Journal:
         store.insert_event(conn, event)
         self._unpublished.append(event)
 
-    def publish_from_thread(self, data: dict[str, Any]) -> None:
-        """A lock.blocking event from the sampler thread: its own connection writes the audit row."""
-        event = self.make(EventType.LOCK_BLOCKING, data)
+    def emit_aside(self, type_: EventType, data: dict[str, Any]) -> None:
+        """An event from beside the step (the lock sampler's thread, a backfill inside a step).
+
+        The step's connection is busy with the step's own transaction, so a
+        connection of its own writes the audit row.
+        """
+        event = self.make(type_, data)
         if self.db_url is not None:
             try:
                 import psycopg
@@ -115,11 +119,11 @@ class Journal:
                          event.host, json.dumps(event.data, default=str)),
                     )
             except Exception as exc:
-                log.warning("lock.blocking not written to the audit log: %s", redact(exc))
+                log.warning("%s not written to the audit log: %s", event.type, redact(exc))
         try:
             self.eventlog.publish([event])
         except redis.RedisError as exc:
-            log.warning("could not publish lock.blocking: %s", redact(exc))
+            log.warning("could not publish %s: %s", event.type, redact(exc))
 
     def discard_staged(self) -> None:
         self._unpublished.clear()
@@ -505,6 +509,7 @@ def migrate(run: Run) -> dict[str, Any]:
     migrator = run.migrations()
     before = migrator.current(run.conn)
     plan = migrator.upgrade_plan(before, args.to)
+    validation = _preflight(run, before, plan, args)
     if args.dry_run:
         return {
             "dry_run": True,
@@ -512,6 +517,7 @@ def migrate(run: Run) -> dict[str, Any]:
             "revision_after": before,
             "target": plan[-1].revision if plan else before,
             "steps": [{**s.to_json(), "sql": migrator.offline_sql(s)} for s in plan],
+            "validation": validation,
         }
     target = plan[-1].revision if plan else before
     backup: dict[str, Any] | str
@@ -557,7 +563,39 @@ def migrate(run: Run) -> dict[str, Any]:
     except OperationFailed as exc:
         exc.details.update(facts)
         raise
-    return {**facts, **verified}
+    return {**facts, **verified, "validation": validation}
+
+
+def _preflight(run: Run, before: str | None, plan: list[Step], args: MigrateArgs) -> dict[str, Any] | None:
+    """Validate the scripts before touching anything; an error stops the run unless --allow names its rule.
+
+    The lint covers the steps about to run (the applied ones ran already; their
+    checksums say whether their files changed since). Where validation is only
+    advisory (``validate_before_migrate``), findings are reported, not enforced.
+    """
+    allow = preflight.check_allow(args.allow)
+    if not plan:
+        return None
+    recorded = store.applied_checksums(run.conn)
+    run.conn.commit()
+    found = preflight.findings(
+        run.db.migrations, migrator=run.migrations(), current=before, recorded=recorded,
+        lint_only={s.revision for s in plan},
+    )
+    verdict = preflight.Verdict(found, allow)
+    enforced = run.db.enforces_validation(run.db_name)
+    body = {**verdict.to_json(), "enforced": enforced, "revision_before": before}
+    if args.dry_run:
+        return body
+    if verdict.blocking and enforced:
+        run.emit(EventType.VALIDATION_FAILED, **body)
+        raise OperationFailed(
+            f"validation failed, nothing was changed: {verdict.summary()}. Fix the migration, or accept a finding"
+            f" with --allow RULE (recorded in the audit trail)",
+            validation=body, revision_before=before, revision_after=before,
+        )
+    run.emit(EventType.VALIDATION_COMPLETED, **body)
+    return body
 
 
 def rollback(run: Run) -> dict[str, Any]:
@@ -603,7 +641,7 @@ def _apply_steps(run: Run, plan: list[Step], facts: dict[str, Any], failed: Even
     migrator, conn, command = run.migrations(), run.conn, run.command
     backend_pid = int(conn.exec_driver_sql("SELECT pg_backend_pid()").scalar() or 0)
     conn.commit()
-    monitor = BlockingMonitor(run.db.url, backend_pid, run.db.lock_blocking_threshold, run.journal.publish_from_thread)
+    monitor = BlockingMonitor(run.db.url, backend_pid, run.db.lock_blocking_threshold, lambda data: run.journal.emit_aside(EventType.LOCK_BLOCKING, data))
     with monitor:
         outcome = "applied"
         for number, step in enumerate(plan, start=1):
@@ -613,11 +651,15 @@ def _apply_steps(run: Run, plan: list[Step], facts: dict[str, Any], failed: Even
             recorded: list[bool] = []
             invalid_before = _invalid_indexes(conn)
 
-            def record(connection: Connection, step: Step = step, started: datetime = step_started, clock: float = clock) -> None:
+            checksum = preflight.script_checksum(migrator, step.revision) if step.direction == "up" else None
+
+            def record(connection: Connection, step: Step = step, started: datetime = step_started, clock: float = clock,
+                       checksum: str | None = checksum) -> None:
                 finished = utcnow()
                 store.insert_changelog(
                     connection, command=command, revision=step.revision, description=step.description,
                     direction=step.direction, started_at=started, finished_at=finished, outcome=outcome,
+                    checksum=checksum,
                 )
                 run.journal.stage(
                     connection, EventType.MIGRATION_STEP, **step.to_json(), number=number, of=len(plan),
@@ -742,9 +784,28 @@ def _apply_politely(run: Run, step: Step, on_version_apply: Callable[..., None])
             _rollback_quietly(conn)
 
 
+# A backfill reports after every batch; the event log hears of it at most this often (and at the end).
+BACKFILL_EVENT_EVERY_S = 2.0
+
+
 def _script_attributes(run: Run) -> dict[str, Any]:
-    """What the migration scripts can read from ``context.config.attributes``."""
-    return {}
+    """What the migration scripts can read from ``context.config.attributes`` (``agent.backfill`` reads these)."""
+    last_said: dict[str, float] = {}
+
+    def on_progress(progress: dict[str, Any]) -> None:
+        name = str(progress.get("name"))
+        now = time.monotonic()
+        if progress.get("finished") or now - last_said.get(name, float("-inf")) >= BACKFILL_EVENT_EVERY_S:
+            last_said[name] = now
+            run.journal.emit_aside(EventType.BACKFILL_PROGRESS, progress)
+
+    return {
+        "dbagent.backfill": {
+            "batch_size": run.db.backfill_batch_size,
+            "pause_s": run.db.backfill_pause,
+            "on_progress": on_progress,
+        }
+    }
 
 
 _INVALID_INDEXES = """

@@ -11,7 +11,7 @@ import os
 import re
 import tomllib
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, PrivateAttr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, SettingsError
@@ -103,6 +103,11 @@ class DatabaseSettings(_Section):
     lock_timeout: TimeoutSeconds = Field(
         2.0, description="PostgreSQL lock_timeout of every statement; a step that times out is retried"
     )
+    validate_before_migrate: Literal["auto", "enforce", "warn"] = Field(
+        "auto",
+        description="enforce: a validation error stops a migrate unless --allow names its rule; warn: reported only;"
+        " auto: enforce unless the database's name looks like dev or test",
+    )
     lock_retries: int = Field(10, ge=1, le=1000, description="attempts of a step that keeps timing out on its locks")
     lock_timeout_growth: float = Field(1.5, ge=1.0, le=10.0, description="each retry's lock_timeout is this much longer")
     lock_timeout_max: TimeoutSeconds = Field(10.0, description="the longest lock_timeout a retry grows to")
@@ -127,6 +132,11 @@ class DatabaseSettings(_Section):
     auto_restore: bool = Field(False, description="a failed automatic rollback escalates to restoring the pre-migration backup")
     backfill_batch_size: int = Field(1000, ge=1, description="rows per batch of a batched data migration (agent.backfill)")
     backfill_pause: Seconds = Field(0.0, description="pause between a batched data migration's batches, to spare replicas and the application")
+
+    def enforces_validation(self, name: str) -> bool:
+        if self.validate_before_migrate != "auto":
+            return self.validate_before_migrate == "enforce"
+        return not _DEV_OR_TEST.search(name)
 
     def retry_policy(self) -> RetryPolicy:
         from agent.retries import RetryPolicy

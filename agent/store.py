@@ -73,6 +73,8 @@ CREATE TABLE IF NOT EXISTS {SCHEMA}.changelog (
     outcome      text NOT NULL CHECK (outcome IN ('applied', 'reverted', 'failed')),
     error        text
 );
+-- sha256 of the script file an applied step ran (validate: applied-migration-changed)
+ALTER TABLE {SCHEMA}.changelog ADD COLUMN IF NOT EXISTS checksum text;
 """
 
 
@@ -88,6 +90,8 @@ def ensure_schema(conn: Connection) -> None:
     present = conn.exec_driver_sql(
         f"SELECT to_regclass('{SCHEMA}.commands') IS NOT NULL AND to_regclass('{SCHEMA}.audit_log') IS NOT NULL"
         f" AND to_regclass('{SCHEMA}.changelog') IS NOT NULL"
+        f" AND EXISTS (SELECT 1 FROM pg_attribute WHERE attrelid = to_regclass('{SCHEMA}.changelog')"
+        " AND attname = 'checksum' AND NOT attisdropped)"
     ).scalar()
     conn.commit()
     if not present:
@@ -169,6 +173,7 @@ def insert_changelog(
     finished_at: datetime | None,
     outcome: str,
     error: str | None = None,
+    checksum: str | None = None,
 ) -> None:
     duration_ms = (
         round((finished_at - started_at).total_seconds() * 1000) if finished_at is not None else None
@@ -176,9 +181,9 @@ def insert_changelog(
     conn.execute(
         text(
             f"INSERT INTO {SCHEMA}.changelog (command_id, revision, description, direction, actor, ticket,"
-            " started_at, finished_at, duration_ms, outcome, error) VALUES (:command_id, :revision,"
+            " started_at, finished_at, duration_ms, outcome, error, checksum) VALUES (:command_id, :revision,"
             " :description, :direction, :actor, :ticket, :started_at, :finished_at, :duration_ms,"
-            " :outcome, :error)"
+            " :outcome, :error, :checksum)"
         ),
         {
             "command_id": command.id,
@@ -189,11 +194,23 @@ def insert_changelog(
             "ticket": command.ticket,
             "started_at": started_at,
             "finished_at": finished_at,
+            "checksum": checksum,
             "duration_ms": duration_ms,
             "outcome": outcome,
             "error": error,
         },
     )
+
+
+def applied_checksums(conn: Connection) -> dict[str, dict[str, Any]]:
+    """Per revision, the checksum recorded when it was last applied (and when, by whom)."""
+    rows = conn.execute(
+        text(
+            f"SELECT DISTINCT ON (revision) revision, checksum, finished_at, actor FROM {SCHEMA}.changelog"
+            " WHERE direction = 'up' AND outcome = 'applied' ORDER BY revision, id DESC"
+        )
+    ).mappings()
+    return {row["revision"]: dict(row) for row in rows}
 
 
 def changelog(conn: Connection, limit: int) -> list[dict[str, Any]]:

@@ -337,7 +337,7 @@ def test_offline_sql_says_what_the_backfill_would_do(db, tmp_path):
     assert sql(db, "SELECT to_regclass('dbagent.backfills')") == [(None,)]
 
 
-def test_a_migration_with_a_backfill_runs_through_dbagent_migrate(env):
+def test_a_migration_with_a_backfill_runs_through_dbagent_migrate(env, redis_client):
     body = (
         '    op.execute("CREATE TABLE IF NOT EXISTS big (id bigint PRIMARY KEY, counter integer NOT NULL DEFAULT 0)")\n'
         '    op.execute("INSERT INTO big (id) SELECT generate_series(1, 5000) ON CONFLICT DO NOTHING")\n'
@@ -351,6 +351,11 @@ def test_a_migration_with_a_backfill_runs_through_dbagent_migrate(env):
     assert run.json()["revision_after"] == "012"
     assert env.sql("SELECT counter, count(*) FROM big GROUP BY counter") == [(1, 5000)]
     assert env.sql("SELECT rows_done, finished_at IS NOT NULL, archived_at IS NOT NULL FROM dbagent.backfills") == [(5000, True, True)]
+    # The worker hands the database's backfill_batch_size to the helper and reports progress as events.
+    assert env.sql("SELECT batches FROM dbagent.backfills") == [(7,)]  # ceil(5000 / 800)
+    progress = [e for e in env.stream_events(redis_client) if e["type"] == "backfill.progress"]
+    assert progress and progress[-1]["data"]["finished"] is True and progress[-1]["data"]["rows_done"] == 5000
+    assert progress[-1]["command_id"] == run.json()["command_id"]
 
 
 def test_backfill_settings_have_defaults_and_take_durations():

@@ -1,0 +1,162 @@
+"""Everything dbagent checks about the migration scripts before it runs them.
+
+Three kinds of finding, in the ``--json`` shape of ``dbagent validate``
+(``revision``, ``rule``, ``severity``, ``message``, ``statement``, ``fix``, ``file``):
+
+* structure (``agent.validate``): naming, revision ids, one linear chain, a real downgrade();
+* the lint of the SQL each upgrade() emits (``agent.lint``, pglast);
+* checksums: the sha256 of every applied script is kept in ``dbagent.changelog``;
+  a script edited after it was applied is ``applied-migration-changed``, like
+  Flyway's validate: the database no longer matches what the file says it ran.
+
+``dbagent validate`` shows them all. Before every migrate the worker runs them
+too: an ``error`` stops the migration unless ``--allow RULE`` names its rule.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Collection, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from agent.errors import BadInput
+from agent.migrator import Migrator
+
+CHANGED = "applied-migration-changed"
+
+CHANGED_FIX = (
+    "put the file back as it was when it was applied (git log -p on it shows the edit) and make the change in "
+    "a new migration; a migrate that must go ahead anyway takes --allow applied-migration-changed, recorded in "
+    "the audit trail"
+)
+
+
+def file_checksum(path: str | Path) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def script_checksum(migrator: Migrator, revision: str) -> str:
+    """The sha256 of the file that defines ``revision``."""
+    return file_checksum(migrator.revision(revision).path)
+
+
+def _finding(revision: str | None, rule: str, severity: str, message: str, *, statement: str | None = None,
+             fix: str | None = None, file: str | None = None) -> dict[str, Any]:
+    return {"revision": revision, "rule": rule, "severity": severity, "message": message,
+            "statement": statement, "fix": fix, "file": file}
+
+
+def checksum_findings(migrator: Migrator, current: str | None, recorded: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
+    """An error for every applied revision whose file no longer has the checksum recorded when it ran.
+
+    Revisions applied before dbagent kept checksums (or by plain Alembic) have
+    none recorded and are not judged.
+    """
+    if current is None:
+        return []
+    order = [s.revision for s in migrator.chain()]
+    if current not in order:
+        return []
+    findings = []
+    for revision in order[: order.index(current) + 1]:
+        row = recorded.get(revision) or {}
+        if not row.get("checksum"):
+            continue
+        path = Path(migrator.revision(revision).path)
+        now = file_checksum(path)
+        if now != row["checksum"]:
+            when = f" on {row['finished_at']:%Y-%m-%d %H:%M} UTC" if row.get("finished_at") else ""
+            who = f" by {row['actor']}" if row.get("actor") else ""
+            findings.append(_finding(
+                revision, CHANGED, "error",
+                f"{path.name} was edited after it was applied{when}{who}"
+                f" (sha256 then {row['checksum'][:12]}…, now {now[:12]}…): the database ran the old version, so the"
+                " file no longer describes it, and its downgrade() may not undo what was really done",
+                fix=CHANGED_FIX, file=path.name,
+            ))
+    return findings
+
+
+# The rules of agent.validate: an error among them means the lint and the rest cannot run.
+STRUCTURAL_RULES = frozenset({
+    "syntax", "naming", "revision-id", "downgrade", "duplicate-revision", "sequence", "chain", "single-head", "empty",
+})
+
+
+def known_rules() -> set[str]:
+    from agent.lint import RULES
+
+    return set(RULES) | STRUCTURAL_RULES | {CHANGED}
+
+
+def check_allow(rules: Iterable[str]) -> list[str]:
+    """The ``--allow`` rule names, checked: a typo must not silently allow nothing."""
+    names = sorted({r.strip() for r in rules if r.strip()})
+    unknown = [r for r in names if r not in known_rules()]
+    if unknown:
+        raise BadInput(f"--allow: unknown rule(s) {', '.join(unknown)} (known: {', '.join(sorted(known_rules()))})")
+    return names
+
+
+def findings(
+    location: str | Path,
+    *,
+    migrator: Migrator | None = None,
+    current: str | None = None,
+    recorded: dict[str, dict[str, Any]] | None = None,
+    lint_only: Collection[str] | None = None,
+) -> list[dict[str, Any]]:
+    """Every finding about the scripts in ``location``.
+
+    ``recorded`` (from ``store.applied_checksums``) with ``current`` enables the
+    checksum check; ``lint_only`` restricts the lint to those revisions (a
+    migrate lints what it is about to apply: the rest ran already).
+    """
+    from agent.lint import lint_migrations
+    from agent.validate import check_sources, load_sources, status_of
+
+    structural = check_sources(load_sources(location))
+    out = [_finding(f.revision, f.rule, str(f.severity), f.message, file=f.file) for f in structural]
+    if status_of(structural) != "passed":
+        return out  # the lint and the checksums need one sound chain
+    out += [f.to_json() for f in lint_migrations(location, only=lint_only)]
+    if recorded is not None:
+        out += checksum_findings(migrator or Migrator(location, "postgresql://validate@localhost/validate"), current, recorded)
+    return out
+
+
+def status_of(found: list[dict[str, Any]]) -> str:
+    return "failed" if any(f["severity"] == "error" for f in found) else "passed"
+
+
+@dataclass
+class Verdict:
+    """What a migrate makes of the findings: what stops it, what --allow let through."""
+
+    findings: list[dict[str, Any]]
+    allow: list[str] = field(default_factory=list)
+
+    @property
+    def blocking(self) -> list[dict[str, Any]]:
+        return [f for f in self.findings if f["severity"] == "error" and f["rule"] not in self.allow]
+
+    @property
+    def allowed(self) -> list[dict[str, Any]]:
+        return [f for f in self.findings if f["severity"] == "error" and f["rule"] in self.allow]
+
+    @property
+    def warnings(self) -> list[dict[str, Any]]:
+        return [f for f in self.findings if f["severity"] != "error"]
+
+    def summary(self) -> str:
+        return "; ".join(f"{f.get('revision') or '-'} [{f['rule']}] {f['message'].split(':')[0]}" for f in self.blocking[:5])
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "status": "failed" if self.blocking else "passed",
+            "findings": self.findings,
+            "allowed": [f"{f.get('revision')}:{f['rule']}" for f in self.allowed],
+            "allow": self.allow,
+        }
