@@ -13,10 +13,11 @@ spirit of GitLab's ``with_lock_retries``, dbagent bounds that wait:
   is in the way: a ``lock.waiting`` event names each blocking session's pid,
   query, state and transaction age;
 * before an attempt it looks at ``pg_locks``: when a transaction that has
-  already been open longer than the attempt's lock_timeout holds a
-  conflicting lock on a table the step is about to lock, the attempt would
-  only queue the application behind it for nothing, so dbagent waits without
-  joining the lock queue at all.
+  already been open longer than ``lock_holder_grace`` (default 200 ms, far
+  longer than an application's own transactions) holds a conflicting lock on
+  a table the step is about to lock, asking would only queue the application
+  behind it, so dbagent waits it out without joining the lock queue at all.
+  The last attempt always asks.
 
 ``lock_targets`` and ``RetryPolicy`` are pure; ``blockers`` reads the server.
 """
@@ -81,6 +82,8 @@ class RetryPolicy:
     max_lock_timeout_s: float = 10.0
     pause_s: float = 1.0
     max_pause_s: float = 30.0
+    holder_grace_s: float = 0.2
+
 
     def lock_timeout(self, attempt: int) -> float:
         """The lock_timeout of attempt ``attempt`` (1-based): growing, capped."""

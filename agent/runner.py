@@ -727,7 +727,7 @@ def _lock_targets(migrator: Migrator, step: Step) -> dict[str, str]:
 def _apply_politely(run: Run, step: Step, on_version_apply: Callable[..., None]) -> None:
     """Apply one step under a short lock_timeout, retried with backoff while sessions are in its way.
 
-    Before each attempt, a transaction older than the attempt's lock_timeout
+    Before each attempt, a transaction open longer than ``lock_holder_grace``
     that holds a conflicting lock on a table the step needs means the attempt
     would only queue the application behind it: dbagent waits without asking.
     An attempt that times out has rolled back entirely and is tried again.
@@ -742,7 +742,9 @@ def _apply_politely(run: Run, step: Step, on_version_apply: Callable[..., None])
         for attempt in range(1, policy.attempts + 1):
             timeout = policy.lock_timeout(attempt)
             last = attempt == policy.attempts
-            in_the_way = retries.blockers(conn, targets, older_than_s=timeout) if targets and not last else []
+            in_the_way = (
+                retries.blockers(conn, targets, older_than_s=policy.holder_grace_s) if targets and not last else []
+            )
             tried = not in_the_way
             if tried:
                 _set_lock_timeout(conn, timeout)

@@ -113,6 +113,9 @@ class DatabaseSettings(_Section):
     lock_timeout_max: TimeoutSeconds = Field(10.0, description="the longest lock_timeout a retry grows to")
     lock_retry_pause: Seconds = Field(1.0, ge=0, description="the first pause between attempts; doubles, jittered 50-100%")
     lock_retry_max_pause: Seconds = Field(30.0, ge=0, description="the longest pause between attempts")
+    lock_holder_grace: Seconds = Field(
+        0.2, ge=0, description="a conflicting transaction open longer than this is waited out before a step asks for its lock"
+    )
     statement_timeout: TimeoutSeconds = 900.0
     connect_timeout: Seconds = 5.0
     lock_wait_timeout: Seconds = Field(1800.0, description="how long a writer waits for the database's lock")
@@ -148,6 +151,7 @@ class DatabaseSettings(_Section):
             max_lock_timeout_s=max(self.lock_timeout_max, self.lock_timeout),
             pause_s=self.lock_retry_pause,
             max_pause_s=self.lock_retry_max_pause,
+            holder_grace_s=self.lock_holder_grace,
         )
 
     def takes_pre_migration_backup(self, name: str) -> bool:

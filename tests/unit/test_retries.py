@@ -46,6 +46,7 @@ def test_pauses_double_are_capped_and_jittered_between_half_and_all():
 def test_the_policy_comes_from_the_database_config_with_2s_and_10_attempts_by_default():
     policy = DatabaseSettings(url="postgresql://x@h/db").retry_policy()
     assert (policy.lock_timeout_s, policy.attempts, policy.max_lock_timeout_s) == (2.0, 10, 10.0)
+    assert policy.holder_grace_s == 0.2
     custom = DatabaseSettings(url="postgresql://x@h/db", lock_timeout="500ms", lock_retries=3, lock_retry_pause="2s").retry_policy()
     assert (custom.lock_timeout_s, custom.attempts, custom.pause_s) == (0.5, 3, 2.0)
 
