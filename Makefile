@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: install demo test unit bench bench-backup bench-agent clean
+.PHONY: install demo test unit bench bench-backup bench-agent bench-lock bench-lint clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -30,6 +30,12 @@ bench-backup: install
 
 bench-agent: install
 	$(PY) bench/bench_agent.py
+
+bench-lock: install
+	$(PY) bench/bench_lock.py
+
+bench-lint: install
+	$(PY) bench/bench_lint.py
 
 clean:
 	rm -rf $(VENV) .dbagent .pytest_cache
