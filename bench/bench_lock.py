@@ -33,7 +33,7 @@ import psycopg
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from tests.servers import REDIS_URL, copy_migrations, create_database, delete_prefix, drop_database, new_env  # noqa: E402
+from tests.servers import ADD_USERS_NICKNAME, REDIS_URL, copy_migrations, create_database, delete_prefix, drop_database, new_env  # noqa: E402
 
 RATE = float(os.environ.get("BENCH_RATE", "200"))  # application queries per second
 CONNECTIONS = int(os.environ.get("BENCH_CONNECTIONS", "4"))
@@ -41,25 +41,6 @@ DURATION_S = float(os.environ.get("BENCH_DURATION", "16"))
 REPEAT = int(os.environ.get("BENCH_REPEAT", "3"))  # runs of each scenario; the median run (by p99) is shown
 HOLD_FROM_S, HOLD_S, MIGRATE_AT_S = 2.0, 8.0, 3.0
 USERS = 20_000
-
-ADD_NICKNAME = '''"""Add users.nickname."""
-from alembic import op
-import sqlalchemy as sa
-
-revision = "012"
-down_revision = "011"
-branch_labels = None
-depends_on = None
-
-
-def upgrade() -> None:
-    op.add_column("users", sa.Column("nickname", sa.Text(), nullable=True))
-
-
-def downgrade() -> None:
-    op.drop_column("users", "nickname")
-'''
-
 
 class Load:
     """CONNECTIONS sessions sharing one fixed-rate schedule; latency = finish - when the query was due."""
@@ -166,7 +147,7 @@ def main() -> None:
 
     tmp = Path(tempfile.mkdtemp(prefix="dbagent-bench-lock-"))
     world = new_env(tmp)
-    world.migrations = copy_migrations(tmp, {"012_add_users_nickname.py": ADD_NICKNAME})
+    world.migrations = copy_migrations(tmp, {"012_add_users_nickname.py": ADD_USERS_NICKNAME})
     world.lock_timeout = "2s"  # the shipped default, as in production
     create_database(world.name)
     client = redis.Redis.from_url(REDIS_URL)

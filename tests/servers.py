@@ -182,6 +182,34 @@ class Result:
         return [json.loads(line) for line in self.stderr.splitlines() if line.startswith("{")]
 
 
+def script(revision: str, down: str, doc: str, upgrade: list[str], downgrade: list[str]) -> str:
+    """An Alembic script running the given statements."""
+    return f'''"""{doc}"""
+from alembic import op
+
+revision = "{revision}"
+down_revision = "{down}"
+branch_labels = None
+depends_on = None
+
+
+def upgrade() -> None:
+    for statement in {upgrade!r}:
+        op.execute(statement)
+
+
+def downgrade() -> None:
+    for statement in {downgrade!r}:
+        op.execute(statement)
+'''
+
+
+# A step that needs ACCESS EXCLUSIVE on users (lock retries, their benchmark).
+ADD_USERS_NICKNAME = script(
+    "012", "011", "Add users.nickname.", ["ALTER TABLE users ADD COLUMN nickname text"], ["ALTER TABLE users DROP COLUMN nickname"]
+)
+
+
 def copy_migrations(tmp: Path, extra: dict[str, str] | None = None, upto: int | None = None) -> Path:
     """A copy of the shipped migrations (optionally only the first `upto`), plus extra scripts."""
     target = tmp / "migrations"

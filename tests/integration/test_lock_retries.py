@@ -13,32 +13,15 @@ import subprocess
 import sys
 import threading
 import time
+from dataclasses import dataclass
 
 import psycopg
 import pytest
 
 from tests.faults.test_faults import wait_for
-from tests.servers import ROOT, copy_migrations
+from tests.servers import ADD_USERS_NICKNAME, ROOT, copy_migrations
 
 pytestmark = pytest.mark.integration
-
-ADD_NICKNAME = '''"""Add users.nickname."""
-from alembic import op
-import sqlalchemy as sa
-
-revision = "012"
-down_revision = "011"
-branch_labels = None
-depends_on = None
-
-
-def upgrade() -> None:
-    op.add_column("users", sa.Column("nickname", sa.Text(), nullable=True))
-
-
-def downgrade() -> None:
-    op.drop_column("users", "nickname")
-'''
 
 UNIQUE_TAGS_CONCURRENTLY = '''"""A unique index on tags(v), built concurrently."""
 from alembic import op
@@ -106,12 +89,22 @@ def assert_blocker_named(data: dict, holder_pid: int, application_name: str) -> 
     assert blocker["xact_age_s"] > 0 and blocker["locks"][0]["mode"] == "AccessShareLock"
 
 
-def test_a_step_behind_a_long_transaction_waits_it_out_and_the_application_never_queues(env, tmp_path, redis_client):
-    env.extra_config = 'lock_retry_pause = "200ms"\nlock_retry_max_pause = "400ms"\nlock_retries = 60'
-    env.migrations = copy_migrations(tmp_path, {"012_add_users_nickname.py": ADD_NICKNAME})
+@dataclass
+class HeldMigration:
+    """A migrate run while a long transaction holds users, with the application reading throughout."""
+
+    returncode: int
+    stderr: str
+    holder_pid: int
+    reads: list[float]  # latencies of the reads made while the transaction held users
+    held_s: float
+
+
+def migrate_while_users_is_held(env, redis_client, *, waits: int, then_hold_s: float = 0.0) -> HeldMigration:
+    """Hold users, migrate, release once the step has waited ``waits`` times (and ``then_hold_s`` more)."""
+    env.migrations = copy_migrations(env.tmp, {"012_add_users_nickname.py": ADD_USERS_NICKNAME})
     env.start_worker()
     assert env.cli("migrate", "--to", "011", "--json").code == 0
-
     reader = Reader(env.url)
     reader.start()
     holder = hold_users(env, "long report")
@@ -119,17 +112,24 @@ def test_a_step_behind_a_long_transaction_waits_it_out_and_the_application_never
     held_from = time.monotonic()
     run = migrate_in_background(env)
     try:
-        wait_for(lambda: len(table_lock_waits(env, redis_client)) >= 3, 60, "the step to wait")
-        time.sleep(2.0)  # the long transaction goes on; the application must not notice
+        wait_for(lambda: len(table_lock_waits(env, redis_client)) >= waits, 60, f"{waits} lock.waiting events")
+        time.sleep(then_hold_s)
     finally:
         holder.rollback()
         holder.close()
     held_until = time.monotonic()
-    out, err = run.communicate(timeout=60)
+    _, err = run.communicate(timeout=60)
     reader.stop.set()
     reader.join(timeout=10)
+    return HeldMigration(run.returncode, err, holder_pid, reader.between(held_from, held_until), held_until - held_from)
 
-    assert run.returncode == 0, err
+
+def test_a_step_behind_a_long_transaction_waits_it_out_and_the_application_never_queues(env, tmp_path, redis_client):
+    env.extra_config = 'lock_retry_pause = "200ms"\nlock_retry_max_pause = "400ms"\nlock_retries = 60'
+    # the long transaction goes on 2 s after the step started waiting; the application must not notice
+    held = migrate_while_users_is_held(env, redis_client, waits=3, then_hold_s=2.0)
+
+    assert held.returncode == 0, held.stderr
     assert env.revision() == "012"
     assert env.sql("SELECT count(*) FROM information_schema.columns WHERE table_name = 'users' AND column_name = 'nickname'") == [(1,)]
     waits = table_lock_waits(env, redis_client)
@@ -138,13 +138,13 @@ def test_a_step_behind_a_long_transaction_waits_it_out_and_the_application_never
     # so nothing queued behind it.
     assert all(e["data"]["tried"] is False for e in waits)
     for e in waits:
-        assert_blocker_named(e["data"], holder_pid, "long report")
+        assert_blocker_named(e["data"], held.holder_pid, "long report")
     assert env.sql("SELECT count(*) FROM dbagent.audit_log WHERE type = 'lock.waiting'")[0][0] >= len(waits)
 
     # Measured: the application's reads went on at full speed while the migration waited.
-    during = reader.between(held_from, held_until)
-    assert held_until - held_from >= 3.0
-    assert len(during) >= 50, f"only {len(during)} reads answered in {held_until - held_from:.1f}s"
+    during = held.reads
+    assert held.held_s >= 3.0
+    assert len(during) >= 50, f"only {len(during)} reads answered in {held.held_s:.1f}s"
     assert max(during) < 0.5, f"a read waited {max(during):.2f}s behind the migration"
     assert statistics.median(during) < 0.05
 
@@ -154,46 +154,28 @@ def test_a_step_that_times_out_on_its_lock_is_retried_with_growing_timeouts_and_
     env.lock_timeout = "500ms"
     env.extra_config = ('lock_holder_grace = "1h"\nlock_timeout_max = "1s"\nlock_retry_pause = "200ms"\n'
                         'lock_retry_max_pause = "300ms"\nlock_retries = 60')
-    env.migrations = copy_migrations(tmp_path, {"012_add_users_nickname.py": ADD_NICKNAME})
-    env.start_worker()
-    assert env.cli("migrate", "--to", "011", "--json").code == 0
+    held = migrate_while_users_is_held(env, redis_client, waits=3)
 
-    reader = Reader(env.url)
-    reader.start()
-    holder = hold_users(env, "long report")
-    holder_pid = holder.info.backend_pid
-    held_from = time.monotonic()
-    run = migrate_in_background(env)
-    try:
-        wait_for(lambda: len(table_lock_waits(env, redis_client)) >= 3, 60, "three timed-out attempts")
-    finally:
-        holder.rollback()
-        holder.close()
-    held_until = time.monotonic()
-    out, err = run.communicate(timeout=60)
-    reader.stop.set()
-    reader.join(timeout=10)
-
-    assert run.returncode == 0, err
+    assert held.returncode == 0, held.stderr
     assert env.revision() == "012"
     waits = [e["data"] for e in table_lock_waits(env, redis_client)]
     assert all(d["tried"] for d in waits)
     assert [d["lock_timeout_ms"] for d in waits[:3]] == [500, 750, 1000]  # growing, capped at lock_timeout_max
     assert all(0 < d["retry_in_ms"] <= 300 for d in waits)
-    assert_blocker_named(waits[0], holder_pid, "long report")
+    assert_blocker_named(waits[0], held.holder_pid, "long report")
     step = env.sql("SELECT outcome FROM dbagent.changelog WHERE revision = '012'")
     assert step == [("applied",)]  # the timed-out attempts rolled back; one step applied
 
     # Measured: a read queues behind an attempt for at most that attempt's lock_timeout, then goes on.
-    during = reader.between(held_from, held_until)
+    during = held.reads
     assert during and max(during) < 1.5, f"a read waited {max(during):.2f}s behind the migration"
-    assert sum(during) < (held_until - held_from)  # not one long stall: plain Alembic would hold every read
+    assert sum(during) < held.held_s  # not one long stall: plain Alembic would hold every read
 
 
 def test_a_step_that_never_gets_its_locks_fails_at_the_previous_revision_naming_the_blocker(env, tmp_path, redis_client):
     env.lock_timeout = "200ms"
     env.extra_config = 'lock_timeout_max = "300ms"\nlock_retry_pause = "100ms"\nlock_retry_max_pause = "200ms"\nlock_retries = 4'
-    env.migrations = copy_migrations(tmp_path, {"012_add_users_nickname.py": ADD_NICKNAME})
+    env.migrations = copy_migrations(tmp_path, {"012_add_users_nickname.py": ADD_USERS_NICKNAME})
     env.start_worker()
     assert env.cli("migrate", "--to", "011", "--json").code == 0
     with psycopg.connect(env.url, application_name="forgotten session") as holder:

@@ -12,33 +12,13 @@ import uuid
 import psycopg
 import pytest
 
-from tests.servers import ADMIN_URL, ROOT, copy_migrations
+from tests.servers import ADMIN_URL, ROOT, copy_migrations, script
 
 pytestmark = pytest.mark.integration
 
 SHIPPED = [f"{n:03d}" for n in range(1, 12)]
 
 
-def script(revision: str, down: str, doc: str, upgrade: list[str], downgrade: list[str]) -> str:
-    """An Alembic script running the given statements."""
-    return f'''"""{doc}"""
-from alembic import op
-
-revision = "{revision}"
-down_revision = "{down}"
-branch_labels = None
-depends_on = None
-
-
-def upgrade() -> None:
-    for statement in {upgrade!r}:
-        op.execute(statement)
-
-
-def downgrade() -> None:
-    for statement in {downgrade!r}:
-        op.execute(statement)
-'''
 
 
 GOOD_012 = script("012", "011", "Add a nickname to users.",

@@ -8,31 +8,11 @@ import pytest
 from agent.events import Event
 from agent.rollback import plan_rollback
 from agent.verify import CHECK_NAMES, NO_RUN
-from tests.servers import copy_migrations
+from tests.servers import copy_migrations, script
 
 pytestmark = pytest.mark.integration
 
 
-def script(revision: str, down: str, doc: str, upgrade: list[str], downgrade: list[str]) -> str:
-    """An Alembic script running the given statements."""
-    return f'''"""{doc}"""
-from alembic import op
-
-revision = "{revision}"
-down_revision = "{down}"
-branch_labels = None
-depends_on = None
-
-
-def upgrade() -> None:
-    for statement in {upgrade!r}:
-        op.execute(statement)
-
-
-def downgrade() -> None:
-    for statement in {downgrade!r}:
-        op.execute(statement)
-'''
 
 
 def checks_of(body: dict) -> dict[str, dict]:
