@@ -244,15 +244,17 @@ def migrate(
     no_wait: NoWaitOpt = False, timeout: TimeoutOpt = 3600.0,
 ) -> None:
     """Validate → backup → migrate → verify; --dry-run shows the plan, its SQL and the validation findings."""
-    from agent.preflight import check_allow
-
     if to is not None:
         _check_revision_locally(db, to, allow_base=False)
-    try:
-        allowed = check_allow(allow or [])
-    except BadInput as exc:
-        err.print(f"error: {exc.message}")
-        raise typer.Exit(2) from None
+    allowed: list[str] = []
+    if allow:  # checked here too, so a typo fails fast (the worker checks again)
+        from agent.preflight import check_allow
+
+        try:
+            allowed = check_allow(allow)
+        except BadInput as exc:
+            err.print(f"error: {exc.message}")
+            raise typer.Exit(2) from None
     args = {"dry_run": dry_run, "to": to, "no_backup": no_backup, "allow": allowed}
     result = submit("migrate", args, db=db, as_json=as_json, actor=actor, ticket=ticket, no_wait=no_wait, timeout=timeout)
 

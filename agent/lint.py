@@ -19,6 +19,7 @@ comment in its Python source naming the rule and the reason::
 
 from __future__ import annotations
 
+import functools
 import io
 import re
 import tokenize
@@ -804,6 +805,15 @@ def _directive_findings(
     return findings
 
 
+@functools.lru_cache(maxsize=256)
+def parse_statements(sql: str) -> tuple[ast.RawStmt, ...]:
+    """pglast's parse of ``sql``, cached: a migrate lints each step's SQL and then reads the locks it takes.
+
+    Callers must not modify the nodes. Raises ``pglast.parser.ParseError``.
+    """
+    return tuple(pglast.parse_sql(sql))
+
+
 def lint_sql(
     sql: str,
     *,
@@ -823,7 +833,7 @@ def lint_sql(
     findings = _directive_findings(disabled, revision, file)
     off = {name for name, reason in disabled.items() if reason.strip()}
     try:
-        statements = pglast.parse_sql(sql)
+        statements = parse_statements(sql)
     except ParseError as exc:
         rule = RULES["parse-error"]
         findings.append(
@@ -849,6 +859,8 @@ def lint_migrations(
     *,
     runner_sets_lock_timeout: bool = True,
     only: Collection[str] | None = None,
+    migrator: Any = None,
+    render: Callable[[Any], str] | None = None,
 ) -> list[LintFinding]:
     """Lint the upgrade() SQL of every revision (or those in ``only``) of a script directory, oldest first.
 
@@ -857,7 +869,8 @@ def lint_migrations(
     """
     from agent.migrator import Migrator  # Alembic stays out of the pure core's imports.
 
-    migrator = Migrator(script_location, url)
+    migrator = migrator or Migrator(script_location, url)
+    render = render or migrator.offline_sql
     findings: list[LintFinding] = []
     for step in migrator.upgrade_plan(None):
         if only is not None and step.revision not in only:
@@ -865,7 +878,7 @@ def lint_migrations(
         path = Path(migrator.revision(step.revision).path)
         disabled = disabled_rules(path.read_text(encoding="utf-8"))
         try:
-            sql = migrator.offline_sql(step)
+            sql = render(step)
         except Exception as exc:  # noqa: BLE001 - a script's own code may raise anything
             rule = RULES["render-failed"]
             findings.append(

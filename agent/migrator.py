@@ -8,6 +8,7 @@ by one lets dbagent publish a step's event only once its transaction committed.
 from __future__ import annotations
 
 import io
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,6 +27,9 @@ BASE = "base"
 HEAD = "head"
 
 OnVersionApply = Callable[..., None]
+
+# Alembic's offline output opens each migration with this comment.
+_RUNNING = re.compile(r"^-- Running (?P<direction>upgrade|downgrade) (?P<from>\S*) -> (?P<to>\S*)\s*$")
 
 
 @dataclass(frozen=True)
@@ -180,6 +184,37 @@ class Migrator:
             self.script.run_env()
         if conn.in_transaction():
             conn.commit()
+
+    def offline_sql_many(self, steps: list[Step]) -> dict[Step, str]:
+        """The offline SQL of consecutive steps (one direction), rendered in one pass and split per step.
+
+        Rendering step by step loads the environment once per step; a plan of
+        many steps renders once. Each part reads as ``offline_sql`` of its step.
+        """
+        if len(steps) < 2 or len({s.direction for s in steps}) > 1:
+            return {s: self.offline_sql(s) for s in steps}
+        first, last = steps[0], steps[-1]
+        combined = Step(last.revision, first.down_revision, "", "up") if first.direction == "up" else Step(
+            first.revision, last.down_revision, "", "down"
+        )
+        lines = self.offline_sql(combined).splitlines(keepends=True)
+        starts: list[tuple[int, str]] = []
+        for i, line in enumerate(lines):
+            match = _RUNNING.match(line)
+            if match:
+                start = i
+                j = i - 1
+                while j >= 0 and not lines[j].strip():
+                    j -= 1
+                if j >= 0 and lines[j].strip() == "BEGIN;":
+                    start = j
+                revision = match["to"] if match["direction"] == "upgrade" else match["from"]
+                starts.append((start, revision))
+        by_revision = {rev: "".join(lines[(0 if k == 0 else start) : (starts[k + 1][0] if k + 1 < len(starts) else len(lines))])
+                       for k, (start, rev) in enumerate(starts)}
+        if sorted(by_revision) != sorted(s.revision for s in steps):  # not the shape expected: render one by one
+            return {s: self.offline_sql(s) for s in steps}
+        return {s: by_revision[s.revision] for s in steps}
 
     def offline_sql(self, step: Step) -> str:
         """The SQL one step would run, rendered without touching the database."""

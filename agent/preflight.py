@@ -16,13 +16,13 @@ too: an ``error`` stops the migration unless ``--allow RULE`` names its rule.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Collection, Iterable
+from collections.abc import Callable, Collection, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from agent.errors import BadInput
-from agent.migrator import Migrator
+from agent.migrator import Migrator, Step
 
 CHANGED = "applied-migration-changed"
 
@@ -107,12 +107,14 @@ def findings(
     current: str | None = None,
     recorded: dict[str, dict[str, Any]] | None = None,
     lint_only: Collection[str] | None = None,
+    render: Callable[[Step], str] | None = None,
 ) -> list[dict[str, Any]]:
     """Every finding about the scripts in ``location``.
 
     ``recorded`` (from ``store.applied_checksums``) with ``current`` enables the
     checksum check; ``lint_only`` restricts the lint to those revisions (a
-    migrate lints what it is about to apply: the rest ran already).
+    migrate lints what it is about to apply: the rest ran already); ``render``
+    gives a step's offline SQL (a caller that needs it too renders it once).
     """
     from agent.lint import lint_migrations
     from agent.validate import check_sources, load_sources, status_of
@@ -121,7 +123,7 @@ def findings(
     out = [_finding(f.revision, f.rule, str(f.severity), f.message, file=f.file) for f in structural]
     if status_of(structural) != "passed":
         return out  # the lint and the checksums need one sound chain
-    out += [f.to_json() for f in lint_migrations(location, only=lint_only)]
+    out += [f.to_json() for f in lint_migrations(location, only=lint_only, migrator=migrator, render=render)]
     if recorded is not None:
         out += checksum_findings(migrator or Migrator(location, "postgresql://validate@localhost/validate"), current, recorded)
     return out

@@ -28,11 +28,11 @@ import random
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-import pglast
 from pglast import ast
 from pglast.enums import ObjectType
 from pglast.parser import ParseError
 
+from agent.lint import parse_statements
 from agent.redact import redact
 
 if TYPE_CHECKING:
@@ -150,7 +150,7 @@ def lock_targets(sql: str) -> dict[str, str]:
     Raises ``ValueError`` for SQL pglast cannot parse.
     """
     try:
-        statements = pglast.parse_sql(sql)
+        statements = parse_statements(sql)
     except ParseError as exc:
         raise ValueError(str(exc)) from None
     created: set[str] = set()

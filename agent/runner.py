@@ -165,6 +165,7 @@ class Run:
     worker: str
     migrator: Migrator | None = None
     details: dict[str, Any] = field(default_factory=dict)
+    _offline: dict[Step, str] = field(default_factory=dict)
 
     def migrations(self) -> Migrator:
         if self.migrator is None:
@@ -173,6 +174,19 @@ class Run:
 
     def emit(self, type_: EventType, **data: Any) -> Event:
         return self.journal.emit(type_, **data)
+
+    def render_offline(self, plan: list[Step]) -> None:
+        """Render a whole plan's offline SQL in one pass, for ``offline_sql`` to hand out."""
+        try:
+            self._offline.update(self.migrations().offline_sql_many([s for s in plan if s not in self._offline]))
+        except Exception as exc:  # noqa: BLE001 - a script's own code may raise anything; step by step says which
+            log.info("could not render the plan's SQL in one pass (%s); rendering step by step", redact(exc))
+
+    def offline_sql(self, step: Step) -> str:
+        """A step's SQL rendered offline, once per run (validation and the lock pre-check both read it)."""
+        if step not in self._offline:
+            self._offline[step] = self.migrations().offline_sql(step)
+        return self._offline[step]
 
 
 _migrators: dict[tuple[str, str], tuple[tuple, Migrator]] = {}
@@ -509,6 +523,7 @@ def migrate(run: Run) -> dict[str, Any]:
     migrator = run.migrations()
     before = migrator.current(run.conn)
     plan = migrator.upgrade_plan(before, args.to)
+    run.render_offline(plan)
     validation = _preflight(run, before, plan, args)
     if args.dry_run:
         return {
@@ -516,7 +531,7 @@ def migrate(run: Run) -> dict[str, Any]:
             "revision_before": before,
             "revision_after": before,
             "target": plan[-1].revision if plan else before,
-            "steps": [{**s.to_json(), "sql": migrator.offline_sql(s)} for s in plan],
+            "steps": [{**s.to_json(), "sql": run.offline_sql(s)} for s in plan],
             "validation": validation,
         }
     target = plan[-1].revision if plan else before
@@ -580,7 +595,7 @@ def _preflight(run: Run, before: str | None, plan: list[Step], args: MigrateArgs
     run.conn.commit()
     found = preflight.findings(
         run.db.migrations, migrator=run.migrations(), current=before, recorded=recorded,
-        lint_only={s.revision for s in plan},
+        lint_only={s.revision for s in plan}, render=run.offline_sql,
     )
     verdict = preflight.Verdict(found, allow)
     enforced = run.db.enforces_validation(run.db_name)
@@ -612,6 +627,7 @@ def rollback(run: Run) -> dict[str, Any]:
             revision_after=before,
         )
     plan = migrator.downgrade_plan(before, steps=args.steps, to=args.to)
+    run.render_offline(plan)
     target = plan[-1].destination if plan else (before or "base")
     cause = args.cause or {}
     run.emit(EventType.ROLLBACK_STARTED, revision_before=before, target=target, steps=[s.to_json() for s in plan],
@@ -641,6 +657,7 @@ def _apply_steps(run: Run, plan: list[Step], facts: dict[str, Any], failed: Even
     migrator, conn, command = run.migrations(), run.conn, run.command
     backend_pid = int(conn.exec_driver_sql("SELECT pg_backend_pid()").scalar() or 0)
     conn.commit()
+    invalid_before = _invalid_indexes(conn)  # a step that succeeds leaves no invalid index; one that fails may
     monitor = BlockingMonitor(run.db.url, backend_pid, run.db.lock_blocking_threshold, lambda data: run.journal.emit_aside(EventType.LOCK_BLOCKING, data))
     with monitor:
         outcome = "applied"
@@ -649,7 +666,6 @@ def _apply_steps(run: Run, plan: list[Step], facts: dict[str, Any], failed: Even
             step_started = utcnow()
             clock = time.monotonic()
             recorded: list[bool] = []
-            invalid_before = _invalid_indexes(conn)
 
             checksum = preflight.script_checksum(migrator, step.revision) if step.direction == "up" else None
 
@@ -715,10 +731,10 @@ def _set_lock_timeout(conn: Connection, seconds: float) -> None:
     conn.commit()
 
 
-def _lock_targets(migrator: Migrator, step: Step) -> dict[str, str]:
+def _lock_targets(run: Run, step: Step) -> dict[str, str]:
     """The tables a step will lock, from its offline SQL; empty when that cannot be told."""
     try:
-        return retries.lock_targets(migrator.offline_sql(step))
+        return retries.lock_targets(run.offline_sql(step))
     except Exception as exc:  # noqa: BLE001 - a script's own code may raise anything offline
         log.info("step %s: cannot tell which tables it locks (%s); retrying on lock timeouts only", step.revision, redact(exc))
         return {}
@@ -735,9 +751,10 @@ def _apply_politely(run: Run, step: Step, on_version_apply: Callable[..., None])
     """
     migrator, conn = run.migrations(), run.conn
     policy = run.db.retry_policy()
-    targets = _lock_targets(migrator, step)
+    targets = _lock_targets(run, step)
     attributes = _script_attributes(run)
     waited = 0.0
+    attempt = 0
     try:
         for attempt in range(1, policy.attempts + 1):
             timeout = policy.lock_timeout(attempt)
@@ -747,7 +764,8 @@ def _apply_politely(run: Run, step: Step, on_version_apply: Callable[..., None])
             )
             tried = not in_the_way
             if tried:
-                _set_lock_timeout(conn, timeout)
+                if timeout != run.db.lock_timeout:
+                    _set_lock_timeout(conn, timeout)
                 try:
                     migrator.apply(conn, step, on_version_apply, attributes)
                     return
@@ -780,10 +798,11 @@ def _apply_politely(run: Run, step: Step, on_version_apply: Callable[..., None])
             time.sleep(pause)
             waited += pause + timeout
     finally:
-        try:
-            _set_lock_timeout(conn, run.db.lock_timeout)
-        except Exception:  # the connection is gone; the failure is reported by the caller
-            _rollback_quietly(conn)
+        if attempt > 1:  # back to the session's own lock_timeout (apply_timeouts) for what follows
+            try:
+                _set_lock_timeout(conn, run.db.lock_timeout)
+            except Exception:  # the connection is gone; the failure is reported by the caller
+                _rollback_quietly(conn)
 
 
 # A backfill reports after every batch; the event log hears of it at most this often (and at the end).

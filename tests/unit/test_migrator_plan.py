@@ -198,3 +198,25 @@ def test_offline_sql_of_a_down_step(migrator):
     assert "Running downgrade 011 -> 010" in sql
     assert "DELETE FROM permissions WHERE name = '*'" in sql
     assert "UPDATE alembic_version SET version_num='010' WHERE alembic_version.version_num = '011'" in sql
+
+
+def _statements(sql: str) -> list[str]:
+    import pglast
+    from pglast.stream import RawStream
+
+    return [RawStream()(s.stmt) for s in pglast.parse_sql(sql)]
+
+
+@pytest.mark.parametrize("direction", ["up", "down"])
+def test_a_plan_rendered_in_one_pass_splits_into_exactly_each_steps_own_sql(migrator, direction):
+    plan = migrator.upgrade_plan(None) if direction == "up" else migrator.downgrade_plan("011", to="base")
+    together = migrator.offline_sql_many(plan)
+    assert list(together) == plan
+    for step in plan:
+        assert _statements(together[step]) == _statements(migrator.offline_sql(step)), step.revision
+        assert f"-> {step.destination}" in together[step] or step.destination == "base"
+
+
+def test_one_step_or_mixed_directions_render_step_by_step(migrator):
+    up = migrator.upgrade_plan(None)[:1]
+    assert migrator.offline_sql_many(up) == {up[0]: migrator.offline_sql(up[0])}
