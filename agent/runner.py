@@ -753,7 +753,7 @@ def _apply_politely(run: Run, step: Step, on_version_apply: Callable[..., None])
     policy = run.db.retry_policy()
     targets = _lock_targets(run, step)
     attributes = _script_attributes(run)
-    waited = 0.0
+    started = time.monotonic()
     attempt = 0
     try:
         for attempt in range(1, policy.attempts + 1):
@@ -777,7 +777,8 @@ def _apply_politely(run: Run, step: Step, on_version_apply: Callable[..., None])
                     in_the_way = retries.blockers(conn, targets) if targets else []
                     if last:
                         raise LocksUnavailable(
-                            f"could not get the locks it needs in {attempt} attempt(s) over {waited:.0f}s"
+                            f"could not get the locks it needs in {attempt} attempt(s) over"
+                            f" {time.monotonic() - started:.0f}s"
                             f" (lock_timeout up to {postgres_interval(timeout)}): blocked by {retries.describe(in_the_way)}"
                         ) from exc
             pause = policy.pause(attempt)
@@ -791,12 +792,11 @@ def _apply_politely(run: Run, step: Step, on_version_apply: Callable[..., None])
                 tried=tried,
                 lock_timeout_ms=round(timeout * 1000),
                 retry_in_ms=round(pause * 1000),
-                waited_ms=round(waited * 1000),
+                waited_ms=round((time.monotonic() - started) * 1000),
                 tables=targets,
                 blockers=in_the_way,
             )
             time.sleep(pause)
-            waited += pause + timeout
     finally:
         if attempt > 1:  # back to the session's own lock_timeout (apply_timeouts) for what follows
             try:
