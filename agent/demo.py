@@ -72,11 +72,14 @@ depends_on = None
 
 
 def upgrade() -> None:
-    op.execute("CREATE INDEX ix_users_nickname ON users (nickname)")
+    # Built concurrently, outside the step's transaction, as dbagent validate asks.
+    with op.get_context().autocommit_block():
+        op.execute("CREATE INDEX CONCURRENTLY ix_users_nickname ON users (nickname)")
 
 
 def downgrade() -> None:
-    op.execute("DROP INDEX ix_users_nickname")
+    with op.get_context().autocommit_block():
+        op.execute("DROP INDEX CONCURRENTLY IF EXISTS ix_users_nickname")
 '''
 TICKET = "DEMO-1"
 STEP_TIMEOUT_S = 300          # --timeout of the commands that go through the queue
@@ -203,6 +206,12 @@ class Demo:
             # remember their modes to put them back afterwards.
             # (Not the data directory itself: initdb makes that 0700, and must.)
             self.modes = {p: p.stat().st_mode & 0o7777 for p in pgdata.parents}
+            # It creates that user with useradd, which lives in sbin: a root shell
+            # with a narrow PATH (sudo's secure_path, cron, a CI runner) may not have it.
+            path = os.environ.get("PATH", os.defpath).split(os.pathsep)
+            missing = [d for d in ("/usr/local/sbin", "/usr/sbin", "/sbin") if d not in path and Path(d).is_dir()]
+            if missing:
+                os.environ["PATH"] = os.pathsep.join([*path, *missing])
         self.pg_starting = True
         try:
             self.pg = pgserver.get_server(pgdata, cleanup_mode="stop")

@@ -57,7 +57,8 @@ def test_a_session_stuck_behind_a_step_is_named(env, tmp_path, redis_client):
 
 
 def test_a_step_stuck_behind_a_session_is_named(env, tmp_path, redis_client):
-    env.extra_config = 'lock_blocking_threshold = "1s"'
+    # No grace: the step asks for its lock at once, and waits on the session (lock_timeout 5s).
+    env.extra_config = 'lock_blocking_threshold = "1s"\nlock_holder_grace = "1h"'
     env.migrations = copy_migrations(tmp_path, {"012_holds_users.py": HOLDS_USERS.replace('op.execute("SELECT pg_sleep(4)")', "pass")})
     env.start_worker()
     assert env.cli("migrate", "--to", "011", "--json").code == 0
