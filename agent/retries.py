@@ -211,12 +211,15 @@ def is_lock_timeout(exc: BaseException) -> bool:
 
 # -- who holds them ------------------------------------------------------------
 
+# One round trip for all the step's tables: each with the modes that conflict with the one it will ask for.
 _HOLDERS = """
-SELECT l.pid, l.mode, a.application_name, a.usename, a.state, left(a.query, 200),
+SELECT t.name, l.pid, l.mode, a.application_name, a.usename, a.state, left(a.query, 200),
        extract(epoch FROM now() - a.xact_start), extract(epoch FROM now() - a.state_change)
-FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid
-WHERE l.locktype = 'relation' AND l.granted AND l.pid <> pg_backend_pid()
-  AND l.relation = to_regclass(%(table)s) AND l.mode = ANY(%(modes)s)
+FROM unnest(%(tables)s::text[], %(modes)s::text[]) AS t(name, conflicting)
+JOIN pg_locks l ON l.locktype = 'relation' AND l.relation = to_regclass(t.name)
+                AND l.mode = ANY(string_to_array(t.conflicting, ','))
+JOIN pg_stat_activity a ON a.pid = l.pid
+WHERE l.granted AND l.pid <> pg_backend_pid()
 """
 
 
@@ -228,24 +231,27 @@ def blockers(conn: Connection, targets: dict[str, str], *, older_than_s: float =
     Reads on ``conn`` and commits.
     """
     found: dict[int, dict[str, Any]] = {}
-    for table, mode in targets.items():
-        rows = conn.exec_driver_sql(_HOLDERS, {"table": table, "modes": sorted(CONFLICTS[mode])}).all()
-        for pid, held, app, user, state, query, xact_s, state_s in rows:
-            age = float(xact_s) if xact_s is not None else 0.0
-            if age < older_than_s:
-                continue
-            entry = found.setdefault(pid, {
-                "pid": pid,
-                "application_name": app,
-                "usename": user,
-                "state": state,
-                "query": redact(query or ""),
-                "xact_age_s": round(age, 3),
-                "state_age_s": round(float(state_s), 3) if state_s is not None else None,
-                "locks": [],
-            })
-            entry["locks"].append({"table": table, "mode": held, "conflicts_with": mode})
+    if not targets:
+        return []
+    tables = list(targets)
+    params = {"tables": tables, "modes": [",".join(sorted(CONFLICTS[targets[t]])) for t in tables]}
+    rows = conn.exec_driver_sql(_HOLDERS, params).all()
     conn.commit()
+    for table, pid, held, app, user, state, query, xact_s, state_s in rows:
+        age = float(xact_s) if xact_s is not None else 0.0
+        if age < older_than_s:
+            continue
+        entry = found.setdefault(pid, {
+            "pid": pid,
+            "application_name": app,
+            "usename": user,
+            "state": state,
+            "query": redact(query or ""),
+            "xact_age_s": round(age, 3),
+            "state_age_s": round(float(state_s), 3) if state_s is not None else None,
+            "locks": [],
+        })
+        entry["locks"].append({"table": table, "mode": held, "conflicts_with": targets[table]})
     return sorted(found.values(), key=lambda b: -b["xact_age_s"])
 
 
