@@ -4,43 +4,15 @@ from __future__ import annotations
 
 import pytest
 
-from tests.servers import copy_migrations
+from tests.servers import copy_migrations, script
 
 pytestmark = pytest.mark.integration
 
-DROPS_SETTINGS = '''"""Drop the settings table."""
-from alembic import op
-
-revision = "012"
-down_revision = "011"
-branch_labels = None
-depends_on = None
-
-
-def upgrade() -> None:
-    op.execute("DROP TABLE settings")
-
-
-def downgrade() -> None:
-    op.execute("CREATE TABLE settings (id bigserial PRIMARY KEY, key text UNIQUE NOT NULL, value jsonb)")
-'''
-
-ADDS_NOTE = '''"""Add roles.note."""
-from alembic import op
-
-revision = "012"
-down_revision = "011"
-branch_labels = None
-depends_on = None
-
-
-def upgrade() -> None:
-    op.execute("ALTER TABLE roles ADD COLUMN note text")
-
-
-def downgrade() -> None:
-    op.execute("ALTER TABLE roles DROP COLUMN note")
-'''
+DROPS_SETTINGS = script(
+    "012", "011", "Drop the settings table.", ["DROP TABLE settings"],
+    ["CREATE TABLE settings (id bigserial PRIMARY KEY, key text UNIQUE NOT NULL, value jsonb)"],
+)
+ADDS_NOTE = script("012", "011", "Add roles.note.", ["ALTER TABLE roles ADD COLUMN note text"], ["ALTER TABLE roles DROP COLUMN note"])
 
 ENFORCE = 'validate_before_migrate = "enforce"'
 
