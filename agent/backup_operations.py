@@ -14,7 +14,7 @@ from sqlalchemy import Connection, text
 from agent import backups as bk
 from agent.backups import BackupKind, Manifest, Trigger
 from agent.commands import BackupArgs, PruneArgs, RestoreArgs, VerifyBackupArgs
-from agent.connections import pg_connection
+from agent.connections import create_scratch_database, drop_scratch_database, pg_connection
 from agent.durations import postgres_interval
 from agent.errors import BadInput, DbAgentError, OperationFailed
 from agent.events import EventType
@@ -252,19 +252,12 @@ def verify_backup(run: Run) -> dict[str, Any]:
 def _drill(run: Run, path: Path, manifest: Manifest) -> dict[str, Any]:
     """Restore into a scratch database (created and dropped here) and compare with the manifest."""
     scratch = f"dbagent_drill_{uuid.uuid4().hex[:12]}"
-    admin = run.conn.engine.url
-    from sqlalchemy import create_engine, pool
-
-    engine = create_engine(admin, poolclass=pool.NullPool, isolation_level="AUTOCOMMIT")
-    with engine.connect() as conn:
-        conn.exec_driver_sql(f'CREATE DATABASE "{scratch}"')
+    drill_db = create_scratch_database(run.db, scratch, "drill")
     try:
         with bk.libpq_env(run.db.url, dbname=scratch, appname="dbagent drill") as env:
             argv = [bk.tool_path("pg_restore"), "--no-password", "--exit-on-error", "--no-owner",
                     "--single-transaction", "--dbname", scratch, str(path)]
             bk.run_tool(argv, env)
-        scratch_url = run.db.url.rsplit("/", 1)[0] + "/" + scratch
-        drill_db = run.db.model_copy(update={"url": scratch_url + ("?" + run.db.url.split("?", 1)[1] if "?" in run.db.url else "")})
         with pg_connection(drill_db, application_name="dbagent drill") as scratch_conn:
             tables = _user_tables(scratch_conn)
             counts = _count_rows(scratch_conn, tables)
@@ -279,9 +272,7 @@ def _drill(run: Run, path: Path, manifest: Manifest) -> dict[str, Any]:
             raise OperationFailed(f"{path.name}: drill found differences: " + "; ".join(problems[:10]))
         return {"database": scratch, "tables": len(tables), "rows": sum(counts.values()), "status": "ok"}
     finally:
-        with engine.connect() as conn:
-            conn.exec_driver_sql(f'DROP DATABASE IF EXISTS "{scratch}" WITH (FORCE)')
-        engine.dispose()
+        drop_scratch_database(run.db, scratch, "drill")
 
 
 def prune(run: Run) -> dict[str, Any]:

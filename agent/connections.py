@@ -89,3 +89,71 @@ def pg_connection(db: DatabaseSettings, application_name: str = "dbagent") -> It
             conn.close()
     finally:
         engine.dispose()
+
+
+# -- scratch databases (backup drills, migration rehearsals) --------------------
+
+
+def with_database(url: str, database: str) -> str:
+    """The same server and credentials, another database."""
+    from sqlalchemy.engine import make_url
+
+    return make_url(url).set(database=database).render_as_string(hide_password=False)
+
+
+@contextmanager
+def maintenance_connection(db: DatabaseSettings, application_name: str) -> Iterator[Connection]:
+    """An autocommit connection for CREATE/DROP DATABASE: to ``postgres``, else to the target itself."""
+    import sqlalchemy.exc
+    from sqlalchemy import create_engine, pool
+    from sqlalchemy.engine import make_url
+
+    target = make_url(sqlalchemy_url(db.url))
+    reason = ""
+    for database in dict.fromkeys(["postgres", target.database]):
+        engine = create_engine(
+            target.set(database=database),
+            poolclass=pool.NullPool,
+            isolation_level="AUTOCOMMIT",
+            connect_args={"connect_timeout": max(1, round(db.connect_timeout)), "application_name": application_name},
+        )
+        try:
+            try:
+                conn = engine.connect()
+            except sqlalchemy.exc.OperationalError as exc:
+                reason = redact(str(exc.orig) if exc.orig else exc).strip().splitlines()[0]
+                continue
+            try:
+                yield conn
+                return
+            finally:
+                conn.close()
+        finally:
+            engine.dispose()
+    raise Unavailable(f"cannot reach PostgreSQL at {display_url(db.url)}: {reason}")
+
+
+def create_scratch_database(db: DatabaseSettings, name: str, purpose: str) -> DatabaseSettings:
+    """Create database ``name`` beside ``db``'s (same server, same role); returns its settings.
+
+    The caller drops it with ``drop_scratch_database`` whatever happens. A
+    server that refuses (no CREATEDB) is ``Unavailable``, naming ``purpose``.
+    """
+    import sqlalchemy.exc
+
+    from agent.verify import error_text
+
+    try:
+        with maintenance_connection(db, f"dbagent {purpose}") as admin:
+            admin.exec_driver_sql(f'CREATE DATABASE "{name}"')
+    except sqlalchemy.exc.DBAPIError as exc:
+        raise Unavailable(
+            f"the server refused to create the scratch database {name} for the {purpose}: {error_text(exc)}"
+            " (the role needs CREATEDB)"
+        ) from None
+    return db.model_copy(update={"url": with_database(db.url, name)})
+
+
+def drop_scratch_database(db: DatabaseSettings, name: str, purpose: str) -> None:
+    with maintenance_connection(db, f"dbagent {purpose}") as admin:
+        admin.exec_driver_sql(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')

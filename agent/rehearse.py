@@ -23,8 +23,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from agent.errors import OperationFailed, Unavailable
-from agent.redact import redact
+from agent.connections import create_scratch_database, drop_scratch_database
+from agent.errors import OperationFailed
 from agent.validate import Finding, Severity
 
 if TYPE_CHECKING:
@@ -317,66 +317,6 @@ def scratch_name(db_name: str) -> str:
     return f"{SCRATCH_PREFIX}{safe}_{uuid.uuid4().hex[:8]}"
 
 
-def _url_with_database(url: str, database: str) -> str:
-    from sqlalchemy.engine import make_url
-
-    return make_url(url).set(database=database).render_as_string(hide_password=False)
-
-
-@contextmanager
-def _maintenance(db: DatabaseSettings) -> Iterator[Connection]:
-    """An autocommit connection for CREATE/DROP DATABASE: to ``postgres``, else to the target itself."""
-    import sqlalchemy.exc
-    from sqlalchemy import create_engine, pool
-    from sqlalchemy.engine import make_url
-
-    from agent.connections import display_url, sqlalchemy_url
-
-    target = make_url(sqlalchemy_url(db.url))
-    reason = ""
-    for database in dict.fromkeys(["postgres", target.database]):
-        engine = create_engine(
-            target.set(database=database),
-            poolclass=pool.NullPool,
-            isolation_level="AUTOCOMMIT",
-            connect_args={"connect_timeout": max(1, round(db.connect_timeout)), "application_name": "dbagent rehearse"},
-        )
-        try:
-            try:
-                conn = engine.connect()
-            except sqlalchemy.exc.OperationalError as exc:
-                reason = redact(str(exc.orig) if exc.orig else exc).strip().splitlines()[0]
-                continue
-            try:
-                yield conn
-                return
-            finally:
-                conn.close()
-        finally:
-            engine.dispose()
-    raise Unavailable(f"cannot reach PostgreSQL at {display_url(db.url)}: {reason}")
-
-
-def _create_database(db: DatabaseSettings, name: str) -> None:
-    import sqlalchemy.exc
-
-    from agent.verify import error_text
-
-    try:
-        with _maintenance(db) as admin:
-            admin.exec_driver_sql(f'CREATE DATABASE "{name}"')
-    except sqlalchemy.exc.DBAPIError as exc:
-        raise Unavailable(
-            f"the server refused to create the scratch database {name} for the rehearsal: {error_text(exc)}"
-            " (the role needs CREATEDB)"
-        ) from None
-
-
-def _drop_database(db: DatabaseSettings, name: str) -> None:
-    with _maintenance(db) as admin:
-        admin.exec_driver_sql(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-
-
 @contextmanager
 def _sigterm_interrupts() -> Iterator[None]:
     """SIGTERM unwinds like Ctrl-C while the scratch database exists, so that it is dropped."""
@@ -428,27 +368,28 @@ def rehearse(
     migrator.head()  # several heads: BadInput before anything is created
     name = scratch_name(db_name)
     with _sigterm_interrupts():
-        _create_database(db, name)
+        scratch = create_scratch_database(db, name, "rehearsal")
         try:
-            return _rehearse_in(db, migrator, name, from_empty, say)
+            return _rehearse_in(db, scratch, migrator, name, from_empty, say)
         finally:
-            _drop_database(db, name)
+            drop_scratch_database(db, name, "rehearsal")
             say(f"rehearse: dropped the scratch database {name}")
 
 
-def _rehearse_in(db: DatabaseSettings, migrator: Migrator, name: str, from_empty: bool, say: Progress) -> Rehearsal:
+def _rehearse_in(
+    db: DatabaseSettings, created: DatabaseSettings, migrator: Migrator, name: str, from_empty: bool, say: Progress
+) -> Rehearsal:
     from agent.connections import pg_connection
     from agent.migrator import Migrator
     from agent.runner import apply_timeouts
 
-    scratch_url = _url_with_database(db.url, name)
-    scratch = db.model_copy(update={"url": scratch_url, "health_checks": [], "critical_tables": []})
+    scratch = created.model_copy(update={"health_checks": [], "critical_tables": []})
     rehearsal = Rehearsal(database=name, source="empty", revision_from=None)
     if not from_empty:
         _populate_from_backup(db, name, migrator, rehearsal)
     say(f"rehearse: scratch database {name}, from {_source_phrase(rehearsal)}")
 
-    steps_migrator = Migrator(db.migrations, scratch_url)
+    steps_migrator = Migrator(db.migrations, scratch.url)
     with pg_connection(scratch, application_name="dbagent rehearse") as conn:
         apply_timeouts(conn, scratch)
         if rehearsal.revision_from is not None:
