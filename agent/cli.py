@@ -552,11 +552,7 @@ def _applied_checksums(database: DatabaseSettings) -> tuple[str | None, dict[str
     try:
         with pg_connection(database, application_name="dbagent validate") as conn:
             current = Migrator.current(conn)
-            present = conn.exec_driver_sql(
-                f"SELECT to_regclass('{store.SCHEMA}.changelog') IS NOT NULL AND EXISTS (SELECT 1 FROM pg_attribute"
-                f" WHERE attrelid = to_regclass('{store.SCHEMA}.changelog') AND attname = 'checksum')"
-            ).scalar()
-            recorded = store.applied_checksums(conn) if present else {}
+            recorded = store.applied_checksums(conn)
             conn.rollback()
             return current, recorded, None
     except DbAgentError as exc:

@@ -148,10 +148,6 @@ class Verdict:
     def allowed(self) -> list[dict[str, Any]]:
         return [f for f in self.findings if f["severity"] == "error" and f["rule"] in self.allow]
 
-    @property
-    def warnings(self) -> list[dict[str, Any]]:
-        return [f for f in self.findings if f["severity"] != "error"]
-
     def summary(self) -> str:
         return "; ".join(f"{f.get('revision') or '-'} [{f['rule']}] {f['message'].split(':')[0]}" for f in self.blocking[:5])
 

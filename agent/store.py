@@ -85,13 +85,18 @@ def bootstrap(conn: Connection) -> None:
     conn.commit()
 
 
+# The changelog as of the checksums (validate: applied-migration-changed); false before dbagent ran here.
+_CHECKSUMS_KEPT = (
+    f"EXISTS (SELECT 1 FROM pg_attribute WHERE attrelid = to_regclass('{SCHEMA}.changelog')"
+    " AND attname = 'checksum' AND NOT attisdropped)"
+)
+
+
 def ensure_schema(conn: Connection) -> None:
     """Bootstrap unless dbagent's tables are all there (one catalog query when they are)."""
     present = conn.exec_driver_sql(
         f"SELECT to_regclass('{SCHEMA}.commands') IS NOT NULL AND to_regclass('{SCHEMA}.audit_log') IS NOT NULL"
-        f" AND to_regclass('{SCHEMA}.changelog') IS NOT NULL"
-        f" AND EXISTS (SELECT 1 FROM pg_attribute WHERE attrelid = to_regclass('{SCHEMA}.changelog')"
-        " AND attname = 'checksum' AND NOT attisdropped)"
+        f" AND {_CHECKSUMS_KEPT}"
     ).scalar()
     conn.commit()
     if not present:
@@ -203,7 +208,9 @@ def insert_changelog(
 
 
 def applied_checksums(conn: Connection) -> dict[str, dict[str, Any]]:
-    """Per revision, the checksum recorded when it was last applied (and when, by whom)."""
+    """Per revision, the checksum recorded when it was last applied (and when, by whom); {} before dbagent ran here."""
+    if not conn.exec_driver_sql(f"SELECT {_CHECKSUMS_KEPT}").scalar():
+        return {}
     rows = conn.execute(
         text(
             f"SELECT DISTINCT ON (revision) revision, checksum, finished_at, actor FROM {SCHEMA}.changelog"
