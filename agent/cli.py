@@ -517,21 +517,21 @@ def validate(
     current, recorded, unchecked = _applied_checksums(database)
     findings = preflight.findings(database.migrations, current=current, recorded=recorded)
     if unchecked:
-        findings.append({"revision": None, "rule": "checksums-unchecked", "severity": "warning", "statement": None,
-                         "fix": None, "file": None, "message": unchecked})
+        findings.append(preflight.finding(None, "checksums-unchecked", "warning", unchecked))
     rehearsal: dict[str, Any] | None = None
-    if not any(f["rule"] in preflight.STRUCTURAL_RULES and f["severity"] == "error" for f in findings):
-        # The rehearsal applies the scripts: only once they form one sound chain.
-        if rehearse:
-            from agent.rehearse import rehearse as run_rehearsal
+    # The rehearsal applies the scripts: only once they form one sound chain.
+    sound = not any(f["rule"] in preflight.STRUCTURAL_RULES and f["severity"] == "error" for f in findings)
+    if rehearse and sound:
+        from agent.rehearse import rehearse as run_rehearsal
 
-            progress = None if as_json else (lambda line: out.print(line, markup=False))
-            outcome = run_rehearsal(db_name, database, from_empty=from_empty, on_progress=progress)
-            findings += [f.to_json() for f in outcome.findings]
-            rehearsal = outcome.to_json()
+        progress = None if as_json else (lambda line: out.print(line, markup=False))
+        outcome = run_rehearsal(db_name, database, from_empty=from_empty, on_progress=progress)
+        findings += [f.to_json() for f in outcome.findings]
+        rehearsal = outcome.to_json()
     elif rehearse:
-        findings.append({"revision": None, "rule": "rehearsal-skipped", "severity": "warning", "statement": None, "fix": None, "file": None,
-                         "message": "the rehearsal needs one sound chain of scripts: fix the errors above first"})
+        findings.append(preflight.finding(
+            None, "rehearsal-skipped", "warning", "the rehearsal needs one sound chain of scripts: fix the errors above first"
+        ))
     status = "failed" if any(f["severity"] == "error" for f in findings) else "passed"
     if as_json:
         _print_json({"status": status, "findings": findings, **({"rehearsal": rehearsal} if rehearse else {})})

@@ -42,7 +42,7 @@ def script_checksum(migrator: Migrator, revision: str) -> str:
     return file_checksum(migrator.revision(revision).path)
 
 
-def _finding(revision: str | None, rule: str, severity: str, message: str, *, statement: str | None = None,
+def finding(revision: str | None, rule: str, severity: str, message: str, *, statement: str | None = None,
              fix: str | None = None, file: str | None = None) -> dict[str, Any]:
     return {"revision": revision, "rule": rule, "severity": severity, "message": message,
             "statement": statement, "fix": fix, "file": file}
@@ -69,7 +69,7 @@ def checksum_findings(migrator: Migrator, current: str | None, recorded: dict[st
         if now != row["checksum"]:
             when = f" on {row['finished_at']:%Y-%m-%d %H:%M} UTC" if row.get("finished_at") else ""
             who = f" by {row['actor']}" if row.get("actor") else ""
-            findings.append(_finding(
+            findings.append(finding(
                 revision, CHANGED, "error",
                 f"{path.name} was edited after it was applied{when}{who}"
                 f" (sha256 then {row['checksum'][:12]}…, now {now[:12]}…): the database ran the old version, so the"
@@ -120,7 +120,7 @@ def findings(
     from agent.validate import check_sources, load_sources, status_of
 
     structural = check_sources(load_sources(location))
-    out = [_finding(f.revision, f.rule, str(f.severity), f.message, file=f.file) for f in structural]
+    out = [finding(f.revision, f.rule, str(f.severity), f.message, file=f.file) for f in structural]
     if status_of(structural) != "passed":
         return out  # the lint and the checksums need one sound chain
     out += [f.to_json() for f in lint_migrations(location, only=lint_only, migrator=migrator, render=render)]

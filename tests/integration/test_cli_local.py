@@ -116,3 +116,25 @@ def test_events_follow_prints_new_events_as_they_come(env):
     finally:
         follower.terminate()
         follower.wait(timeout=10)
+
+
+def test_validate_without_the_database_says_the_checksums_were_not_checked(env):
+    unreachable = env.environ(DBAGENT_DATABASES__TEST__URL="postgresql://postgres@127.0.0.1:1/nowhere",
+                              DBAGENT_DATABASES__TEST__CONNECT_TIMEOUT="1s")
+    result = env.cli("validate", "--json", env=unreachable)
+    assert result.code == 0, result.stdout  # the scripts themselves are fine
+    unchecked = [f for f in result.json()["findings"] if f["rule"] == "checksums-unchecked"]
+    assert unchecked and unchecked[0]["severity"] == "warning"
+    assert unchecked[0]["message"].startswith("checksums of applied migrations not checked")
+
+
+def test_rehearse_is_skipped_while_the_scripts_do_not_form_one_chain(env, tmp_path):
+    from tests.servers import copy_migrations
+
+    env.migrations = copy_migrations(tmp_path)
+    next((env.migrations / "versions").glob("005_*.py")).unlink()  # a gap in the numbering
+    result = env.cli("validate", "--rehearse", "--json")
+    assert result.code == 1
+    rules = {f["rule"]: f["severity"] for f in result.json()["findings"]}
+    assert rules.get("rehearsal-skipped") == "warning"
+    assert rules.get("sequence") == "error" and result.json()["rehearsal"] is None
