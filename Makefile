@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: install demo test unit bench bench-backup bench-agent bench-lock bench-lint clean
+.PHONY: install demo test quick unit bench bench-backup bench-agent bench-lock bench-lint bench-recovery clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -16,7 +16,11 @@ install: $(VENV)/.installed
 demo: install
 	$(VENV)/bin/dbagent demo
 
+# Everything, the slow fault matrices included (a plain `pytest` skips those).
 test: install
+	$(PY) -m pytest -m ""
+
+quick: install
 	$(PY) -m pytest
 
 unit: install
@@ -36,6 +40,9 @@ bench-lock: install
 
 bench-lint: install
 	$(PY) bench/bench_lint.py
+
+bench-recovery: install
+	$(PY) bench/bench_recovery.py
 
 clean:
 	rm -rf $(VENV) .dbagent .pytest_cache

@@ -50,6 +50,9 @@ SCAN_PAGE = 1000
 # submission record here, so its events are looked for among the newest entries.
 RECENT_LIMIT = 10_000
 
+# A command the API did not queue names no database: this many configured ones are asked for its outcome.
+POSTGRES_LOOKUP_MAX_DATABASES = 20
+
 EVENTS_DEFAULT_LIMIT = 100
 EVENTS_MAX_LIMIT = 1000
 
@@ -360,7 +363,7 @@ def create_app(settings: Settings, producer: Producer | None = None) -> FastAPI:
         """Queue the command as the CLI does, and remember it as queued."""
         after = producer.check()
         sent = producer.submit(command)
-        record = {"command": command.model_dump(mode="json", exclude={"signature"}), "after": after}
+        record = {"command": sent.model_dump(mode="json", exclude={"signature"}), "after": after}
         try:
             producer.redis.set(submitted_key(prefix, command.id), json.dumps(record), ex=keys.RESULT_TTL_S)
         except redis.RedisError as exc:
@@ -378,29 +381,58 @@ def create_app(settings: Settings, producer: Producer | None = None) -> FastAPI:
         return {"command_id": command.id}
 
     @app.get("/v1/commands/{command_id}")
-    def get_command(command_id: str, _: Actor) -> dict[str, Any]:
-        """The command's result (as ``dbagent … --json`` prints it) and its events."""
+    def get_command(command_id: str, _: Actor, db: str | None = None) -> dict[str, Any]:
+        """The command's result (as ``dbagent … --json`` prints it) and its events.
+
+        Redis holds the outcome while it is fresh; without it (Redis lost it, or
+        is down) the database's own record answers.
+        """
         if len(command_id) > 100:
             raise ApiError(404, "unknown command")
-        raw = producer.redis.get(submitted_key(prefix, command_id))
-        submitted = json.loads(raw) if raw else None
-        result = producer.result(command_id)
+        if db is not None:
+            settings.database(db)
+        try:
+            raw = producer.redis.get(submitted_key(prefix, command_id))
+            submitted = json.loads(raw) if raw else None
+            result = producer.result(command_id)
+        except redis.RedisError as exc:
+            log.warning("GET /v1/commands/%s: Redis error, reading PostgreSQL: %s", command_id, redact(exc))
+            recorded = outcome_from_postgres(command_id, db)
+            if recorded is None:
+                raise
+            return {**recorded, "events": [], "source": "postgres"}
         events = command_events(producer.events, command_id, submitted["after"] if submitted else None)
+        presence = producer.presence(command_id) if result is None else None
+        if result is None and presence is None and (events or not submitted):
+            # Not running now and not merely queued: finished, with its outcome gone from Redis (or never
+            # published there, Redis being down at the time), or unknown here.
+            result = outcome_from_postgres(command_id, db or (submitted or {}).get("command", {}).get("db"))
         body = [event.to_json() for event in events]
         if result is not None:
             return {**result, "events": body}
         queued = submitted["command"] if submitted else {}
-        if events:
+        if events or presence:
             return {
-                "command_id": command_id, "type": queued.get("type"), "db": queued.get("db") or events[0].db,
+                "command_id": command_id, "type": queued.get("type"), "db": queued.get("db") or (events[0].db if events else None),
                 "status": "running", "error": None, "events": body,
+                **({"worker": presence.get("worker"), "phase": presence.get("phase"), "step": presence.get("step")}
+                   if presence else {}),
             }
         if submitted:
             return {
                 "command_id": command_id, "type": queued["type"], "db": queued["db"],
-                "status": "queued", "error": None, "events": [],
+                "status": "queued", "error": None, "events": [], "expires_at": queued.get("expires_at"),
             }
         raise ApiError(404, "unknown command")
+
+    def outcome_from_postgres(command_id: str, db: str | None) -> dict[str, Any] | None:
+        """The command's recorded outcome in its database (or in each configured one, up to a few)."""
+        names = [db] if db else sorted(settings.databases)[:POSTGRES_LOOKUP_MAX_DATABASES]
+        for name in names:
+            outcome = producer.outcome_from_postgres(command_id, name)
+            if outcome is not None:
+                return outcome
+        return None
 
     @app.get("/v1/events")
     def get_events(

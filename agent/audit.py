@@ -44,11 +44,8 @@ def connect(db: DatabaseSettings, application_name: str) -> psycopg.Connection:
 
 
 def ensure_schema(conn: psycopg.Connection) -> None:
-    present = conn.execute(
-        f"SELECT to_regclass('{store.SCHEMA}.audit_log') IS NOT NULL AND to_regclass('{store.SCHEMA}.commands') IS NOT NULL"
-        f" AND to_regclass('{store.SCHEMA}.changelog') IS NOT NULL"
-    ).fetchone()[0]
-    if not present:
+    """``store.ensure_schema`` on a psycopg connection: the same test of "present", the same DDL."""
+    if not conn.execute(store.SCHEMA_CURRENT).fetchone()[0]:
         conn.execute(f"SELECT pg_advisory_xact_lock({store._BOOTSTRAP_LOCK})")
         conn.execute(store.DDL)
     conn.commit()

@@ -18,6 +18,7 @@ from agent.connections import create_scratch_database, drop_scratch_database, pg
 from agent.durations import postgres_interval
 from agent.errors import BadInput, DbAgentError, OperationFailed
 from agent.events import EventType
+from agent.lifecycle import Phase, pause_point
 from agent.redact import redact
 
 if TYPE_CHECKING:
@@ -62,6 +63,8 @@ def take_backup(run: Run, kind: BackupKind, trigger: Trigger, mark: str | None =
         serial += 1
         final = directory / name.replace(".dump", f"_{serial}.dump")
     tmp = directory / f"{bk.PARTIAL_PREFIX}{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    # Persisted before pg_dump starts: whoever finds this command interrupted removes what it left.
+    run.phase(Phase.BACKUP, backup={"path": str(final), "partial": str(tmp), "type": str(kind)})
     run.emit(EventType.BACKUP_STARTED, type=str(kind), trigger=str(trigger), path=str(final))
     clock = time.monotonic()
     try:
@@ -83,14 +86,19 @@ def take_backup(run: Run, kind: BackupKind, trigger: Trigger, mark: str | None =
             snapshot=snapshot,
         )
         def progress(size: int, elapsed_s: float) -> None:
-            run.emit(EventType.BACKUP_PROGRESS, path=str(final), bytes=size, elapsed_ms=round(elapsed_s * 1000))
+            # Aside: this connection holds the snapshot transaction pg_dump reads.
+            run.journal.emit_aside(
+                EventType.BACKUP_PROGRESS, {"path": str(final), "bytes": size, "elapsed_ms": round(elapsed_s * 1000)}
+            )
 
         def count_rows() -> dict[str, int] | None:
             # In the exported snapshot, while pg_dump reads the same one.
-            return _count_rows(conn, tables, beside_pg_dump=True) if kind != BackupKind.SCHEMA else None
+            counts = _count_rows(conn, tables, beside_pg_dump=True) if kind != BackupKind.SCHEMA else None
+            pause_point("backup:dumping")
+            return counts
 
         with bk.libpq_env(run.db.url, appname="dbagent pg_dump") as env:
-            counts = bk.run_tool(argv, env, watch=tmp, on_progress=progress, during=count_rows)
+            counts = bk.run_tool(argv, env, watch=tmp, on_progress=progress, during=count_rows, stop=run.stop)
         conn.commit()
         digest, size, files = bk.checksum(tmp)
         verified_at = None
@@ -98,6 +106,7 @@ def take_backup(run: Run, kind: BackupKind, trigger: Trigger, mark: str | None =
             bk.full_read(tmp)
             verified_at = datetime.now(UTC)
         bk.finalize(tmp, final)
+        pause_point("backup:renamed")
         manifest = Manifest(
             file=final.name,
             type=kind,
@@ -130,7 +139,8 @@ def take_backup(run: Run, kind: BackupKind, trigger: Trigger, mark: str | None =
             bk.remove_path(final)
         if isinstance(exc, Exception):
             message = exc.message if isinstance(exc, DbAgentError) else redact(exc)
-            run.emit(EventType.BACKUP_FAILED, type=str(kind), trigger=str(trigger), path=str(final), error=message)
+            run.emit(EventType.BACKUP_FAILED, type=str(kind), trigger=str(trigger), path=str(final), error=message,
+                     **({"interrupted": True} if run.stop.is_set() else {}))
             if isinstance(exc, DbAgentError):
                 raise
             raise OperationFailed(f"backup failed: {message}") from None
@@ -188,18 +198,21 @@ def restore(run: Run) -> dict[str, Any]:
              backup_revision=manifest.revision, sha256=manifest.sha256)
     clock = time.monotonic()
     try:
+        run.phase(Phase.CHECK, path=str(path))
         bk.check_integrity(path, manifest)
         database = str(run.conn.exec_driver_sql("SELECT current_database()").scalar())
         run.conn.commit()
         options = f"-c lock_timeout={postgres_interval(run.db.lock_timeout)}"
+        run.phase(Phase.RESTORE)
         with bk.libpq_env(run.db.url, options=options, appname="dbagent pg_restore") as env:
             argv = bk.restore_argv(path, manifest, args.jobs)
             argv[argv.index("--dbname") + 1] = database
-            bk.run_tool(argv, env)
+            bk.run_tool(argv, env, during=lambda: pause_point("restore:running"), stop=run.stop)
     except (OperationFailed, BadInput) as exc:
         _rollback(run.conn)
         after = _current_or_none(run)
-        run.emit(EventType.RESTORE_FAILED, path=str(path), error=exc.message, revision_after=after)
+        run.emit(EventType.RESTORE_FAILED, path=str(path), error=exc.message, revision_before=revision_before,
+                 revision_after=after, **({"interrupted": True} if run.stop.is_set() else {}))
         exc.details.update(revision_before=revision_before, revision_after=after, path=str(path))
         raise
     revision_after = run.migrations().current(run.conn)
@@ -299,6 +312,8 @@ def _prune(run: Run, *, dry_run: bool) -> dict[str, Any]:
     decisions = apply_retention(infos, datetime.now(UTC), policy)
     report = []
     deleted = 0
+    if not dry_run:
+        run.phase(Phase.PRUNE)
     for decision in decisions:
         entry = {
             "path": str(directory / decision.backup.path),
@@ -307,8 +322,10 @@ def _prune(run: Run, *, dry_run: bool) -> dict[str, Any]:
             "warning": decision.warning,
         }
         if not decision.keep and not dry_run:
+            run.check_stop(f"deleting {decision.backup.path}")
             bk.delete_backup(directory, manifests[decision.backup.path])
             deleted += 1
+            pause_point(f"prune:deleted:{deleted}")
         report.append(entry)
     kept = sum(1 for d in decisions if d.keep)
     if not dry_run:

@@ -15,21 +15,25 @@ import json
 import os
 import re
 import shutil
+import signal
 import stat
 import subprocess
 import tempfile
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from datetime import UTC, datetime
 from enum import StrEnum
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from pydantic import BaseModel
 
 from agent.errors import BadInput, OperationFailed, Unavailable
 from agent.redact import redact
+
+if TYPE_CHECKING:
+    from agent.lifecycle import StopRequest
 
 T = TypeVar("T")
 
@@ -337,6 +341,32 @@ def first_line(text: str) -> str:
 # -- running pg_dump / pg_restore ------------------------------------------------------
 
 
+def _resolve_prctl() -> Callable[..., int] | None:
+    try:
+        import ctypes
+
+        return ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError):  # not Linux
+        return None
+
+
+# Resolved here, in the parent: after fork, the child only calls it.
+_PRCTL = _resolve_prctl()
+_PR_SET_PDEATHSIG = 1
+
+
+def _child_setup() -> None:
+    """In the tool's process before exec: private files, and death with the worker.
+
+    A pg_dump or pg_restore must never outlive the worker that holds the
+    database's lock for it: a kill -9 of the worker alone (not its process
+    group) would otherwise leave a restore running unguarded.
+    """
+    os.umask(0o077)
+    if _PRCTL is not None:
+        _PRCTL(_PR_SET_PDEATHSIG, signal.SIGKILL)
+
+
 def run_tool(
     argv: list[str],
     env: dict[str, str],
@@ -344,31 +374,32 @@ def run_tool(
     watch: Path | None = None,
     on_progress: Callable[[int, float], None] | None = None,
     during: Callable[[], T] | None = None,
+    stop: StopRequest | None = None,
 ) -> T | None:
     """Run a libpq tool; its files are private whatever the umask. Raises OperationFailed with its error.
 
     ``during`` runs in this thread once the tool has started (its result is returned);
     ``on_progress(bytes of watch, seconds)`` is called every PROGRESS_EVERY_S while it runs.
+    With ``stop``, a worker told to stop kills the tool once the stop grace is over.
     """
     started = time.monotonic()
     last = started
     outcome: T | None = None
     with tempfile.TemporaryFile(mode="w+") as errors:
-        proc = subprocess.Popen(
-            argv, env=env, stdout=subprocess.DEVNULL, stderr=errors, preexec_fn=lambda: os.umask(0o077)
-        )
+        proc = subprocess.Popen(argv, env=env, stdout=subprocess.DEVNULL, stderr=errors, preexec_fn=_child_setup)
         try:
-            if during is not None:
-                outcome = during()
-            while True:
-                try:
-                    proc.wait(timeout=0.5)
-                    break
-                except subprocess.TimeoutExpired:
-                    now = time.monotonic()
-                    if on_progress is not None and watch is not None and now - last >= PROGRESS_EVERY_S:
-                        last = now
-                        on_progress(size_of(watch), now - started)
+            with stop.cancelling(proc.kill) if stop is not None else nullcontext():
+                if during is not None:
+                    outcome = during()
+                while True:
+                    try:
+                        proc.wait(timeout=0.5)
+                        break
+                    except subprocess.TimeoutExpired:
+                        now = time.monotonic()
+                        if on_progress is not None and watch is not None and now - last >= PROGRESS_EVERY_S:
+                            last = now
+                            on_progress(size_of(watch), now - started)
         except BaseException:
             proc.kill()
             proc.wait()
@@ -376,6 +407,8 @@ def run_tool(
         errors.seek(0)
         stderr = errors.read()
     if proc.returncode != 0:
+        if stop is not None and stop.expired:
+            raise OperationFailed(f"{Path(argv[0]).name} was stopped: {stop.reason}, and the stop grace ran out")
         how = f"killed by signal {-proc.returncode}" if proc.returncode < 0 else f"exit code {proc.returncode}"
         raise OperationFailed(f"{Path(argv[0]).name} failed ({how}): {first_line(stderr)}")
     return outcome

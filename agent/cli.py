@@ -96,7 +96,7 @@ def submit(
 ) -> dict[str, Any]:
     """Enqueue a command, stream its events, and return its result (exits on --no-wait)."""
     from agent.commands import Command
-    from agent.producer import Producer
+    from agent.producer import Producer, Progress
 
     cfg = settings()
     name, _ = cfg.database(db)
@@ -104,15 +104,14 @@ def submit(
     command.parsed_args()
     producer = Producer(cfg)
     after = producer.check()
-    producer.submit(command)
+    command = producer.submit(command)
     if no_wait:
         if as_json:
-            _print_json({"command_id": command.id, "type": type_, "db": name, "status": "queued", "error": None})
+            _print_json({"command_id": command.id, "type": type_, "db": name, "status": "queued", "error": None,
+                         "expires_at": command.expires_at.isoformat() if command.expires_at else None})
         else:
             out.print(command.id)
         raise typer.Exit(0)
-
-    said_waiting = [False]
 
     def on_event(event: Event) -> None:
         if as_json:
@@ -120,12 +119,19 @@ def submit(
         else:
             err.print(format_event(event))
 
-    def on_idle(waited_s: float) -> None:
-        if not as_json and not said_waiting[0] and waited_s > 2:
-            said_waiting[0] = True
-            err.print(f"[dim]queued on {cfg.redis.prefix}.{name}; waiting for its worker…[/dim]")
+    said: list[str] = []
 
-    return producer.wait(command, after, on_event=on_event, timeout_s=timeout, on_idle=on_idle)
+    def on_state(progress: Progress) -> None:
+        # A line each time what is true changes; "queued" only once it has lasted (most commands start at once).
+        if as_json or (progress.state == "queued" and progress.waited_s < 2):
+            return
+        if progress.state == "running" and (not said or said[-1] == "running"):
+            return  # its events say what it does; a line only after a wait or a reconnection
+        if not said or said[-1] != progress.state:
+            said.append(progress.state)
+            err.print(f"[dim]{_escape(progress.say())}[/dim]")
+
+    return producer.wait(command, after, on_event=on_event, timeout_s=timeout, on_state=on_state)
 
 
 def finish(result: dict[str, Any], as_json: bool, render: Any = None) -> NoReturn:

@@ -34,14 +34,20 @@ class CommandType(StrEnum):
 
 
 class CommandStatus(StrEnum):
+    """Where a command is in its lifecycle (``agent.lifecycle`` has the transitions)."""
+
     ACCEPTED = "accepted"
+    CLAIMED = "claimed"
     RUNNING = "running"
     SUCCEEDED = "succeeded"
     FAILED = "failed"
     REJECTED = "rejected"
+    INTERRUPTED = "interrupted"
 
 
-FINISHED = frozenset({CommandStatus.SUCCEEDED, CommandStatus.FAILED, CommandStatus.REJECTED})
+FINISHED = frozenset(
+    {CommandStatus.SUCCEEDED, CommandStatus.FAILED, CommandStatus.REJECTED, CommandStatus.INTERRUPTED}
+)
 
 
 class _Args(BaseModel):
@@ -128,6 +134,18 @@ def is_destructive(type_: CommandType, args: dict[str, Any]) -> bool:
 # Commands that hold the database's writer lock while they run (a dry run does not).
 LOCKED = DESTRUCTIVE | {CommandType.BACKUP}
 
+# How long a command may wait for its worker before it expires (the producer signs
+# ``expires_at``; waiting in the queue is not staleness). Work that changes the
+# database keeps a day: a queue stopped for a maintenance window still runs it.
+# A read is useless to whoever asked long before then.
+WRITER_TTL_S = 24 * 3600.0
+READER_TTL_S = 3600.0
+
+
+def default_ttl_s(type_: CommandType, args: dict[str, Any]) -> float:
+    """The expiry a producer signs into a command unless it has a better one (beat, the agent)."""
+    return WRITER_TTL_S if type_ in LOCKED or is_destructive(type_, args) else READER_TTL_S
+
 
 def new_command_id() -> str:
     return str(uuid.uuid4())
@@ -149,6 +167,8 @@ class Command(BaseModel):
     actor: str = Field(min_length=1, max_length=200)
     ticket: str | None = Field(None, max_length=200)
     issued_at: datetime = Field(default_factory=utcnow)
+    # Past this, the worker rejects the command (None: the worker's max_command_age after issued_at).
+    expires_at: datetime | None = None
     signature: str | None = None
 
     @property
@@ -176,15 +196,34 @@ class Command(BaseModel):
             raise BadInput(f"invalid arguments for {self.type}: {problems}") from None
 
     def canonical(self) -> bytes:
-        """The bytes the signature covers: every field but the signature, keys sorted."""
+        """The bytes the signature covers: every field but the signature, keys sorted.
+
+        A command without an expiry signs as producers before ``expires_at`` did, so
+        their signatures still verify.
+        """
         body = self.model_dump(mode="json", exclude={"signature"})
+        if body.get("expires_at") is None:
+            body.pop("expires_at", None)
         return json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
+
+    def expiring_in(self, seconds: float) -> Command:
+        """The same command, expiring ``seconds`` after it was issued (sign it afterwards)."""
+        issued = self.issued_at if self.issued_at.tzinfo else self.issued_at.replace(tzinfo=UTC)
+        return self.model_copy(update={"expires_at": issued + timedelta(seconds=seconds)})
+
+    def expiry(self, max_age_s: float) -> datetime:
+        """When the worker stops accepting it: its signed expiry, else ``max_age_s`` after it was issued."""
+        if self.expires_at is not None:
+            return self.expires_at if self.expires_at.tzinfo else self.expires_at.replace(tzinfo=UTC)
+        issued = self.issued_at if self.issued_at.tzinfo else self.issued_at.replace(tzinfo=UTC)
+        return issued + timedelta(seconds=max_age_s)
 
     def signed(self, key: bytes) -> Command:
         return self.model_copy(update={"signature": _mac(key, self.canonical())})
 
     def to_message(self) -> dict[str, Any]:
-        return self.model_dump(mode="json")
+        """The queue message: the contract's fields, and ``expires_at`` when the producer set one."""
+        return self.model_dump(mode="json", exclude={"expires_at"} if self.expires_at is None else None)
 
     @classmethod
     def from_message(cls, message: object) -> Command:
@@ -207,8 +246,15 @@ def check_command(
     now: datetime,
     max_age_s: float,
     max_skew_s: float,
+    max_ttl_s: float = 7 * 24 * 3600.0,
 ) -> None:
-    """Raise CommandRejected unless the command may run on this database now."""
+    """Raise CommandRejected unless the command may run on this database now.
+
+    A command expires at the ``expires_at`` its producer signed (a command that
+    waited in the queue behind a long backup is not stale); one without falls
+    back to ``max_age_s`` after it was issued. An expiry further than
+    ``max_ttl_s`` from issue is refused, so no signed command lives for ever.
+    """
     if command.db != db:
         raise CommandRejected(f"command is for database {command.db!r}, this worker serves {db!r}")
     if key is None:
@@ -224,7 +270,18 @@ def check_command(
             raise CommandRejected("signature does not match: the command was forged or altered")
     issued = command.issued_at if command.issued_at.tzinfo else command.issued_at.replace(tzinfo=UTC)
     age = now - issued
-    if age > timedelta(seconds=max_age_s):
+    expiry = command.expiry(max_age_s)
+    if command.expires_at is not None:
+        if expiry - issued > timedelta(seconds=max_ttl_s):
+            raise CommandRejected(
+                f"command expires {(expiry - issued).total_seconds():.0f}s after it was issued,"
+                f" the limit is {max_ttl_s:.0f}s"
+            )
+        if now > expiry:
+            raise CommandRejected(
+                f"command expired at {expiry.isoformat(timespec='seconds')} (issued {age.total_seconds():.0f}s ago)"
+            )
+    elif age > timedelta(seconds=max_age_s):
         raise CommandRejected(
             f"command is stale: issued {age.total_seconds():.0f}s ago, the limit is {max_age_s:.0f}s"
         )

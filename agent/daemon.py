@@ -12,7 +12,6 @@ import os
 import signal
 import socket
 import threading
-import time
 from typing import Any
 
 import psycopg
@@ -24,23 +23,20 @@ from agent.connections import ping_redis, redis_client
 from agent.consumer import ConsumerOptions, Entry, GroupConsumer, Outcome
 from agent.errors import DbAgentError
 from agent.events import Event, EventType
+from agent.lifecycle import pause_point
 from agent.monitoring import alert, flush, init_sentry
 from agent.producer import Producer
 from agent.redact import redact
-from agent.rollback import AGENT_ACTOR, ROLLBACK_TRIGGERS, plan_escalation, plan_rollback
+from agent.rollback import AGENT_ACTOR, ROLLBACK_TRIGGERS, NoRollback, decide, plan_escalation
 from agent.settings import Settings
 
 log = logging.getLogger("dbagent.agent")
 
 AUDIT_GROUP = "audit"
+# An automatic rollback still queued an hour after the failure is no longer the fix it was:
+# the worker refuses it then, and an operator decides (the alert says so).
+AGENT_ROLLBACK_TTL_S = 3600.0
 ROLLBACK_GROUP = "rollback"
-
-
-def pause_point(name: str) -> None:
-    """Fault injection for tests: hold here while ``DBAGENT_PAUSE_AT`` names this point."""
-    if os.environ.get("DBAGENT_PAUSE_AT") == name:
-        log.warning("pausing at %s (DBAGENT_PAUSE_AT)", name)
-        time.sleep(3600)
 
 
 class RollbackTrigger:
@@ -72,9 +68,13 @@ class RollbackTrigger:
             self.escalate(event)
             return
         last_run = self.last_run(event) if event.type == EventType.APP_STARTUP_FAILED else None
-        plan = plan_rollback(event, last_run)
-        if plan is None:
-            log.info("%s %s on %s: no run to roll back", event.type, event.id, event.db)
+        plan = decide(event, last_run)
+        if isinstance(plan, NoRollback):
+            if plan.alert:
+                alert(f"{event.type} on {event.db}: {plan.reason}", db=event.db, command_id=event.command_id,
+                      actor=event.actor, event=str(event.type))
+            else:
+                log.info("%s %s on %s: no rollback: %s", event.type, event.id, event.db, plan.reason)
             return
         pause_point("agent.before_act")
         command = Command(
@@ -84,7 +84,7 @@ class RollbackTrigger:
             args=plan.args(),
             actor=AGENT_ACTOR,
             ticket=event.ticket or f"event:{event.id}",
-        )
+        ).expiring_in(AGENT_ROLLBACK_TTL_S)
         self.producer.submit(command)
         log.info("%s on %s: rollback to %s enqueued (command %s)", event.type, plan.db, plan.target or "base", plan.command_id)
 
@@ -101,7 +101,7 @@ class RollbackTrigger:
                 args={"path": escalation.restore_path},
                 actor=AGENT_ACTOR,
                 ticket=event.ticket or f"event:{event.id}",
-            )
+            ).expiring_in(AGENT_ROLLBACK_TTL_S)
             self.producer.submit(command)
             log.warning("auto_restore: restore of %s enqueued (command %s)", escalation.restore_path, command.id)
 

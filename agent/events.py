@@ -43,6 +43,9 @@ class EventType(StrEnum):
     RESTORE_FAILED = "restore.failed"
     BACKUP_VERIFIED = "backup.verified"
     PRUNE_COMPLETED = "prune.completed"
+    PRUNE_FAILED = "prune.failed"
+    # A command with no failure event of its own (status, history, a backup check) that failed or was interrupted.
+    COMMAND_FAILED = "command.failed"
     APP_STARTUP_FAILED = "app.startup_failed"
     BACKFILL_PROGRESS = "backfill.progress"
 

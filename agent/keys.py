@@ -32,13 +32,21 @@ def result(prefix: str, command_id: str) -> str:
     return f"{prefix}:result:{command_id}"
 
 
+def running(prefix: str, command_id: str) -> str:
+    """Where a command is (worker, phase), while its worker lives: renewed every third of
+    [redis] lease_ttl and expiring after it, so a producer can tell a dead worker from a slow one."""
+    return f"{prefix}:running:{command_id}"
+
+
 def lease(prefix: str, db: str) -> str:
     """The writer lease of one database; expires unless its holder renews it."""
     return f"{prefix}:lease:{db}"
 
 
 def fence(prefix: str, db: str) -> str:
-    """Counter issuing the lease's fencing tokens; never expires."""
+    """Counter issuing the beat leader lease's fencing tokens; never expires. (A writer's
+    token comes from the database's own sequence, ``dbagent.fencing_token``, and is only
+    shown here.)"""
     return f"{prefix}:fence:{db}"
 
 

@@ -4,7 +4,10 @@ The advisory lock is the authority. It is taken on the dedicated connection
 that also runs the migration's statements, so losing the lock and losing the
 ability to write are one event, and a dead worker's lock frees itself when its
 session ends. The Redis lease keeps queues orderly and shows who holds a
-database; it carries a fencing token and is renewed by a heartbeat.
+database, and is renewed by a heartbeat. A writer's fencing token comes from
+the database's own sequence once it holds the advisory lock
+(``store.next_fencing_token``), so tokens only grow, whatever Redis forgets;
+the beat's leader lease keeps a counter in Redis.
 """
 
 from __future__ import annotations
@@ -55,7 +58,7 @@ class RedisLease:
         self,
         client: redis.Redis,
         key: str,
-        fence_key: str,
+        fence_key: str | None,
         owner: dict[str, Any],
         ttl_s: float,
     ) -> None:
@@ -73,7 +76,7 @@ class RedisLease:
         self._release = client.register_script(_RELEASE)
 
     def try_acquire(self) -> bool:
-        token = int(self.client.incr(self.fence_key))
+        token = int(self.client.incr(self.fence_key)) if self.fence_key else None
         value = json.dumps({**self.owner, "token": token, "since": time.time()}, sort_keys=True)
         if self.client.set(self.key, value, nx=True, px=self.ttl_ms):
             self.token, self._value = token, value
@@ -81,8 +84,8 @@ class RedisLease:
             return True
         return False
 
-    def acquire(self, timeout_s: float, on_wait: Waiting | None = None, poll_s: float = 0.2) -> int:
-        """Wait for the lease; returns the fencing token. Calls on_wait(waited_s, holder) while waiting."""
+    def acquire(self, timeout_s: float, on_wait: Waiting | None = None, poll_s: float = 0.2) -> int | None:
+        """Wait for the lease; returns its fencing token (None without a fence key). Calls on_wait(waited_s, holder)."""
         started = time.monotonic()
         while not self.try_acquire():
             waited = time.monotonic() - started
@@ -94,7 +97,6 @@ class RedisLease:
                 on_wait(waited, self.holder())
             time.sleep(poll_s)
         self.start_heartbeat()
-        assert self.token is not None
         return self.token
 
     def holder(self) -> dict[str, Any] | None:

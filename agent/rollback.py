@@ -7,6 +7,13 @@ command id is derived from the failed run's command id, so however many
 events, agents or redeliveries there are, the worker executes it once.
 A failed rollback never plans another rollback: it alerts, and may escalate
 to restoring the run's pre-migration backup when the database allows it.
+
+The rollback never goes below the failed run's starting revision, and only
+follows a revision before that is known: a failure whose run's start was not
+recorded (an interrupted command from an older worker) alerts and does
+nothing else, and ``base`` is a target only for a run recorded as having
+started there. A failure that changed nothing (it stopped before its first
+step committed) needs no rollback.
 """
 
 from __future__ import annotations
@@ -48,35 +55,76 @@ class Escalation:
     restore_command_id: str | None
 
 
+@dataclass(frozen=True)
+class NoRollback:
+    """Why a failure event gets no rollback; ``alert`` when an operator must look."""
+
+    reason: str
+    alert: bool = False
+
+
 def backup_path(backup: Any) -> str | None:
     return backup.get("path") if isinstance(backup, dict) else None
 
 
+def revision_before_known(data: dict[str, Any]) -> bool:
+    """Whether a failure event knows where its run started (``revision_before`` None then means base).
+
+    Events say so; an event from before they did knows it when it carries the
+    key and is not an interrupted-command report (those read it from a plan that
+    never held it).
+    """
+    if "revision_before_known" in data:
+        return bool(data["revision_before_known"])
+    return "revision_before" in data and not data.get("interrupted")
+
+
 def plan_rollback(event: Event, last_run: dict[str, Any] | None = None) -> RollbackPlan | None:
-    """The rollback a failure event calls for, or None.
+    """The rollback a failure event calls for, or None (``decide`` says why not)."""
+    decision = decide(event, last_run)
+    return decision if isinstance(decision, RollbackPlan) else None
+
+
+def decide(event: Event, last_run: dict[str, Any] | None = None) -> RollbackPlan | NoRollback:
+    """The rollback a failure event calls for, or why there is none.
 
     ``last_run`` is, for ``app.startup_failed``, the database's last completed
     migrate run: ``{"command_id", "revision_before", "backup"}``.
     """
     data = event.data
+    known = revision_before_known(data)
+    after_known = data.get("revision_after_known", True)
     if event.type == EventType.MIGRATION_FAILED:
         run_id, before, after = event.command_id, data.get("revision_before"), data.get("revision_after")
         backup = data.get("backup")
     elif event.type == EventType.VERIFY_FAILED:
         # Only a migrate's verification says which run to undo; a standalone verify alerts only.
         if "run_command_id" not in data:
-            return None
+            return NoRollback("a standalone verify names no run to undo")
         run_id, before, after = data.get("run_command_id"), data.get("revision_before"), data.get("revision")
         backup = data.get("backup")
     elif event.type == EventType.APP_STARTUP_FAILED:
         if not last_run:
-            return None
+            return NoRollback("no migrate run changed this database", alert=True)
         run_id, before, after = last_run.get("command_id"), last_run.get("revision_before"), last_run.get("revision_after")
         backup = last_run.get("backup")
+        known = "revision_before" in last_run
     else:
-        return None
+        return NoRollback(f"{event.type} does not call for a rollback")
     if not run_id:
-        return None
+        return NoRollback("the event names no run", alert=True)
+    if data.get("claimed") is False:
+        return NoRollback("the run never started: nothing was changed")
+    if not known:
+        return NoRollback(
+            f"where run {run_id} started is not recorded: not rolling back (the database is at"
+            f" {after or 'base' if after_known else 'an unknown revision'}); look at it and roll back by hand if needed",
+            alert=True,
+        )
+    if not after_known:
+        return NoRollback(f"the revision run {run_id} left could not be read: not rolling back", alert=True)
+    if after == before:
+        return NoRollback(f"run {run_id} changed nothing (the database is still at {before or 'base'})")
     cause = {
         "event_id": event.id,
         "event_type": event.type,

@@ -1,27 +1,31 @@
-"""Execute one command on the database's worker: decode → check → record → lock → run → report.
+"""Execute one command on the database's worker, through the lifecycle of ``agent.lifecycle``.
 
-``execute`` is what the Celery task calls; tests call it too. Each operation
-(``status``, ``migrate``, ``rollback``, ``verify``, ``history``) is one plain
-function of a ``Run``.
+``execute`` is what the Celery task calls (tests call it too): decode → check →
+record → lock → claim → run → finish. It always returns the command's result
+and publishes it where producers wait, whatever failed and wherever; it never
+raises. ``reap`` reports the commands a dead worker left (at worker start,
+before every claim, and from the worker's relay), and ``relay`` re-publishes
+what Redis missed. Each operation (``status``, ``migrate``, ``rollback``,
+``verify``, ``history``) is one plain function of a ``Run``.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import os
+import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from pathlib import Path
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 import redis
 from sqlalchemy import Connection
 
-from agent import backup_operations, keys, preflight, retries, store
+from agent import backup_operations, keys, lifecycle, preflight, retries, store
 from agent.backups import BackupKind, Trigger, list_backups
 from agent.blocking import BlockingMonitor
 from agent.commands import (
@@ -41,8 +45,11 @@ from agent.durations import postgres_interval
 from agent.errors import BadInput, CommandRejected, DbAgentError, OperationFailed, Unavailable
 from agent.eventlog import EventLog
 from agent.events import HOST, Event, EventType
+from agent.journal import Journal, Presence, publish_result, rollback_quietly
+from agent.lifecycle import STOP, Phase, StopRequest, pause_point
 from agent.locks import AdvisoryLock, RedisLease, holder_backend, read_lease
 from agent.migrator import Migrator, Step
+from agent.monitoring import alert
 from agent.redact import redact
 from agent.settings import DatabaseSettings, Settings
 from agent.verify import Baseline, capture_baseline, run_checks, summary
@@ -52,103 +59,15 @@ log = logging.getLogger(__name__)
 # While a writer waits for the database, it says so this often.
 LOCK_WAITING_EVERY_S = 5.0
 
+_rollback_quietly = rollback_quietly
+
 
 def worker_name(db: str) -> str:
     return f"{db}@{HOST}:{os.getpid()}"
 
 
-class Journal:
-    """A command's events: written to PostgreSQL first (the record), then to the stream."""
-
-    def __init__(self, eventlog: EventLog, prefix: str, db: str, command: Command | None) -> None:
-        self.eventlog = eventlog
-        self.prefix = prefix
-        self.db = db
-        self.command = command
-        self.conn: Connection | None = None
-        self.db_url: str | None = None
-        self._unpublished: list[Event] = []
-
-    def make(self, type_: EventType, data: dict[str, Any]) -> Event:
-        command = self.command
-        return Event(
-            type=type_,
-            db=self.db,
-            command_id=command.id if command else data.get("command_id"),
-            actor=command.actor if command else None,
-            ticket=command.ticket if command else None,
-            data=json.loads(json.dumps(data, default=str)),
-        )
-
-    def emit(self, type_: EventType, **data: Any) -> Event:
-        """Record an event in PostgreSQL, then publish it on the stream."""
-        event = self.make(type_, data)
-        if self.conn is not None:
-            try:
-                store.insert_event(self.conn, event)
-                self.conn.commit()
-            except Exception as exc:  # the stream still carries it; the sink (agent) backfills
-                log.warning("could not write event %s to the audit log: %s", event.type, redact(exc))
-                _rollback_quietly(self.conn)
-        self._unpublished.append(event)
-        self.flush()
-        return event
-
-    def stage(self, conn: Connection, type_: EventType, **data: Any) -> None:
-        """Write an event inside the caller's open transaction; flush() publishes it after commit."""
-        event = self.make(type_, data)
-        store.insert_event(conn, event)
-        self._unpublished.append(event)
-
-    def emit_aside(self, type_: EventType, data: dict[str, Any]) -> None:
-        """An event from beside the step (the lock sampler's thread, a backfill inside a step).
-
-        The step's connection is busy with the step's own transaction, so a
-        connection of its own writes the audit row.
-        """
-        event = self.make(type_, data)
-        if self.db_url is not None:
-            try:
-                import psycopg
-
-                with psycopg.connect(self.db_url, autocommit=True, connect_timeout=5) as conn:
-                    conn.execute(
-                        f"INSERT INTO {store.SCHEMA}.audit_log (id, ts, type, db, command_id, actor, ticket, host, data)"
-                        " VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s) ON CONFLICT (id) DO NOTHING",
-                        (event.id, event.ts, event.type, event.db, event.command_id, event.actor, event.ticket,
-                         event.host, json.dumps(event.data, default=str)),
-                    )
-            except Exception as exc:
-                log.warning("%s not written to the audit log: %s", event.type, redact(exc))
-        try:
-            self.eventlog.publish([event])
-        except redis.RedisError as exc:
-            log.warning("could not publish %s: %s", event.type, redact(exc))
-
-    def discard_staged(self) -> None:
-        self._unpublished.clear()
-
-    def flush(self) -> None:
-        events, self._unpublished = self._unpublished, []
-        if not events:
-            return
-        try:
-            self.eventlog.publish(events)
-        except redis.RedisError as exc:
-            log.warning("could not publish %d event(s) to the stream: %s", len(events), redact(exc))
-
-    def finish(self, result: dict[str, Any]) -> dict[str, Any]:
-        """Publish the command's outcome, where waiting producers look for it."""
-        self.flush()
-        if not result.get("command_id"):
-            return result
-        try:
-            self.eventlog.client.set(
-                keys.result(self.prefix, result["command_id"]), json.dumps(result, default=str), ex=keys.RESULT_TTL_S
-            )
-        except redis.RedisError as exc:
-            log.error("could not publish the outcome of %s: %s", result.get("command_id"), redact(exc))
-        return result
+class Stopped(OperationFailed):
+    """Raised when a worker told to stop ends its command before the next step (or lock, or retry)."""
 
 
 @dataclass
@@ -165,6 +84,10 @@ class Run:
     worker: str
     migrator: Migrator | None = None
     details: dict[str, Any] = field(default_factory=dict)
+    stop: StopRequest = STOP
+    presence: Presence | None = None
+    plan: dict[str, Any] = field(default_factory=dict)
+    claimed: bool = False
     _offline: dict[Step, str] = field(default_factory=dict)
 
     def migrations(self) -> Migrator:
@@ -174,6 +97,25 @@ class Run:
 
     def emit(self, type_: EventType, **data: Any) -> Event:
         return self.journal.emit(type_, **data)
+
+    def phase(self, phase: Phase | None = None, **changes: Any) -> None:
+        """Persist where a claimed command is, before it does it, for whoever finds it after a crash."""
+        if phase is not None:
+            changes["phase"] = phase.value
+        self.plan.update(changes)
+        if self.claimed:
+            command_id = self.command.id
+            if not self.journal.record(lambda conn: store.update_plan(conn, command_id, changes), what="the command's phase"):
+                raise Unavailable(f"could not record the phase of command {command_id} in PostgreSQL")
+        if self.presence is not None and phase is not None:
+            self.presence.update(phase=phase.value, step=changes.get("step"))
+        if phase is not None:
+            step = changes.get("step")
+            pause_point(f"phase:{phase.value}" + (f":{step['number']}" if step else ""))
+
+    def check_stop(self, before: str) -> None:
+        if self.stop.is_set():
+            raise Stopped(f"stopped before {before}: {self.stop.reason}", interrupted=True)
 
     def render_offline(self, plan: list[Step]) -> None:
         """Render a whole plan's offline SQL in one pass, for ``offline_sql`` to hand out."""
@@ -190,21 +132,26 @@ class Run:
 
 
 _migrators: dict[tuple[str, str], tuple[tuple, Migrator]] = {}
+_migrators_lock = threading.Lock()
 
 
 def cached_migrator(location: str, url: str) -> Migrator:
     """The scripts of a directory, parsed again only when a file in it changed."""
     versions = Path(location) / "versions"
     stamp = tuple(sorted((p.name, p.stat().st_mtime_ns, p.stat().st_size) for p in versions.glob("*.py")))
-    cached = _migrators.get((location, url))
-    if cached is None or cached[0] != stamp:
-        cached = (stamp, Migrator(location, url))
-        _migrators[(location, url)] = cached
-    return cached[1]
+    with _migrators_lock:
+        cached = _migrators.get((location, url))
+        if cached is None or cached[0] != stamp:
+            cached = (stamp, Migrator(location, url))
+            _migrators[(location, url)] = cached
+        return cached[1]
 
 
 def base_result(command_id: str | None, type_: str | None, db: str) -> dict[str, Any]:
     return {"command_id": command_id, "type": type_, "db": db, "status": None, "error": None, "exit_code": None}
+
+
+# -- the lifecycle, on the worker -------------------------------------------------
 
 
 def execute(
@@ -214,8 +161,9 @@ def execute(
     *,
     client: redis.Redis | None = None,
     worker: str | None = None,
+    stop: StopRequest | None = None,
 ) -> dict[str, Any]:
-    """Run one queue message on the worker of database ``db_name``; returns the result object."""
+    """Run one queue message on the worker of database ``db_name``; returns the result, never raises."""
     client = client if client is not None else redis_client(settings.redis)
     eventlog = EventLog(client, settings.redis.prefix)
     worker = worker or worker_name(db_name)
@@ -229,7 +177,7 @@ def execute(
         _record_rejection(journal, db, str(exc), worker, command_id=command_id)
         return journal.finish(_outcome(base_result(command_id, None, db_name), exc))
 
-    journal = Journal(eventlog, settings.redis.prefix, db_name, command)
+    journal = Journal(eventlog, settings.redis.prefix, db_name, command, db)
     result = base_result(command.id, str(command.type), db_name)
     try:
         check_command(
@@ -239,27 +187,454 @@ def execute(
             now=utcnow(),
             max_age_s=settings.security.max_command_age,
             max_skew_s=settings.security.max_clock_skew,
+            max_ttl_s=settings.security.max_command_ttl,
         )
-    except CommandRejected as exc:
-        # Nothing of a forged or stale command runs; only its rejection is recorded.
-        _record_rejection(journal, db, str(exc), worker)
+    except BadInput as exc:
+        # Forged, expired, or arguments this worker cannot read (a producer of another
+        # version): nothing of it runs; only its rejection is recorded.
+        _record_rejection(journal, db, exc.message, worker)
         return journal.finish(_outcome(result, exc))
 
     try:
-        with pg_connection(db, application_name=f"dbagent {command.type} {command.id[:8]}") as conn:
-            store.ensure_schema(conn)
-            apply_timeouts(conn, db)
-            journal.conn = conn
-            journal.db_url = db.url
-            run = Run(settings, db_name, db, command, conn, journal, client, worker)
-            return journal.finish(_execute(run, result))
-    except DbAgentError as exc:
+        return _execute(settings, db_name, db, command, journal, client, worker, stop or STOP, result)
+    except Exception as exc:  # noqa: BLE001 - the last line: the producer gets an answer, whatever escaped
+        log.exception("command %s failed before or outside its operation", command.id)
         journal.conn = None
-        if isinstance(exc, BadInput):
-            journal.emit(EventType.COMMAND_REJECTED, reason=exc.message, worker=worker)
-        return journal.finish(_outcome(result, exc))
-    except redis.RedisError as exc:
-        return journal.finish(_outcome(result, Unavailable(f"Redis failed during the command: {redact(exc)}")))
+        return journal.finish(_outcome(result, as_dbagent_error(exc)))
+
+
+def _execute(
+    settings: Settings, db_name: str, db: DatabaseSettings, command: Command, journal: Journal, client: redis.Redis,
+    worker: str, stop: StopRequest, result: dict[str, Any],
+) -> dict[str, Any]:
+    with pg_connection(db, application_name=f"dbagent {command.type} {command.id[:8]}") as conn:
+        store.ensure_schema(conn)
+        apply_timeouts(conn, db)
+        if not store.try_command_lock(conn, command.id):
+            conn.commit()
+            # A second delivery (the visibility timeout passed during a long backup): the
+            # live execution reports; this one must not touch the row or the result.
+            log.warning("command %s is being executed by a live worker: this delivery is left to it", command.id)
+            return {**result, "status": "duplicate"}
+        conn.commit()
+        journal.conn = conn
+        presence = Presence(client, settings.redis.prefix, command.id, worker, settings.redis.lease_ttl)
+        run = Run(settings, db_name, db, command, conn, journal, client, worker, stop=stop, presence=presence)
+        try:
+            fresh = store.record_command(conn, command, worker)
+            conn.commit()
+            if not fresh:
+                row = store.command_row(conn, command.id) or {}
+                conn.commit()
+                if row.get("status") in FINISHED:
+                    log.info("command %s was already executed (%s): reporting, not re-running", command.id, row["status"])
+                    return journal.finish(row.get("result") or {**result, "status": row.get("status")})
+                # Not finished, and its command lock was free: whoever ran it is gone.
+                return _report_own_orphan(run, row, f"the worker running it ({row.get('worker')}) died")
+            presence.start()
+            run.emit(EventType.COMMAND_ACCEPTED, worker=worker, args=command.args, expires_at=command.expires_at)
+            try:
+                outcome = _run(run, result)
+            except Exception as exc:  # noqa: BLE001 - recorded below as the command's failure
+                if not isinstance(exc, DbAgentError):
+                    log.exception("command %s failed unexpectedly", command.id)
+                outcome = _outcome(result, as_dbagent_error(exc))
+            outcome = _finish(run, outcome)
+        finally:
+            # Only once the outcome is published: a producer never sees "gone" for a command that finished.
+            presence.stop()
+        try:
+            store.release_command_lock(conn, command.id)
+            conn.commit()
+        except Exception:  # noqa: BLE001 - the session ending frees it
+            rollback_quietly(conn)
+        return outcome
+
+
+def _run(run: Run, result: dict[str, Any]) -> dict[str, Any]:
+    """The operation, under the writer lock and claimed with its plan when it writes."""
+    command, conn = run.command, run.conn
+    operation = OPERATIONS[command.type]
+    if not command.needs_lock:
+        return _run_operation(run, operation, result)
+    with writer_lock(run):
+        # Whatever a dead writer left is reported first, while the database is where it left it.
+        reap(run.settings, run.db_name, conn, run.redis, holding_writer_lock=True, exclude=command.id)
+        before, known = _revision_before(run)
+        plan = lifecycle.initial_plan(command.type, before, known)
+        if not store.claim_command(conn, command.id, run.worker, plan):
+            conn.rollback()
+            row = store.command_row(conn, command.id) or {}
+            conn.commit()
+            return row.get("result") or {**result, "status": row.get("status")}
+        conn.commit()
+        run.plan, run.claimed = plan, True
+        pause_point("phase:claimed")
+        return _run_operation(run, operation, result)
+
+
+def _revision_before(run: Run) -> tuple[str | None, bool]:
+    """Where the database is as the command starts, and whether that could be read at all."""
+    if not (Path(run.db.migrations) / "env.py").is_file():
+        return None, False
+    try:
+        return run.migrations().current(run.conn), True
+    except DbAgentError:
+        rollback_quietly(run.conn)
+        if run.command.type in (CommandType.MIGRATE, CommandType.ROLLBACK):
+            raise
+        return None, False
+
+
+def _run_operation(run: Run, operation: Callable[[Run], dict[str, Any]], result: dict[str, Any]) -> dict[str, Any]:
+    try:
+        return {**result, **operation(run), "status": CommandStatus.SUCCEEDED.value, "exit_code": 0}
+    except BadInput as exc:
+        rollback_quietly(run.conn)
+        run.emit(EventType.COMMAND_REJECTED, reason=exc.message, worker=run.worker)
+        return _outcome(dict(result), exc)
+    except DbAgentError as exc:
+        rollback_quietly(run.conn)
+        return _outcome(dict(result), exc)
+    except Exception as exc:  # noqa: BLE001 - a script or a driver: reported as the command's failure
+        log.exception("command %s failed unexpectedly", run.command.id)
+        rollback_quietly(run.conn)
+        return _outcome(dict(result), as_dbagent_error(exc))
+
+
+def _finish(run: Run, outcome: dict[str, Any]) -> dict[str, Any]:
+    """Record the terminal state in PostgreSQL (the record), then publish it; never leaves the row open."""
+    command, conn = run.command, run.conn
+    if run.stop.is_set() and outcome.get("status") == CommandStatus.FAILED.value:
+        outcome.setdefault("interrupted", True)
+    if _lost(conn):
+        return _finish_after_losing_postgres(run, outcome)
+    if outcome.get("status") == CommandStatus.FAILED.value and not run.journal.reported_failure:
+        # Whatever stopped it (a lock wait, a dependency), the failure has an event of its kind.
+        run.emit(
+            lifecycle.failure_event(command.type), error=outcome.get("error"), phase=run.plan.get("phase"),
+            **{k: outcome[k] for k in ("revision_before", "revision_after", "interrupted") if k in outcome},
+            **({"revision_before_known": run.plan.get("revision_before_known")} if run.claimed else {}),
+        )
+    try:
+        rollback_quietly(conn)
+        status = CommandStatus.INTERRUPTED if outcome.get("interrupted") else CommandStatus(outcome["status"])
+        finished = store.finish_command(conn, command.id, status.value, outcome)
+        conn.commit()
+    except Exception as exc:  # noqa: BLE001 - the connection died at the very end
+        log.warning("could not record the outcome of %s: %s", command.id, redact(exc))
+        rollback_quietly(conn)
+        return _finish_after_losing_postgres(run, outcome)
+    if not finished:  # reported by someone else meanwhile (a reaper): theirs is the record
+        row = store.command_row(conn, command.id) or {}
+        conn.commit()
+        return run.journal.finish(row.get("result") or outcome)
+    return run.journal.finish(outcome)
+
+
+def _lost(conn: Connection) -> bool:
+    """Whether the command's connection is dead (PostgreSQL restarted, the network went)."""
+    if conn.closed or conn.invalidated:
+        return True
+    try:
+        rollback_quietly(conn)
+        conn.exec_driver_sql("SELECT 1")
+        conn.commit()
+        return False
+    except Exception:  # noqa: BLE001 - any error here means the session is gone
+        rollback_quietly(conn)
+        return True
+
+
+def _finish_after_losing_postgres(run: Run, outcome: dict[str, Any]) -> dict[str, Any]:
+    """PostgreSQL went away mid-command: wait for it, then report the command as interrupted, truthfully.
+
+    The step in progress rolled back with the session; where the database now
+    stands is read once it answers again, under the writer lock. If it stays
+    away longer than ``reconnect_timeout``, the producer hears that the outcome
+    is not recorded yet, and the next worker to reach the database reports it.
+    """
+    command = run.command
+    error = outcome.get("error") or "the connection to PostgreSQL was lost"
+    reason = f"lost PostgreSQL ({error})"
+    deadline = time.monotonic() + run.settings.worker.reconnect_timeout
+    while True:
+        try:
+            with pg_connection(run.db, application_name=f"dbagent report {command.id[:8]}") as conn:
+                apply_timeouts(conn, run.db)
+                reported = report_orphan(
+                    run.settings, run.db_name, conn, run.redis, command.id, reason, wait_s=max(deadline - time.monotonic(), 1.0)
+                )
+                if reported is not None:
+                    return reported
+                break
+        except Unavailable:
+            if time.monotonic() >= deadline or run.stop.wait(1.0):
+                break
+        except Exception as exc:  # noqa: BLE001 - the server answered but the report failed: leave it to a reaper
+            log.warning("could not report command %s after losing PostgreSQL: %s", command.id, redact(exc))
+            break
+    outcome = {
+        **outcome,
+        "status": CommandStatus.FAILED.value,
+        "exit_code": 3,
+        "error": f"{error}; the outcome is not recorded yet: the next worker to reach the database reports it"
+        " as interrupted",
+    }
+    run.journal.conn = None
+    return run.journal.finish(outcome)
+
+
+def report_orphan(
+    settings: Settings,
+    db_name: str,
+    conn: Connection,
+    client: redis.Redis,
+    command_id: str,
+    reason: str,
+    *,
+    holding_writer_lock: bool = False,
+    wait_s: float = 0.0,
+) -> dict[str, Any] | None:
+    """Report a command whose executor is gone, as ``lifecycle.interrupted_report`` says; its result, or None.
+
+    None when it is not ours to report: finished already, or still alive (its
+    command lock is held), or a writer's and the writer lock stays busy for
+    ``wait_s`` (a live writer will reap it before it claims).
+    """
+    row = store.command_row(conn, command_id)
+    conn.commit()
+    if row is None or row["status"] in FINISHED:
+        if row is not None and row.get("result"):
+            publish_result(client, settings.redis.prefix, command_id, row["result"])
+        return row.get("result") if row else None
+    if not store.try_command_lock(conn, command_id):
+        conn.commit()
+        return None
+    conn.commit()
+    writer = row["status"] in (CommandStatus.CLAIMED, CommandStatus.RUNNING)
+    advisory = AdvisoryLock(conn)
+    try:
+        if writer and not holding_writer_lock:
+            if not advisory.try_acquire():
+                if wait_s <= 0:
+                    return None
+                try:
+                    advisory.acquire(wait_s)
+                except DbAgentError:
+                    return None
+        return _report(settings, db_name, conn, client, row, reason)
+    finally:
+        advisory.release()
+        try:
+            store.release_command_lock(conn, command_id)
+            conn.commit()
+        except Exception:  # noqa: BLE001 - the session ending frees it
+            rollback_quietly(conn)
+
+
+def _report(
+    settings: Settings, db_name: str, conn: Connection, client: redis.Redis, row: dict[str, Any], reason: str
+) -> dict[str, Any]:
+    db = settings.databases[db_name]
+    command = _command_of(row)
+    eventlog = EventLog(client, settings.redis.prefix)
+    journal = Journal(eventlog, settings.redis.prefix, db_name, command, db)
+    journal.conn = conn
+    try:
+        current, known = Migrator.current(conn), True
+    except Exception:  # noqa: BLE001 - a version table that cannot be read: said so in the report
+        rollback_quietly(conn)
+        current, known = None, False
+    if not (Path(db.migrations) / "env.py").is_file():
+        current, known = None, False
+    report = lifecycle.interrupted_report(
+        row["type"], row["status"], row.get("plan"), revision_now=current, revision_now_known=known, reason=reason
+    )
+    _remove_unfinished_backup(db, row.get("plan") or {})
+    outcome = {**base_result(command.id, str(command.type), db_name), **report.result}
+    # The failure event and the terminal state commit together: reported once, or not at all.
+    journal.stage(conn, report.event, **report.data, worker=row.get("worker"))
+    finished = store.finish_command(conn, command.id, CommandStatus.INTERRUPTED.value, outcome)
+    if not finished:
+        conn.rollback()
+        journal.discard_staged()
+        fresh = store.command_row(conn, command.id) or {}
+        conn.commit()
+        return fresh.get("result") or outcome
+    conn.commit()
+    journal.finish(outcome)
+    log.warning("command %s (%s) was interrupted: %s", command.id, command.type, report.data["error"])
+    alert(f"{command.type} on {db_name} was interrupted: {report.data['error']}", level="error", db=db_name,
+          command_id=command.id, actor=command.actor)
+    return outcome
+
+
+def _remove_unfinished_backup(db: DatabaseSettings, plan: dict[str, Any]) -> None:
+    """The partial file a killed dump left, and a renamed archive whose manifest was never written."""
+    from agent import backups as bk
+
+    backup = plan.get("backup") if isinstance(plan.get("backup"), dict) else {}
+    if not db.backup_dir or not backup:
+        return
+    directory = Path(db.backup_dir)
+    for key in ("partial", "path"):
+        name = backup.get(key)
+        if not name:
+            continue
+        path = directory / Path(name).name  # only ever inside backup_dir
+        if key == "path" and path.with_name(path.name + bk.MANIFEST_SUFFIX).exists():
+            continue  # complete: listed, kept
+        if path.exists():
+            bk.remove_path(path)
+            log.warning("removed %s, left unfinished by an interrupted backup", path)
+
+
+def _command_of(row: dict[str, Any]) -> Command:
+    return Command.model_validate(
+        {
+            "id": row["id"],
+            "type": row["type"],
+            "db": row["db"],
+            "args": row["args"] or {},
+            "actor": row["actor"] or "unknown",
+            "ticket": row["ticket"],
+            "issued_at": row["issued_at"] or datetime.now(UTC),
+        }
+    )
+
+
+def _report_own_orphan(run: Run, row: dict[str, Any], reason: str) -> dict[str, Any]:
+    """A redelivered command whose first execution died: report it (under the writer lock if it wrote)."""
+    conn = run.conn
+    if row.get("status") in (CommandStatus.CLAIMED, CommandStatus.RUNNING):
+        with writer_lock(run):
+            outcome = _report(run.settings, run.db_name, conn, run.redis, row, reason)
+    else:
+        outcome = _report(run.settings, run.db_name, conn, run.redis, row, reason)
+    store.release_command_lock(conn, run.command.id)
+    conn.commit()
+    return outcome
+
+
+def reap(
+    settings: Settings,
+    db_name: str,
+    conn: Connection,
+    client: redis.Redis,
+    *,
+    holding_writer_lock: bool = False,
+    exclude: str | None = None,
+) -> list[str]:
+    """Report every command a dead worker left unfinished on this database; returns their ids."""
+    reported = []
+    rows = store.open_commands(conn)
+    conn.commit()
+    for row in rows:
+        if row["id"] == exclude:
+            continue
+        outcome = report_orphan(
+            settings, db_name, conn, client, row["id"], f"the worker running it ({row.get('worker')}) is gone",
+            holding_writer_lock=holding_writer_lock,
+        )
+        if outcome is not None and outcome.get("interrupted"):
+            reported.append(row["id"])
+    return reported
+
+
+def recover_interrupted(settings: Settings, db_name: str, client: redis.Redis | None = None) -> list[str]:
+    """At worker start: report commands left unfinished by a dead worker. Returns their ids."""
+    db = settings.databases[db_name]
+    client = client if client is not None else redis_client(settings.redis)
+    with pg_connection(db, application_name="dbagent recovery") as conn:
+        store.ensure_schema(conn)
+        apply_timeouts(conn, db)
+        return reap(settings, db_name, conn, client)
+
+
+def relay(settings: Settings, db_name: str, client: redis.Redis) -> dict[str, int]:
+    """One round of the worker's relay: report orphans, re-publish results and events Redis missed."""
+    db = settings.databases[db_name]
+    prefix = settings.redis.prefix
+    with pg_connection(db, application_name="dbagent relay") as conn:
+        store.ensure_schema(conn)
+        apply_timeouts(conn, db)
+        reaped = reap(settings, db_name, conn, client)
+        results = store.unpublished_results(conn, keys.RESULT_TTL_S)
+        conn.commit()
+        published = [row["id"] for row in results if row["result"] and publish_result(client, prefix, row["id"], row["result"])]
+        if published:
+            store.mark_published(conn, published)
+            conn.commit()
+        events = store.unpublished_events(conn)
+        conn.commit()
+        if events:
+            try:
+                EventLog(client, prefix).publish(events)
+            except redis.RedisError as exc:
+                log.info("unpublished events wait for Redis: %s", redact(exc))
+                events = []
+            if events:
+                store.mark_published_events(conn, [e.id for e in events])
+                conn.commit()
+    if reaped or published or events:
+        log.info("relay: %d interrupted command(s) reported, %d result(s) and %d event(s) re-published",
+                 len(reaped), len(published), len(events))
+    return {"reaped": len(reaped), "results": len(published), "events": len(events)}
+
+
+class Relay:
+    """The worker's background relay: ``relay`` every ``[worker] relay_interval`` while the worker runs."""
+
+    def __init__(self, settings: Settings, db_name: str, client: redis.Redis | None = None) -> None:
+        self.settings = settings
+        self.db_name = db_name
+        self.client = client if client is not None else redis_client(settings.redis)
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._said: str | None = None
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._loop, name=f"dbagent relay {self.db_name}", daemon=True)
+        self._thread.start()
+
+    def once(self) -> dict[str, int] | None:
+        try:
+            counts = relay(self.settings, self.db_name, self.client)
+            self._said = None
+            return counts
+        except (DbAgentError, redis.RedisError, Exception) as exc:  # noqa: BLE001 - retried next round
+            text = exc.message if isinstance(exc, DbAgentError) else redact(exc)
+            if text != self._said:
+                log.warning("relay: %s (retrying every %.0fs)", text, self.settings.worker.relay_interval)
+                self._said = text
+            return None
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self.settings.worker.relay_interval):
+            self.once()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=10)
+
+
+def as_dbagent_error(exc: BaseException) -> DbAgentError:
+    """Any exception as the dbagent error a producer reads: lost dependencies are Unavailable (exit 3)."""
+    if isinstance(exc, DbAgentError):
+        return exc
+    import sqlalchemy.exc
+
+    if isinstance(exc, redis.RedisError):
+        return Unavailable(f"Redis failed during the command: {redact(exc)}")
+    if isinstance(exc, sqlalchemy.exc.OperationalError | sqlalchemy.exc.InterfaceError) or (
+        isinstance(exc, sqlalchemy.exc.DBAPIError) and exc.connection_invalidated
+    ):
+        return Unavailable(f"PostgreSQL failed during the command: {describe_error(exc)}")
+    if isinstance(exc, sqlalchemy.exc.SQLAlchemyError):
+        return OperationFailed(f"database error: {describe_error(exc)}")
+    return OperationFailed(f"unexpected error: {type(exc).__name__}: {redact(exc)}")
 
 
 def apply_timeouts(conn: Connection, db: DatabaseSettings) -> None:
@@ -282,69 +657,11 @@ def _record_rejection(journal: Journal, db: DatabaseSettings, reason: str, worke
             journal.conn = conn
             journal.emit(EventType.COMMAND_REJECTED, reason=reason, worker=worker, **data)
             return
-    except DbAgentError as exc:
-        log.warning("rejection not written to the audit log: %s", exc)
+    except Exception as exc:  # noqa: BLE001 - the stream still carries it
+        log.warning("rejection not written to the audit log: %s", as_dbagent_error(exc).message)
     finally:
         journal.conn = None
     journal.emit(EventType.COMMAND_REJECTED, reason=reason, worker=worker, **data)
-
-
-def _execute(run: Run, result: dict[str, Any]) -> dict[str, Any]:
-    command, conn = run.command, run.conn
-    fresh = store.record_command(conn, command, run.worker)
-    conn.commit()
-    if not fresh:
-        row = store.command_row(conn, command.id)
-        if row and row["status"] in FINISHED:
-            log.info("command %s was already executed (%s): reporting, not re-running", command.id, row["status"])
-            return row["result"] or {**result, "status": row["status"]}
-    run.emit(EventType.COMMAND_ACCEPTED, worker=run.worker, redelivered=not fresh, args=command.args)
-    operation = OPERATIONS[command.type]
-    try:
-        if command.needs_lock:
-            with writer_lock(run):
-                row = store.command_row(conn, command.id)
-                conn.commit()
-                if row and row["status"] in FINISHED:
-                    return row["result"] or {**result, "status": row["status"]}
-                if row and row["status"] == CommandStatus.RUNNING:
-                    # We hold the lock, so whoever was running it is gone.
-                    outcome = _interrupted(run, row, result)
-                else:
-                    if not store.claim_command(conn, command.id, run.worker, {"args": command.args}):
-                        conn.rollback()
-                        row = store.command_row(conn, command.id) or {}
-                        return row.get("result") or {**result, "status": row.get("status")}
-                    conn.commit()
-                    outcome = _run_operation(run, operation, result)
-                store.finish_command(conn, command.id, outcome["status"], outcome)
-                conn.commit()
-                return outcome
-        outcome = _run_operation(run, operation, result)
-    except DbAgentError as exc:
-        outcome = _outcome(dict(result), exc)
-        if isinstance(exc, BadInput):
-            run.emit(EventType.COMMAND_REJECTED, reason=exc.message, worker=run.worker)
-    _rollback_quietly(conn)
-    store.finish_command(conn, command.id, outcome["status"], outcome)
-    conn.commit()
-    return outcome
-
-
-def _run_operation(run: Run, operation: Callable[[Run], dict[str, Any]], result: dict[str, Any]) -> dict[str, Any]:
-    try:
-        return {**result, **operation(run), "status": CommandStatus.SUCCEEDED.value, "exit_code": 0}
-    except BadInput as exc:
-        _rollback_quietly(run.conn)
-        run.emit(EventType.COMMAND_REJECTED, reason=exc.message, worker=run.worker)
-        return _outcome(dict(result), exc)
-    except DbAgentError as exc:
-        _rollback_quietly(run.conn)
-        return _outcome(dict(result), exc)
-    except Exception as exc:
-        log.exception("command %s failed unexpectedly", run.command.id)
-        _rollback_quietly(run.conn)
-        return _outcome(dict(result), OperationFailed(f"unexpected error: {redact(exc)}"))
 
 
 def _outcome(result: dict[str, Any], exc: DbAgentError) -> dict[str, Any]:
@@ -352,108 +669,46 @@ def _outcome(result: dict[str, Any], exc: DbAgentError) -> dict[str, Any]:
     return {**result, **exc.details, "status": status.value, "error": redact(exc.message), "exit_code": exc.exit_code}
 
 
-def _rollback_quietly(conn: Connection) -> None:
-    try:
-        conn.rollback()
-    except Exception:  # the connection is gone; nothing left to roll back
-        pass
-
-
-def _interrupted(run: Run, row: dict[str, Any], result: dict[str, Any]) -> dict[str, Any]:
-    """Report a command whose executor died mid-way; never re-apply it."""
-    current = run.migrations().current(run.conn)
-    error = f"interrupted: the worker running it ({row.get('worker')}) died; the database is at revision {current or 'base'}"
-    failed = (
-        EventType.ROLLBACK_FAILED if run.command.type == CommandType.ROLLBACK else EventType.MIGRATION_FAILED
-    )
-    before = (row.get("plan") or {}).get("revision_before")
-    run.emit(failed, revision_before=before, revision_after=current, error=error, interrupted=True)
-    return {
-        **result,
-        "status": CommandStatus.FAILED.value,
-        "error": error,
-        "exit_code": 1,
-        "revision_before": before,
-        "revision_after": current,
-    }
-
-
-def recover_interrupted(settings: Settings, db_name: str, client: redis.Redis | None = None) -> list[str]:
-    """At worker start: report commands left running by a dead worker. Returns their ids."""
-    db = settings.databases[db_name]
-    client = client if client is not None else redis_client(settings.redis)
-    eventlog = EventLog(client, settings.redis.prefix)
-    reported: list[str] = []
-    with pg_connection(db, application_name="dbagent recovery") as conn:
-        store.ensure_schema(conn)
-        lock = AdvisoryLock(conn)
-        if not lock.try_acquire():
-            return reported  # a live writer holds the database: its commands are not ours to judge
-        try:
-            rows = conn.exec_driver_sql(
-                f"SELECT id FROM {store.SCHEMA}.commands WHERE status = 'running' ORDER BY received_at"
-            ).all()
-            conn.commit()
-            for (command_id,) in rows:
-                row = store.command_row(conn, command_id) or {}
-                command = Command.model_validate(
-                    {
-                        "id": row["id"],
-                        "type": row["type"],
-                        "db": row["db"],
-                        "args": row["args"] or {},
-                        "actor": row["actor"] or "unknown",
-                        "ticket": row["ticket"],
-                        "issued_at": row["issued_at"] or datetime.now(UTC),
-                    }
-                )
-                journal = Journal(eventlog, settings.redis.prefix, db_name, command)
-                journal.conn = conn
-                run = Run(settings, db_name, db, command, conn, journal, client, worker_name(db_name))
-                outcome = _interrupted(run, row, base_result(command.id, str(command.type), db_name))
-                store.finish_command(conn, command.id, outcome["status"], outcome)
-                conn.commit()
-                journal.finish(outcome)
-                reported.append(command_id)
-        finally:
-            lock.release()
-    return reported
-
-
 # -- the writer lock ----------------------------------------------------------
 
 
 @contextmanager
 def writer_lock(run: Run) -> Iterator[int]:
-    """Hold the database: the Redis lease first (queue order, visibility), then the advisory lock."""
+    """Hold the database: the Redis lease first (queue order, visibility), then the advisory lock.
+
+    The fencing token comes from the database's sequence once the advisory lock
+    is held: it grows across Redis restarts.
+    """
     command = run.command
     prefix = run.settings.redis.prefix
     owner = {"worker": run.worker, "pid": os.getpid(), "command_id": command.id, "type": str(command.type), "actor": command.actor}
-    lease = RedisLease(run.redis, keys.lease(prefix, run.db_name), keys.fence(prefix, run.db_name), owner, run.settings.redis.lease_ttl)
+    lease = RedisLease(run.redis, keys.lease(prefix, run.db_name), None, owner, run.settings.redis.lease_ttl)
     started = time.monotonic()
     last_said = [float("-inf")]
 
     def waiting(guard: str) -> Callable[[float, dict[str, Any] | None], None]:
         def on_wait(waited_s: float, holder: dict[str, Any] | None) -> None:
+            run.check_stop("it got the database's lock")
             if waited_s - last_said[0] >= LOCK_WAITING_EVERY_S:
                 last_said[0] = waited_s
                 run.emit(EventType.LOCK_WAITING, guard=guard, waited_ms=round(waited_s * 1000), holder=holder)
         return on_wait
 
     timeout_s = run.db.lock_wait_timeout
-    token = lease.acquire(timeout_s, waiting("redis_lease"))
+    lease.acquire(timeout_s, waiting("redis_lease"))
     advisory = AdvisoryLock(run.conn)
+    token: int | None = None
     try:
         remaining = max(timeout_s - (time.monotonic() - started), 1.0)
         advisory.acquire(remaining, waiting("postgres_advisory"))
+        token = store.next_fencing_token(run.conn)
+        run.conn.commit()
         run.emit(EventType.LOCK_ACQUIRED, token=token, worker=run.worker, waited_ms=round((time.monotonic() - started) * 1000))
-        try:
-            yield token
-        finally:
-            advisory.release()
+        yield token
     finally:
+        advisory.release()
         lease.release()
-        if advisory.held is False and token is not None:
+        if token is not None:  # only a lock that was announced is announced released
             run.emit(EventType.LOCK_RELEASED, token=token, worker=run.worker)
 
 
@@ -523,6 +778,8 @@ def migrate(run: Run) -> dict[str, Any]:
     migrator = run.migrations()
     before = migrator.current(run.conn)
     plan = migrator.upgrade_plan(before, args.to)
+    target = plan[-1].revision if plan else before
+    run.phase(Phase.VALIDATION, target=target, steps=[s.to_json() for s in plan])
     run.render_offline(plan)
     validation = _preflight(run, before, plan, args)
     if args.dry_run:
@@ -530,27 +787,29 @@ def migrate(run: Run) -> dict[str, Any]:
             "dry_run": True,
             "revision_before": before,
             "revision_after": before,
-            "target": plan[-1].revision if plan else before,
+            "target": target,
             "steps": [{**s.to_json(), "sql": run.offline_sql(s)} for s in plan],
             "validation": validation,
         }
-    target = plan[-1].revision if plan else before
+    # Nothing below changes the schema until the steps: a failure here leaves the database at `before`.
+    unchanged = {"revision_before": before, "revision_after": before, "revision_before_known": True, "target": target}
     backup: dict[str, Any] | str
-    if not plan:
-        backup = "skipped: nothing to migrate"
-    elif args.no_backup:
-        backup = "skipped: --no-backup"
-    elif not run.db.takes_pre_migration_backup(run.db_name):
-        backup = "skipped: pre_migration_backup is off for this database"
-    else:
-        # The schema is not touched unless this succeeded and read back against its checksum.
-        manifest = backup_operations.take_backup(run, BackupKind.FULL, Trigger.PRE_MIGRATION)
-        backup = {"path": str(manifest.path(run.db.backup_dir or "")), "sha256": manifest.sha256, "bytes": manifest.bytes}
     try:
+        if not plan:
+            backup = "skipped: nothing to migrate"
+        elif args.no_backup:
+            backup = "skipped: --no-backup"
+        elif not run.db.takes_pre_migration_backup(run.db_name):
+            backup = "skipped: pre_migration_backup is off for this database"
+        else:
+            # The schema is not touched unless this succeeded and read back against its checksum.
+            manifest = backup_operations.take_backup(run, BackupKind.FULL, Trigger.PRE_MIGRATION)
+            backup = {"path": str(manifest.path(run.db.backup_dir or "")), "sha256": manifest.sha256, "bytes": manifest.bytes}
+            run.phase(backup=backup)
         # What verification compares the run against; nothing is changed if it cannot be read.
         baseline = capture_baseline(run.conn, run.db)
-    except OperationFailed as exc:
-        exc.details.update(revision_before=before, revision_after=before, target=target, backup=backup)
+    except DbAgentError as exc:
+        exc.details.update(unchanged)
         raise
     run.emit(
         EventType.MIGRATION_STARTED,
@@ -560,7 +819,7 @@ def migrate(run: Run) -> dict[str, Any]:
         backup=backup,
     )
     started = time.monotonic()
-    facts = {"revision_before": before, "target": target, "backup": backup}
+    facts = {"revision_before": before, "revision_before_known": True, "target": target, "backup": backup}
     _apply_steps(run, plan, facts, EventType.MIGRATION_FAILED)
     after = migrator.current(run.conn)
     run.emit(
@@ -571,6 +830,7 @@ def migrate(run: Run) -> dict[str, Any]:
         duration_ms=round((time.monotonic() - started) * 1000),
     )
     facts.update(revision_after=after, steps=[s.to_json() for s in plan])
+    run.phase(Phase.VERIFY)
     try:
         verified = _verify(
             run, target, baseline, {"revision_before": before, "run_command_id": run.command.id, "backup": backup}
@@ -618,7 +878,8 @@ def rollback(run: Run) -> dict[str, Any]:
     assert isinstance(args, RollbackArgs)
     migrator = run.migrations()
     before = migrator.current(run.conn)
-    expected = (args.cause or {}).get("expect_revision", before)
+    cause = args.cause or {}
+    expected = cause.get("expect_revision", before)
     if expected != before:
         raise BadInput(
             f"not rolling back: the database moved on since the failure (it left {expected or 'base'},"
@@ -627,13 +888,16 @@ def rollback(run: Run) -> dict[str, Any]:
             revision_after=before,
         )
     plan = migrator.downgrade_plan(before, steps=args.steps, to=args.to)
-    run.render_offline(plan)
     target = plan[-1].destination if plan else (before or "base")
-    cause = args.cause or {}
+    if args.cause is not None:
+        _check_automatic_rollback(run, cause, target, before)
+    run.phase(target=target, steps=[s.to_json() for s in plan])
+    run.render_offline(plan)
     run.emit(EventType.ROLLBACK_STARTED, revision_before=before, target=target, steps=[s.to_json() for s in plan],
              cause=args.cause)
     started = time.monotonic()
-    facts = {"revision_before": before, "target": None if target == "base" else target, "cause": args.cause}
+    facts = {"revision_before": before, "revision_before_known": True, "target": None if target == "base" else target,
+             "cause": args.cause}
     if cause.get("backup"):
         facts["next_step"] = f"restore the pre-migration backup: dbagent restore {cause['backup']} --db {run.db_name}"
     else:
@@ -650,8 +914,46 @@ def rollback(run: Run) -> dict[str, Any]:
     return {**facts, "revision_after": after, "steps": [s.to_json() for s in plan]}
 
 
+def _check_automatic_rollback(run: Run, cause: dict[str, Any], target: str, before: str | None) -> None:
+    """An automatic rollback undoes its failed run and nothing more: checked against that run's own record.
+
+    The failed migrate's plan, persisted in this database when it claimed the
+    lock, says where it started. A rollback that would go elsewhere (below it,
+    or to base for a run not recorded as starting there), or whose run left no
+    such record, is refused: whatever sent it (an agent of another version, a
+    hand-made cause) cannot make the automation undo more than the crashed run.
+    """
+    run_id = cause.get("run_command_id")
+    row = store.command_row(run.conn, run_id) if run_id else None
+    run.conn.commit()
+    refuse = None
+    plan = (row or {}).get("plan") or {}
+    if row is None:
+        refuse = f"the failed run {run_id} is not recorded in this database"
+    elif row["type"] != CommandType.MIGRATE:
+        refuse = f"the failed run {run_id} is a {row['type']}, not a migrate"
+    elif not plan.get("revision_before_known"):
+        refuse = f"where the failed run {run_id} started was not recorded"
+    elif (plan.get("revision_before") or "base") != target:
+        refuse = (
+            f"it would go to {target}, but the failed run {run_id} started at {plan.get('revision_before') or 'base'}"
+        )
+    if refuse:
+        raise BadInput(
+            f"not rolling back automatically: {refuse}; nothing was changed (roll back by hand if needed)",
+            revision_before=before, revision_after=before,
+        )
+
+
 def _apply_steps(run: Run, plan: list[Step], facts: dict[str, Any], failed: EventType) -> None:
-    """Apply the steps one transaction each; on failure report where the database stands."""
+    """Apply the steps one transaction each; on failure report where the database stands.
+
+    Before each step its phase is persisted (``step N``); the step's own
+    transaction records it done (``between_steps``), with its change-log row
+    and event, so the plan never claims more than what committed. A worker told
+    to stop ends here between steps, or cancels the step in progress once the
+    stop grace is over.
+    """
     if not plan:
         return
     migrator, conn, command = run.migrations(), run.conn, run.command
@@ -662,7 +964,16 @@ def _apply_steps(run: Run, plan: list[Step], facts: dict[str, Any], failed: Even
     with monitor:
         outcome = "applied"
         for number, step in enumerate(plan, start=1):
+            if run.stop.is_set():
+                after = migrator.current(conn)
+                error = f"stopped before step {number}/{len(plan)} ({step.revision}): {run.stop.reason}"
+                run.emit(failed, **facts, revision_after=after, error=error, interrupted=True,
+                         phase=Phase.BETWEEN_STEPS.value, steps_done=number - 1)
+                raise Stopped(f"{error}; the database is at revision {after or 'base'}", **facts,
+                              revision_after=after, interrupted=True)
             outcome = "applied" if step.direction == "up" else "reverted"
+            where = {"number": number, "of": len(plan), "revision": step.revision, "direction": step.direction}
+            run.phase(Phase.STEP, step=where)
             step_started = utcnow()
             clock = time.monotonic()
             recorded: list[bool] = []
@@ -670,13 +981,15 @@ def _apply_steps(run: Run, plan: list[Step], facts: dict[str, Any], failed: Even
             checksum = preflight.script_checksum(migrator, step.revision) if step.direction == "up" else None
 
             def record(connection: Connection, step: Step = step, started: datetime = step_started, clock: float = clock,
-                       checksum: str | None = checksum) -> None:
+                       checksum: str | None = checksum, number: int = number) -> None:
                 finished = utcnow()
                 store.insert_changelog(
                     connection, command=command, revision=step.revision, description=step.description,
                     direction=step.direction, started_at=started, finished_at=finished, outcome=outcome,
                     checksum=checksum,
                 )
+                if run.claimed:
+                    store.update_plan(connection, command.id, {"phase": Phase.BETWEEN_STEPS.value, "steps_done": number})
                 run.journal.stage(
                     connection, EventType.MIGRATION_STEP, **step.to_json(), number=number, of=len(plan),
                     duration_ms=round((time.monotonic() - clock) * 1000),
@@ -687,16 +1000,23 @@ def _apply_steps(run: Run, plan: list[Step], facts: dict[str, Any], failed: Even
                 record(ctx.connection)
 
             try:
-                _apply_politely(run, step, on_version_apply)
+                with run.stop.cancelling(lambda: _cancel_statement(conn)):
+                    _apply_politely(run, step, on_version_apply)
             except Exception as exc:
                 run.journal.discard_staged()
                 _rollback_quietly(conn)
                 error = describe_error(exc)
+                if isinstance(exc, LocksUnavailable | Stopped):
+                    error = exc.message
+                step_facts = dict(facts)
+                if run.stop.is_set():
+                    step_facts["interrupted"] = True
+                    if run.stop.expired:
+                        error = (f"cancelled: {run.stop.reason}, and the step did not finish within"
+                                 f" stop_grace ({run.settings.worker.stop_grace:g}s): {error}")
                 dropped = _drop_invalid_indexes(run, invalid_before)
                 if dropped:
-                    facts = {**facts, "dropped_invalid_indexes": dropped}
-                if isinstance(exc, LocksUnavailable):
-                    error = exc.message
+                    step_facts["dropped_invalid_indexes"] = dropped
                 try:
                     after = migrator.current(conn)
                     store.insert_changelog(
@@ -705,14 +1025,18 @@ def _apply_steps(run: Run, plan: list[Step], facts: dict[str, Any], failed: Even
                         outcome="failed", error=error,
                     )
                     conn.commit()
-                except Exception as inner:  # the connection itself is gone
+                except Exception as inner:  # the connection itself is gone: reported once it is back
                     _rollback_quietly(conn)
-                    raise Unavailable(f"lost the database during step {step.revision}: {redact(inner)}", **facts) from None
-                run.emit(failed, **facts, revision_after=after, failed_step=step.to_json(), error=error)
+                    raise Unavailable(
+                        f"lost the database during step {number}/{len(plan)} ({step.revision}): {error or redact(inner)}",
+                        **step_facts,
+                    ) from None
+                run.emit(failed, **step_facts, revision_after=after, failed_step=step.to_json(), error=error,
+                         phase=Phase.STEP.value, step=where)
                 raise OperationFailed(
                     f"step {step.revision} ({step.description}) failed: {error.splitlines()[0] if error else type(exc).__name__};"
                     f" the database is at revision {after or 'base'}",
-                    **facts,
+                    **step_facts,
                     revision_after=after,
                 ) from None
             if not recorded:
@@ -720,6 +1044,14 @@ def _apply_steps(run: Run, plan: list[Step], facts: dict[str, Any], failed: Even
                 record(conn)
                 conn.commit()
             run.journal.flush()
+            pause_point(f"phase:between_steps:{number}")
+
+
+def _cancel_statement(conn: Connection) -> None:
+    """Cancel what the command's session runs now (from another thread; the step then fails and rolls back)."""
+    driver = conn.connection.driver_connection
+    cancel = getattr(driver, "cancel_safe", None) or driver.cancel
+    cancel()
 
 
 class LocksUnavailable(OperationFailed):
@@ -782,6 +1114,7 @@ def _apply_politely(run: Run, step: Step, on_version_apply: Callable[..., None])
                             f" (lock_timeout up to {postgres_interval(timeout)}): blocked by {retries.describe(in_the_way)}"
                         ) from exc
             pause = policy.pause(attempt)
+            run.check_stop(f"attempt {attempt + 1} of step {step.revision}")
             run.emit(
                 EventType.LOCK_WAITING,
                 guard="table_locks",
@@ -796,7 +1129,8 @@ def _apply_politely(run: Run, step: Step, on_version_apply: Callable[..., None])
                 tables=targets,
                 blockers=in_the_way,
             )
-            time.sleep(pause)
+            if run.stop.wait(pause):
+                run.check_stop(f"attempt {attempt + 1} of step {step.revision}")
     finally:
         if attempt > 1:  # back to the session's own lock_timeout (apply_timeouts) for what follows
             try:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 import uuid
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 
 from agent.settings import Settings
 
@@ -31,6 +31,23 @@ class ScheduleEntry:
         if self.every_s is not None:
             return str(math.floor(now.timestamp() / self.every_s))
         return now.astimezone(UTC).strftime("%Y-%m-%dT%H:%M")
+
+    def next_slot(self, now: datetime) -> datetime:
+        """When this entry fires next after ``now``: its backup command expires then (the next run replaces it)."""
+        now = now.astimezone(UTC)
+        if self.every_s is not None:
+            return datetime.fromtimestamp((math.floor(now.timestamp() / self.every_s) + 1) * self.every_s, UTC)
+        assert self.hour is not None and self.minute is not None
+        day = now.replace(second=0, microsecond=0)
+        for _ in range(400):  # at most a year and a bit of days to look through
+            candidate = day.replace(hour=self.hour, minute=self.minute)
+            weekday = (candidate.isoweekday() % 7)  # cron numbering: 0 = Sunday
+            if candidate > now and (self.day_of_week is None or weekday == self.day_of_week) and (
+                self.day_of_month is None or candidate.day == self.day_of_month
+            ):
+                return candidate
+            day += timedelta(days=1)
+        raise ValueError(f"schedule {self.name} never fires")
 
     def command_id(self, prefix: str, now: datetime) -> str:
         return str(uuid.uuid5(uuid.NAMESPACE_URL, f"dbagent:{prefix}:{self.db}:{self.name}:{self.slot(now)}"))

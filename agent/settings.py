@@ -57,7 +57,12 @@ class RedisSettings(_Section):
 
 class SecuritySettings(_Section):
     signing_key_env: str = "DBAGENT_SIGNING_KEY"
-    max_command_age: Seconds = Field(3600.0, description="older commands are rejected as stale")
+    max_command_age: Seconds = Field(
+        3600.0, description="a command without a signed expiry (from an older producer) is rejected this long after issue"
+    )
+    max_command_ttl: Seconds = Field(
+        7 * 24 * 3600.0, description="the longest expiry a producer may sign into a command (after its issue)"
+    )
     max_clock_skew: Seconds = Field(300.0, description="how far in the future issued_at may be")
 
     def signing_key(self) -> bytes | None:
@@ -170,6 +175,20 @@ class AgentSettings(_Section):
     max_deliveries: int = Field(5, ge=1, description="an entry failing this often goes to the dead-letter stream")
 
 
+class WorkerSettings(_Section):
+    stop_grace: Seconds = Field(
+        20.0, ge=0,
+        description="told to stop (SIGTERM), a worker lets the current step, dump or restore run this long, then cancels it",
+    )
+    reconnect_timeout: Seconds = Field(
+        60.0, ge=0, description="after losing PostgreSQL mid-command, how long the worker tries to reach it to record the outcome"
+    )
+    relay_interval: Seconds = Field(
+        5.0, ge=0.1,
+        description="how often a worker re-publishes outcomes Redis missed and reports commands a dead worker left",
+    )
+
+
 class BeatSettings(_Section):
     leader_ttl: Seconds = Field(30.0, description="a stopped beat's leadership passes to a standby after this")
 
@@ -202,6 +221,7 @@ class Settings(BaseSettings):
     security: SecuritySettings = SecuritySettings()
     databases: dict[str, DatabaseSettings] = {}
     api: ApiSettings = ApiSettings()
+    worker: WorkerSettings = WorkerSettings()
     beat: BeatSettings = BeatSettings()
     agent: AgentSettings = AgentSettings()
     monitoring: MonitoringSettings = MonitoringSettings()
@@ -302,7 +322,7 @@ def load_settings(path: str | os.PathLike[str] | None = None) -> Settings:
 
 
 # Keys whose values are lists or tables: from the environment they must be JSON.
-_STRUCTURED_KEYS = {"databases", "health_checks", "critical_tables", "permissions", "chatops", "redis", "security", "api", "retention"}
+_STRUCTURED_KEYS = {"databases", "health_checks", "critical_tables", "permissions", "chatops", "redis", "security", "api", "retention", "worker"}
 
 
 def _non_json_overrides() -> list[str]:

@@ -1,8 +1,13 @@
 """dbagent's own tables, in schema ``dbagent`` of each target database.
 
-* ``commands``: every command id a worker has seen (at most once per id);
+* ``commands``: every command id a worker has seen (at most once per id), its
+  lifecycle state, plan and result (``agent.lifecycle``);
 * ``audit_log``: the durable record of every event (the stream's source of truth);
-* ``changelog``: one row per migration step applied or reverted.
+  an entry the stream missed (Redis was down) is marked ``unpublished`` until
+  the worker's relay re-publishes it;
+* ``changelog``: one row per migration step applied or reverted;
+* ``fencing_token``: the sequence issuing writer fencing tokens (monotonic
+  across Redis restarts: the advisory lock, not Redis, is the authority).
 
 All functions take the SQLAlchemy connection to write through, so a caller
 can put them in the same transaction as the change they describe.
@@ -18,8 +23,15 @@ from sqlalchemy import Connection, text
 
 from agent.commands import Command, CommandStatus
 from agent.events import Event
+from agent.lifecycle import TERMINAL, State, sources
 
 SCHEMA = "dbagent"
+
+# Bumped whenever DDL changes; kept as the schema's comment, so one catalog read tells whether to bootstrap.
+SCHEMA_VERSION = "dbagent schema 3"
+
+# A command's own advisory lock, held by the session executing it: free exactly when that session is gone.
+COMMAND_LOCK = "hashtextextended('dbagent:command:' || %s, 0)"
 
 # Serialises concurrent bootstraps of the schema (CREATE ... IF NOT EXISTS races on pg_type).
 _BOOTSTRAP_LOCK = "hashtextextended('dbagent:bootstrap', 0)"
@@ -75,6 +87,20 @@ CREATE TABLE IF NOT EXISTS {SCHEMA}.changelog (
 );
 -- sha256 of the script file an applied step ran (validate: applied-migration-changed)
 ALTER TABLE {SCHEMA}.changelog ADD COLUMN IF NOT EXISTS checksum text;
+
+-- when the result reached Redis (NULL: not yet; the worker's relay re-publishes it)
+ALTER TABLE {SCHEMA}.commands ADD COLUMN IF NOT EXISTS published_at timestamptz;
+CREATE INDEX IF NOT EXISTS commands_open ON {SCHEMA}.commands (received_at)
+    WHERE status IN ('accepted', 'claimed', 'running');
+CREATE INDEX IF NOT EXISTS commands_unpublished ON {SCHEMA}.commands (finished_at)
+    WHERE published_at IS NULL AND finished_at IS NOT NULL;
+
+ALTER TABLE {SCHEMA}.audit_log ADD COLUMN IF NOT EXISTS unpublished boolean NOT NULL DEFAULT false;
+CREATE INDEX IF NOT EXISTS audit_log_unpublished ON {SCHEMA}.audit_log (seq) WHERE unpublished;
+
+CREATE SEQUENCE IF NOT EXISTS {SCHEMA}.fencing_token;
+
+COMMENT ON SCHEMA {SCHEMA} IS '{SCHEMA_VERSION}';
 """
 
 
@@ -91,13 +117,15 @@ _CHECKSUMS_KEPT = (
     " AND attname = 'checksum' AND NOT attisdropped)"
 )
 
+# True when the schema is there at this version: the one test of "present" (here and in agent.audit).
+SCHEMA_CURRENT = (
+    f"SELECT coalesce(obj_description(to_regnamespace('{SCHEMA}'), 'pg_namespace') = '{SCHEMA_VERSION}', false)"
+)
+
 
 def ensure_schema(conn: Connection) -> None:
-    """Bootstrap unless dbagent's tables are all there (one catalog query when they are)."""
-    present = conn.exec_driver_sql(
-        f"SELECT to_regclass('{SCHEMA}.commands') IS NOT NULL AND to_regclass('{SCHEMA}.audit_log') IS NOT NULL"
-        f" AND {_CHECKSUMS_KEPT}"
-    ).scalar()
+    """Bootstrap unless dbagent's schema is there at this version (one catalog query when it is)."""
+    present = conn.exec_driver_sql(SCHEMA_CURRENT).scalar()
     conn.commit()
     if not present:
         bootstrap(conn)
@@ -145,26 +173,125 @@ def command_row(conn: Connection, command_id: str) -> dict[str, Any] | None:
     return dict(row) if row else None
 
 
+def _states(target: State) -> str:
+    return ", ".join(f"'{state.value}'" for state in sorted(sources(target)))
+
+
 def claim_command(conn: Connection, command_id: str, worker: str, plan: dict[str, Any]) -> bool:
-    """Move an accepted command to running; False when another attempt already claimed it."""
+    """Move an accepted command to claimed with its plan; False when another attempt already claimed it."""
     row = conn.execute(
         text(
-            f"UPDATE {SCHEMA}.commands SET status = 'running', worker = :worker, plan = CAST(:plan AS jsonb),"
-            " started_at = now() WHERE id = :id AND status = 'accepted' RETURNING id"
+            f"UPDATE {SCHEMA}.commands SET status = 'claimed', worker = :worker, plan = CAST(:plan AS jsonb),"
+            f" started_at = now() WHERE id = :id AND status IN ({_states(State.CLAIMED)}) RETURNING id"
         ),
-        {"id": command_id, "worker": worker, "plan": json.dumps(plan)},
+        {"id": command_id, "worker": worker, "plan": json.dumps(plan, default=str)},
     ).first()
     return row is not None
 
 
-def finish_command(conn: Connection, command_id: str, status: str, result: dict[str, Any]) -> None:
+def update_plan(conn: Connection, command_id: str, changes: dict[str, Any]) -> None:
+    """Merge ``changes`` into a claimed command's plan; a phase past ``claimed`` makes it running."""
+    running = changes.get("phase") not in (None, "claimed")
     conn.execute(
         text(
+            f"UPDATE {SCHEMA}.commands SET plan = coalesce(plan, '{{}}'::jsonb) || CAST(:changes AS jsonb),"
+            f" status = CASE WHEN :running THEN 'running' ELSE status END"
+            f" WHERE id = :id AND status IN ({_states(State.RUNNING)})"
+        ),
+        {"id": command_id, "changes": json.dumps(changes, default=str), "running": running},
+    )
+
+
+def finish_command(conn: Connection, command_id: str, status: str, result: dict[str, Any]) -> bool:
+    """Record a command's terminal state and result; False when it had one already (never overwritten)."""
+    row = conn.execute(
+        text(
             f"UPDATE {SCHEMA}.commands SET status = :status, result = CAST(:result AS jsonb),"
-            " finished_at = now() WHERE id = :id"
+            f" finished_at = now(), published_at = NULL WHERE id = :id AND status IN ({_states(State(status))})"
+            " RETURNING id"
         ),
         {"id": command_id, "status": status, "result": json.dumps(result, default=str)},
+    ).first()
+    return row is not None
+
+
+def mark_published(conn: Connection, command_ids: list[str]) -> None:
+    conn.execute(
+        text(f"UPDATE {SCHEMA}.commands SET published_at = now() WHERE id = ANY(:ids) AND finished_at IS NOT NULL"),
+        {"ids": command_ids},
     )
+
+
+def unpublished_results(conn: Connection, newer_than_s: float, limit: int = 100) -> list[dict[str, Any]]:
+    """Finished commands whose result never reached Redis (it was down), oldest first."""
+    rows = conn.execute(
+        text(
+            f"SELECT id, status, result FROM {SCHEMA}.commands WHERE published_at IS NULL AND finished_at IS NOT NULL"
+            " AND finished_at > now() - make_interval(secs => :age) ORDER BY finished_at LIMIT :limit"
+        ),
+        {"age": newer_than_s, "limit": limit},
+    ).mappings()
+    return [dict(row) for row in rows]
+
+
+def open_commands(conn: Connection) -> list[dict[str, Any]]:
+    """Commands not yet terminal (accepted, claimed, running), oldest first."""
+    rows = conn.execute(
+        text(
+            f"SELECT * FROM {SCHEMA}.commands WHERE status IN ('accepted', 'claimed', 'running') ORDER BY received_at"
+        )
+    ).mappings()
+    return [dict(row) for row in rows]
+
+
+def try_command_lock(conn: Connection, command_id: str) -> bool:
+    """Take a command's own advisory lock (session level); False while a live session holds it."""
+    return bool(
+        conn.exec_driver_sql(f"SELECT pg_try_advisory_lock({COMMAND_LOCK})", (command_id,)).scalar()
+    )
+
+
+def release_command_lock(conn: Connection, command_id: str) -> None:
+    conn.exec_driver_sql(f"SELECT pg_advisory_unlock({COMMAND_LOCK})", (command_id,))
+
+
+def command_outcome(conn: Connection, command_id: str) -> dict[str, Any] | None:
+    """The result of a finished command, as its producer reads it; None while it is not finished."""
+    row = conn.execute(
+        text(f"SELECT status, result FROM {SCHEMA}.commands WHERE id = :id"), {"id": command_id}
+    ).first()
+    if row is None or row[0] not in {s.value for s in TERMINAL}:
+        return None
+    return row[1]
+
+
+def mark_unpublished(conn: Connection, event_ids: list[str]) -> None:
+    """Remember events the stream did not take, to publish them once Redis is back."""
+    conn.execute(text(f"UPDATE {SCHEMA}.audit_log SET unpublished = true WHERE id = ANY(:ids)"), {"ids": event_ids})
+
+
+def unpublished_events(conn: Connection, limit: int = 500) -> list[Event]:
+    rows = conn.execute(
+        text(
+            f"SELECT id, ts, type, db, command_id, actor, ticket, host, data FROM {SCHEMA}.audit_log"
+            " WHERE unpublished ORDER BY seq LIMIT :limit"
+        ),
+        {"limit": limit},
+    ).all()
+    return [
+        Event(id=r[0], ts=r[1], type=r[2], db=r[3], command_id=r[4], actor=r[5], ticket=r[6], host=r[7] or "",
+              data=r[8] or {})
+        for r in rows
+    ]
+
+
+def mark_published_events(conn: Connection, event_ids: list[str]) -> None:
+    conn.execute(text(f"UPDATE {SCHEMA}.audit_log SET unpublished = false WHERE id = ANY(:ids)"), {"ids": event_ids})
+
+
+def next_fencing_token(conn: Connection) -> int:
+    """A fencing token larger than every one issued before on this database, Redis restarts or not."""
+    return int(conn.exec_driver_sql(f"SELECT nextval('{SCHEMA}.fencing_token')").scalar() or 0)
 
 
 def insert_changelog(

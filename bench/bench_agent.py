@@ -1,8 +1,10 @@
 """Benchmark the agent: failure-to-rollback reaction time, and audit sink throughput.
 
 * Reaction time: 50 `migration.failed` events, one at a time, each answered by the agent
-  with a rollback that a real worker starts: time from the failure's XADD until
-  `rollback.started` is on the stream. p50 / p99 (goal p99 ≤ 1 s).
+  with a rollback that a real worker takes: time from the failure's XADD until the
+  worker's `command.accepted` of that rollback is on the stream. p50 / p99 (goal p99 ≤ 1 s).
+  (The failures are synthetic: the worker then refuses each rollback, its run not being
+  recorded in the database; what is timed is the agent and the queue.)
 * Audit throughput: 100,000 events persisted by the audit sink into `dbagent.audit_log`
   (consumer group, batches, idempotent inserts), against raw XADD of the same events on
   the same Redis (goal ≥ 20,000 events/s).
@@ -29,6 +31,7 @@ from agent.audit import AuditSink  # noqa: E402
 from agent.consumer import ConsumerOptions, GroupConsumer  # noqa: E402
 from agent.eventlog import EventLog  # noqa: E402
 from agent.events import Event, EventType  # noqa: E402
+from agent.rollback import plan_rollback  # noqa: E402
 from agent.settings import load_settings  # noqa: E402
 from tests.servers import REDIS_URL, create_database, delete_prefix, drop_database, new_env  # noqa: E402
 
@@ -42,7 +45,9 @@ def reaction_times(world, client) -> list[float]:
     times = []
     for _ in range(FAILURES):
         failure = Event(type=EventType.MIGRATION_FAILED, db="test", command_id=str(uuid.uuid4()), actor="bench",
-                        data={"revision_before": "011", "revision_after": "011", "error": "synthetic"})
+                        data={"revision_before": "010", "revision_before_known": True, "revision_after": "011",
+                              "error": "synthetic"})
+        rollback_id = plan_rollback(failure).command_id.encode()
         last = log.last_id()
         started = time.perf_counter()
         log.publish([failure])
@@ -50,11 +55,11 @@ def reaction_times(world, client) -> list[float]:
             response = client.xread({stream: last}, block=2000, count=100)
             if not response:
                 if time.perf_counter() - started > 30:
-                    raise SystemExit("no rollback.started within 30 s")
+                    raise SystemExit("no rollback taken by the worker within 30 s")
                 continue
             for entry_id, fields in response[0][1]:
                 last = entry_id
-                if fields.get(b"type") == b"rollback.started" and failure.id.encode() in fields.get(b"data", b""):
+                if fields.get(b"type") == b"command.accepted" and fields.get(b"command_id") == rollback_id:
                     times.append(time.perf_counter() - started)
                     break
             else:
@@ -113,8 +118,8 @@ def main() -> None:
     p50 = statistics.median(times)
     p99 = times[min(len(times) - 1, round(0.99 * (len(times) - 1)))]
     print(f"{'benchmark':<44} {'value':>12}  goal")
-    print(f"{'reaction migration.failed → rollback.started p50':<44} {p50 * 1000:>9.0f} ms")
-    print(f"{'reaction migration.failed → rollback.started p99':<44} {p99 * 1000:>9.0f} ms  ≤ 1000 ms {'ok' if p99 <= 1 else 'MISSED'}")
+    print(f"{'reaction migration.failed → rollback taken p50':<44} {p50 * 1000:>9.0f} ms")
+    print(f"{'reaction migration.failed → rollback taken p99':<44} {p99 * 1000:>9.0f} ms  ≤ 1000 ms {'ok' if p99 <= 1 else 'MISSED'}")
     print(f"{'raw XADD':<44} {xadd_rate:>9.0f} /s")
     print(f"{'audit sink persisted':<44} {sink_rate:>9.0f} /s  ≥ 20000 /s {'ok' if sink_rate >= 20000 else 'MISSED'}")
     print(f"(reaction over {FAILURES} failures; throughput over {EVENTS} events)")

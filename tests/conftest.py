@@ -3,7 +3,7 @@ from __future__ import annotations
 import pytest
 import redis
 
-from tests.servers import REDIS_URL, Env, create_database, delete_prefix, drop_database, new_env
+from tests.servers import REDIS_URL, Env, PrivateCluster, PrivateRedis, create_database, delete_prefix, drop_database, new_env
 
 
 @pytest.fixture
@@ -24,3 +24,23 @@ def env(tmp_path, redis_client) -> Env:
         world.stop_workers()
         drop_database(world.name)
         delete_prefix(redis_client, world.prefix)
+
+
+@pytest.fixture
+def private_cluster():
+    """A PostgreSQL server of the test's own, which the test may restart (never the shared one)."""
+    cluster = PrivateCluster()
+    try:
+        yield cluster
+    finally:
+        cluster.destroy()
+
+
+@pytest.fixture
+def private_redis():
+    """A Redis server of the test's own, which the test may stop and start (never the shared one)."""
+    server = PrivateRedis()
+    try:
+        yield server
+    finally:
+        server.destroy()

@@ -29,18 +29,130 @@ REDIS_URL = os.environ.get("DBAGENT_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
 SIGNING_KEY = "integration-test-key"
 
 
-def db_url(name: str) -> str:
-    return ADMIN_URL.rsplit("/", 1)[0] + "/" + name
+def db_url(name: str, admin: str = ADMIN_URL) -> str:
+    return admin.rsplit("/", 1)[0] + "/" + name
 
 
-def create_database(name: str) -> None:
-    with psycopg.connect(ADMIN_URL, autocommit=True) as conn:
+def create_database(name: str, admin: str = ADMIN_URL) -> None:
+    with psycopg.connect(admin, autocommit=True) as conn:
         conn.execute(f'CREATE DATABASE "{name}"')
 
 
-def drop_database(name: str) -> None:
-    with psycopg.connect(ADMIN_URL, autocommit=True) as conn:
+def drop_database(name: str, admin: str = ADMIN_URL) -> None:
+    with psycopg.connect(admin, autocommit=True) as conn:
         conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class PrivateCluster:
+    """A PostgreSQL cluster of the test's own (its port, its data directory), for tests that restart the server.
+
+    The shared server is never restarted. As root, the cluster runs as the
+    ``postgres`` system user (initdb refuses root).
+    """
+
+    def __init__(self) -> None:
+        import tempfile
+
+        self.bin = _pg_bin()
+        self.port = free_port()
+        self.dir = Path(tempfile.mkdtemp(prefix="dbagent-cluster-"))
+        self.data = self.dir / "data"
+        if os.geteuid() == 0:
+            shutil.chown(self.dir, "postgres", "postgres")
+        self._as_owner(["initdb", "-D", str(self.data), "-U", "postgres", "--auth=trust", "-E", "UTF8", "--no-sync"])
+        (self.data / "postgresql.auto.conf").write_text(
+            f"port = {self.port}\nlisten_addresses = '127.0.0.1'\nunix_socket_directories = '{self.dir}'\n"
+            "fsync = off\nsynchronous_commit = off\nfull_page_writes = off\n"
+        )
+        if os.geteuid() == 0:
+            shutil.chown(self.data / "postgresql.auto.conf", "postgres", "postgres")
+        self.start()
+
+    @property
+    def admin_url(self) -> str:
+        return f"postgresql://postgres@127.0.0.1:{self.port}/postgres"
+
+    def _as_owner(self, argv: list[str]) -> None:
+        command = [str(Path(self.bin) / argv[0]), *argv[1:]]
+        if os.geteuid() == 0:
+            command = ["runuser", "-u", "postgres", "--", *command]
+        subprocess.run(command, check=True, capture_output=True, timeout=120)
+
+    def start(self) -> None:
+        self._as_owner(["pg_ctl", "-D", str(self.data), "-l", str(self.dir / "log"), "-w", "-t", "60", "start"])
+
+    def stop(self, mode: str = "fast") -> None:
+        self._as_owner(["pg_ctl", "-D", str(self.data), "-m", mode, "-w", "-t", "60", "stop"])
+
+    def restart(self) -> None:
+        self._as_owner(["pg_ctl", "-D", str(self.data), "-l", str(self.dir / "log"), "-m", "fast", "-w", "-t", "60", "restart"])
+
+    def destroy(self) -> None:
+        try:
+            self.stop("immediate")
+        except subprocess.CalledProcessError:
+            pass
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+def _pg_bin() -> str:
+    found = shutil.which("pg_ctl")
+    if found:
+        return str(Path(found).parent)
+    versions = sorted(Path("/usr/lib/postgresql").glob("*/bin"))
+    if not versions:
+        raise RuntimeError("no PostgreSQL server binaries (pg_ctl) found")
+    return str(versions[-1])
+
+
+class PrivateRedis:
+    """A Redis server of the test's own, for tests that stop or restart Redis (never the shared one)."""
+
+    def __init__(self) -> None:
+        import tempfile
+
+        self.port = free_port()
+        self.dir = Path(tempfile.mkdtemp(prefix="dbagent-redis-"))
+        self.proc: subprocess.Popen | None = None
+        self.start()
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self) -> None:
+        self.proc = subprocess.Popen(
+            ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+             "--dir", str(self.dir)],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            try:
+                if redis.Redis(port=self.port, socket_connect_timeout=0.5).ping():
+                    return
+            except redis.RedisError:
+                time.sleep(0.05)
+        raise RuntimeError("the private Redis did not start")
+
+    def stop(self) -> None:
+        """Gone without saving anything: a restart comes back empty, as an unpersisted Redis does."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(timeout=10)
+        self.proc = None
+
+    def destroy(self) -> None:
+        self.stop()
+        shutil.rmtree(self.dir, ignore_errors=True)
 
 
 def delete_prefix(client: redis.Redis, prefix: str) -> None:
@@ -55,6 +167,8 @@ class Env:
     name: str
     prefix: str
     tmp: Path
+    admin: str = ADMIN_URL
+    redis_url: str = REDIS_URL
     migrations: Path = MIGRATIONS
     extra_config: str = ""
     statement_timeout: str = "2min"
@@ -64,7 +178,7 @@ class Env:
 
     @property
     def url(self) -> str:
-        return db_url(self.name)
+        return db_url(self.name, self.admin)
 
     @property
     def config(self) -> Path:
@@ -74,7 +188,7 @@ class Env:
         path.write_text(
             f"""
 [redis]
-url = "{REDIS_URL}"
+url = "{self.redis_url}"
 prefix = "{self.prefix}"
 lease_ttl = "3s"
 

@@ -6,13 +6,12 @@ import logging
 from typing import Any
 
 from celery import Celery
-from celery.signals import worker_ready
+from celery.signals import worker_ready, worker_shutting_down
 
 from agent import keys, runner
-from agent.errors import DbAgentError
+from agent.lifecycle import STOP
 from agent.monitoring import alert, init_sentry
 from agent.queue import EXECUTE_TASK, celery_app
-from agent.redact import redact
 from agent.settings import Settings
 
 log = logging.getLogger("dbagent.worker")
@@ -44,18 +43,21 @@ def create_app(settings: Settings, db_name: str) -> Celery:
                 actor=(message.get("actor") if isinstance(message, dict) else None),
             )
 
+    relay = runner.Relay(settings, db_name)
+
     @worker_ready.connect(weak=False)
     def recover(**_: Any) -> None:
-        try:
-            reported = runner.recover_interrupted(settings, db_name)
-        except DbAgentError as exc:
-            log.warning("could not check for interrupted commands: %s", exc)
-            return
-        except Exception as exc:
-            log.warning("could not check for interrupted commands: %s", redact(exc))
-            return
-        for command_id in reported:
-            log.warning("command %s was interrupted by a dead worker; reported as failed", command_id)
+        # Before the first command: report what a dead worker left, re-publish what Redis missed.
+        counts = relay.once()
+        if counts and counts["reaped"]:
+            log.warning("%d command(s) interrupted by a dead worker were reported as failed", counts["reaped"])
+        relay.start()
+
+    @worker_shutting_down.connect(weak=False)
+    def stopping(sig: str = "SIGTERM", how: str = "Warm", **_: Any) -> None:
+        # The running command finishes its step within stop_grace, or cancels it; either way it
+        # releases the lock and reports what it left before the worker exits.
+        STOP.request(settings.worker.stop_grace, f"the worker was told to stop ({sig}, {how.lower()} shutdown)")
 
     return app
 
@@ -64,6 +66,9 @@ def worker_argv(settings: Settings, db_name: str, loglevel: str = "INFO") -> lis
     return [
         "worker",
         "--queues", keys.queue(settings.redis.prefix, db_name),
+        # One process: the command runs where SIGTERM lands (a pool child would die at once under
+        # systemd's KillMode=control-group), and one command at a time.
+        "--pool", "solo",
         "--concurrency", "1",
         "--prefetch-multiplier", "1",
         "--hostname", f"{db_name}@%h",

@@ -100,7 +100,11 @@ class DbAgentScheduler(Scheduler):
             args={"kind": "full", "trigger": "schedule", "mark": spec.mark, "prune": spec.prune},
             actor="beat",
             ticket=f"schedule:{spec.name}",
+            issued_at=now,
         )
+        # Queued behind a long migration or for a stopped worker, it may still run until the next
+        # slot's backup replaces it.
+        command = command.expiring_in(max((spec.next_slot(now) - now).total_seconds(), 60.0))
         self.producer_.submit(command)
         log.info("scheduled %s backup of %s: command %s", spec.mark, spec.db, command.id)
         return _Sent(command.id)

@@ -77,7 +77,8 @@ def test_kill_9_during_a_slow_step_leaves_the_previous_revision_and_frees_the_lo
 
     # the restarted worker reported the interrupted command instead of leaving it 'running'
     status, result = env.sql("SELECT status, result FROM dbagent.commands WHERE id = %s", interrupted_id)[0]
-    assert status == "failed" and "interrupted" in result["error"] and result["revision_after"] == "011"
+    assert status == "interrupted" and result["status"] == "failed" and result["interrupted"] is True
+    assert "interrupted" in result["error"] and result["revision_after"] == "011" and result["revision_before"] == "011"
     failed = [e for e in env.stream_events(redis_client, interrupted_id) if e["type"] == "migration.failed"]
     assert len(failed) == 1 and failed[0]["data"]["revision_after"] == "011"
     outcome = run.communicate(timeout=30)

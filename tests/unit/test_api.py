@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import time
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from urllib.parse import urlencode
 
 import pytest
@@ -220,7 +220,10 @@ def test_accepted_command_is_signed_queued_and_readable(client, producer, fake_r
     assert queued.status_code == 200
     assert queued.json() == {
         "command_id": command_id, "type": "migrate", "db": "staging", "status": "queued", "error": None, "events": [],
+        # the expiry the producer signed: a migrate may wait a day for its worker
+        "expires_at": sent.expires_at.isoformat().replace("+00:00", "Z"),
     }
+    assert timedelta(hours=23) < sent.expires_at - sent.issued_at <= timedelta(hours=24)
     assert 0 < fake_redis.ttl(submitted_key(prefix, command_id)) <= keys.RESULT_TTL_S
 
 

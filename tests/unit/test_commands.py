@@ -307,3 +307,60 @@ def test_canonical_is_stable_and_sorted():
 
 def test_canonical_ignores_the_signature(signed):
     assert signed.canonical() == signed.model_copy(update={"signature": "x"}).canonical()
+
+
+# -- expiry: waiting in the queue is not staleness -------------------------------
+
+
+def test_a_signed_expiry_outlives_max_command_age():
+    waited = make(issued_at=NOW - timedelta(hours=5)).expiring_in(24 * 3600).signed(KEY)
+
+    assert check(waited) is None  # five hours behind a long backup: still runs
+
+
+def test_past_its_signed_expiry_a_command_is_rejected_naming_it():
+    expired = make(issued_at=NOW - timedelta(hours=25)).expiring_in(24 * 3600).signed(KEY)
+
+    with pytest.raises(CommandRejected) as caught:
+        check(expired)
+
+    assert "expired at 2025-03-14T11:00:00+00:00" in caught.value.message
+
+
+def test_the_expiry_is_signed():
+    signed = make().expiring_in(60).signed(KEY)
+    stretched = signed.model_copy(update={"expires_at": NOW + timedelta(days=2)})
+
+    with pytest.raises(CommandRejected, match="signature"):
+        check(stretched)
+
+
+def test_an_expiry_beyond_the_longest_allowed_is_refused():
+    forever = make().expiring_in(30 * 24 * 3600).signed(KEY)
+
+    with pytest.raises(CommandRejected, match="the limit is 604800s"):
+        check(forever)
+
+
+def test_a_command_without_expiry_signs_and_travels_as_before():
+    unsigned = make()
+    body = json.loads(unsigned.canonical())
+    assert "expires_at" not in body and "expires_at" not in unsigned.to_message()
+    with_expiry = unsigned.expiring_in(60)
+    assert json.loads(with_expiry.canonical())["expires_at"] == "2025-03-14T12:00:50Z"
+    assert with_expiry.to_message()["expires_at"] == "2025-03-14T12:00:50Z"
+    assert Command.from_message(with_expiry.signed(KEY).to_message()).expires_at == with_expiry.expires_at
+
+
+def test_default_expiries_give_writers_a_day_and_reads_an_hour():
+    from agent.commands import default_ttl_s
+
+    assert default_ttl_s(CommandType.MIGRATE, {}) == 24 * 3600
+    assert default_ttl_s(CommandType.BACKUP, {}) == 24 * 3600
+    assert default_ttl_s(CommandType.STATUS, {}) == 3600
+    assert default_ttl_s(CommandType.VERIFY_BACKUP, {}) == 3600
+
+
+def test_expiry_falls_back_to_max_age_for_a_producer_that_sets_none():
+    old_style = make()
+    assert old_style.expiry(MAX_AGE_S) == old_style.issued_at + timedelta(seconds=MAX_AGE_S)

@@ -1,0 +1,269 @@
+"""A command's events and outcome: into PostgreSQL first (the record), then onto Redis.
+
+Events describing a change are written in the change's own transaction
+(``stage``) and published once it committed. Every other event is written on
+the command's connection only while that connection is idle, never inside a
+transaction the operation has open (a pg_dump snapshot, a step): otherwise,
+and from other threads (the lock sampler, backup progress, backfills), it goes
+through a connection of its own. An event the stream did not take (Redis
+down) is marked ``unpublished`` in the audit log, and a result keeps ``commands.published_at
+IS NULL``, for the worker's relay to publish once Redis is back.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+import redis
+
+from agent import keys, store
+from agent.commands import Command
+from agent.eventlog import EventLog
+from agent.events import Event, EventType
+from agent.redact import redact
+
+if TYPE_CHECKING:
+    from sqlalchemy import Connection, Engine
+
+    from agent.settings import DatabaseSettings
+
+log = logging.getLogger(__name__)
+
+
+def rollback_quietly(conn: Connection | None) -> None:
+    """Roll back whatever is open; a connection already gone has nothing left to roll back."""
+    if conn is None:
+        return
+    try:
+        conn.rollback()
+    except Exception:  # noqa: BLE001 - the connection is gone
+        pass
+
+
+class Journal:
+    """The events and the outcome of one command (or of a rejected message)."""
+
+    def __init__(
+        self, eventlog: EventLog, prefix: str, db: str, command: Command | None, database: DatabaseSettings | None = None
+    ) -> None:
+        self.eventlog = eventlog
+        self.prefix = prefix
+        self.db = db
+        self.command = command
+        self.database = database  # where the aside connection goes; None: the command's connection only
+        self.conn: Connection | None = None
+        self._owner = threading.get_ident()
+        self._unpublished: list[Event] = []
+        self.emitted: set[str] = set()
+        self._aside: Connection | None = None
+        self._aside_engine: Engine | None = None
+        self._aside_lock = threading.Lock()
+
+    def make(self, type_: EventType | str, data: dict[str, Any]) -> Event:
+        command = self.command
+        return Event(
+            type=type_,
+            db=self.db,
+            command_id=command.id if command else data.get("command_id"),
+            actor=command.actor if command else None,
+            ticket=command.ticket if command else None,
+            data=json.loads(json.dumps(data, default=str)),
+        )
+
+    # -- writing -------------------------------------------------------------
+
+    def _idle_conn(self) -> Connection | None:
+        """The command's connection, when this thread may use it and no transaction is open on it."""
+        conn = self.conn
+        if conn is None or threading.get_ident() != self._owner:
+            return None
+        try:
+            return None if conn.in_transaction() or conn.closed or conn.invalidated else conn
+        except Exception:  # noqa: BLE001 - a broken connection
+            return None
+
+    def _write(self, event: Event) -> bool:
+        return self.record(lambda conn: store.insert_event(conn, event), what=str(event.type))
+
+    def _write_aside(self, event: Event) -> bool:
+        return self.aside(lambda conn: store.insert_event(conn, event), what=str(event.type))
+
+    def aside(self, work: Callable[[Connection], Any], what: str) -> bool:
+        """Run ``work`` and commit on the journal's own connection (opened on first use, shared by threads)."""
+        if self.database is None:
+            return False
+        import sqlalchemy.exc
+
+        from agent.connections import pg_engine
+
+        with self._aside_lock:
+            for attempt in (1, 2):  # a connection broken since its last use is opened again, once
+                try:
+                    if self._aside is None:
+                        self._aside_engine = pg_engine(self.database, "dbagent events")
+                        self._aside = self._aside_engine.connect()
+                    work(self._aside)
+                    self._aside.commit()
+                    return True
+                except sqlalchemy.exc.SQLAlchemyError as exc:
+                    self._close_aside()
+                    if attempt == 2:
+                        log.warning("%s not written to the audit log: %s", what, redact(exc))
+        return False
+
+    def _close_aside(self) -> None:
+        if self._aside is not None:
+            try:
+                self._aside.close()
+            except Exception:  # noqa: BLE001 - closing a broken connection
+                pass
+            self._aside = None
+        if self._aside_engine is not None:
+            self._aside_engine.dispose()
+            self._aside_engine = None
+
+    @property
+    def reported_failure(self) -> bool:
+        """Whether the command's failure has an event already: of its own kind, or its validation's or verification's."""
+        from agent.lifecycle import failure_event
+
+        if self.command is None:
+            return False
+        own = {str(failure_event(self.command.type)), str(EventType.VALIDATION_FAILED), str(EventType.VERIFY_FAILED)}
+        return bool(self.emitted & own)
+
+    def emit(self, type_: EventType | str, **data: Any) -> Event:
+        """Record an event in PostgreSQL, then publish it on the stream."""
+        event = self.make(type_, data)
+        self.emitted.add(str(event.type))
+        self._write(event)
+        self._unpublished.append(event)
+        self.flush()
+        return event
+
+    def stage(self, conn: Connection, type_: EventType | str, **data: Any) -> None:
+        """Write an event inside the caller's open transaction; flush() publishes it after the commit."""
+        event = self.make(type_, data)
+        store.insert_event(conn, event)
+        self.emitted.add(str(event.type))
+        self._unpublished.append(event)
+
+    def emit_aside(self, type_: EventType | str, data: dict[str, Any]) -> None:
+        """An event from beside the operation (another thread, or inside a step): never on its connection."""
+        event = self.make(type_, data)
+        written = self._write_aside(event)
+        try:
+            self.eventlog.publish([event])
+        except redis.RedisError as exc:
+            log.warning("could not publish %s: %s", event.type, redact(exc))
+            if written:
+                self.aside(lambda conn: store.mark_unpublished(conn, [event.id]), what="unpublished mark")
+
+    def discard_staged(self) -> None:
+        self._unpublished.clear()
+
+    def flush(self) -> None:
+        events, self._unpublished = self._unpublished, []
+        if not events:
+            return
+        try:
+            self.eventlog.publish(events)
+        except redis.RedisError as exc:
+            log.warning("could not publish %d event(s) to the stream (the relay will): %s", len(events), redact(exc))
+            ids = [e.id for e in events]
+            self.record(lambda conn: store.mark_unpublished(conn, ids), what="unpublished mark")
+
+    def record(self, work: Callable[[Connection], Any], what: str) -> bool:
+        """Run ``work`` and commit: on the command's connection while it is idle, else aside."""
+        conn = self._idle_conn()
+        if conn is not None:
+            try:
+                work(conn)
+                conn.commit()
+                return True
+            except Exception as exc:  # noqa: BLE001 - try the aside connection
+                log.warning("%s not written on the command's connection: %s", what, redact(exc))
+                rollback_quietly(conn)
+        return self.aside(work, what)
+
+    # -- the outcome -------------------------------------------------------------
+
+    def finish(self, result: dict[str, Any]) -> dict[str, Any]:
+        """Publish the command's outcome where waiting producers look for it; note in PostgreSQL that it is there."""
+        self.flush()
+        command_id = result.get("command_id")
+        if not command_id:
+            self.close()
+            return result
+        if publish_result(self.eventlog.client, self.prefix, command_id, result):
+            self.record(lambda conn: store.mark_published(conn, [command_id]), what="published mark")
+        self.close()
+        return result
+
+    def close(self) -> None:
+        with self._aside_lock:
+            self._close_aside()
+
+
+def publish_result(client: redis.Redis, prefix: str, command_id: str, result: dict[str, Any]) -> bool:
+    """SET the outcome a producer waits for; False (logged) when Redis is unreachable."""
+    try:
+        client.set(keys.result(prefix, command_id), json.dumps(result, default=str), ex=keys.RESULT_TTL_S)
+        return True
+    except redis.RedisError as exc:
+        log.error("could not publish the outcome of %s (the relay retries): %s", command_id, redact(exc))
+        return False
+
+
+class Presence:
+    """``<prefix>:running:<id>``: where a command is, renewed while its worker lives.
+
+    Producers read it to say what is true while they wait (queued, running in
+    phase X, or the worker running it is gone); it expires ``ttl_s`` after the
+    worker stopped renewing it.
+    """
+
+    def __init__(self, client: redis.Redis, prefix: str, command_id: str, worker: str, ttl_s: float) -> None:
+        self.client = client
+        self.key = keys.running(prefix, command_id)
+        self.ttl_ms = max(int(ttl_s * 1000), 1000)
+        self.state: dict[str, Any] = {"worker": worker, "since": time.time(), "phase": "accepted"}
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        self._write()
+        self._thread = threading.Thread(target=self._beat, name=f"presence {self.key}", daemon=True)
+        self._thread.start()
+
+    def update(self, **state: Any) -> None:
+        with self._lock:
+            self.state.update(state)
+        self._write()
+
+    def _write(self) -> None:
+        with self._lock:
+            value = json.dumps(self.state, default=str)
+        try:
+            self.client.set(self.key, value, px=self.ttl_ms)
+        except redis.RedisError as exc:
+            log.debug("presence of %s not written: %s", self.key, redact(exc))
+
+    def _beat(self) -> None:
+        while not self._stop.wait(self.ttl_ms / 3000):
+            self._write()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+        try:
+            self.client.delete(self.key)
+        except redis.RedisError as exc:
+            log.debug("presence of %s not removed (it expires): %s", self.key, redact(exc))
