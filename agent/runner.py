@@ -203,7 +203,26 @@ def execute(
         return journal.finish(_outcome(result, as_dbagent_error(exc)))
 
 
+# Commands this process is executing: its own relay leaves them to their executor, which reports
+# them itself (after losing PostgreSQL, say) with what really happened.
+_executing: set[str] = set()
+_executing_lock = threading.Lock()
+
+
 def _execute(
+    settings: Settings, db_name: str, db: DatabaseSettings, command: Command, journal: Journal, client: redis.Redis,
+    worker: str, stop: StopRequest, result: dict[str, Any],
+) -> dict[str, Any]:
+    with _executing_lock:
+        _executing.add(command.id)
+    try:
+        return _execute_here(settings, db_name, db, command, journal, client, worker, stop, result)
+    finally:
+        with _executing_lock:
+            _executing.discard(command.id)
+
+
+def _execute_here(
     settings: Settings, db_name: str, db: DatabaseSettings, command: Command, journal: Journal, client: redis.Redis,
     worker: str, stop: StopRequest, result: dict[str, Any],
 ) -> dict[str, Any]:
@@ -313,8 +332,9 @@ def _finish(run: Run, outcome: dict[str, Any]) -> dict[str, Any]:
         # Whatever stopped it (a lock wait, a dependency), the failure has an event of its kind.
         run.emit(
             lifecycle.failure_event(command.type), error=outcome.get("error"), phase=run.plan.get("phase"),
+            claimed=run.claimed,  # unclaimed, a writer changed nothing: nothing for the agent to undo
             **{k: outcome[k] for k in ("revision_before", "revision_after", "interrupted") if k in outcome},
-            **({"revision_before_known": run.plan.get("revision_before_known")} if run.claimed else {}),
+            revision_before_known=bool(run.claimed and run.plan.get("revision_before_known")),
         )
     try:
         rollback_quietly(conn)
@@ -531,7 +551,9 @@ def reap(
     rows = store.open_commands(conn)
     conn.commit()
     for row in rows:
-        if row["id"] == exclude:
+        with _executing_lock:
+            ours = row["id"] in _executing
+        if row["id"] == exclude or ours:
             continue
         outcome = report_orphan(
             settings, db_name, conn, client, row["id"], f"the worker running it ({row.get('worker')}) is gone",
