@@ -37,7 +37,6 @@ from __future__ import annotations
 import logging
 import os
 import threading
-import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -147,6 +146,7 @@ def interrupted_report(
     revision_now: str | None,
     revision_now_known: bool,
     reason: str,
+    left: str | None = None,
 ) -> Report:
     """The failure an interrupted command is reported as (pure: the caller read the revision).
 
@@ -154,15 +154,17 @@ def interrupted_report(
     command that was only accepted); ``reason`` says what happened (the dead
     worker, the lost session). The revision before is only ever the persisted
     one: a plan that lacks it reports it as unknown, and the agent then alerts
-    instead of rolling back.
+    instead of rolling back. ``left`` overrides what the phase says a crash
+    leaves, when the caller found out better (a backup complete after all).
     """
     plan = dict(plan or {})
     known = bool(plan.get("revision_before_known"))
     phase = plan.get("phase") or ("accepted" if State(status) == State.ACCEPTED else Phase.CLAIMED.value)
-    try:
-        left = CRASH_LEAVES[Phase(phase)]
-    except ValueError:
-        left = "nothing was changed"  # only accepted: it never started
+    if left is None:
+        try:
+            left = CRASH_LEAVES[Phase(phase)]
+        except ValueError:
+            left = "nothing was changed"  # only accepted: it never started
     where = f"the database is at revision {revision_now or 'base'}" if revision_now_known else "its revision could not be read"
     step = plan.get("step")
     during = f"{phase} {step['number']}/{step['of']} ({step['revision']})" if phase == Phase.STEP and step else phase
@@ -197,7 +199,7 @@ def pause_point(name: str) -> None:
     """
     if os.environ.get("DBAGENT_PAUSE_AT") == name:
         log.warning("pausing at %s (DBAGENT_PAUSE_AT)", name)
-        time.sleep(3600)
+        STOP.wait(3600)  # a worker told to stop goes on from here, as it would from real work
 
 
 # -- stopping (SIGTERM) ----------------------------------------------------------

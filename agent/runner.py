@@ -468,10 +468,11 @@ def _report(
         current, known = None, False
     if not (Path(db.migrations) / "env.py").is_file():
         current, known = None, False
+    kept = _remove_unfinished_backup(db, row.get("plan") or {})
     report = lifecycle.interrupted_report(
-        row["type"], row["status"], row.get("plan"), revision_now=current, revision_now_known=known, reason=reason
+        row["type"], row["status"], row.get("plan"), revision_now=current, revision_now_known=known, reason=reason,
+        left=f"its backup {kept} was complete and is kept" if kept else None,
     )
-    _remove_unfinished_backup(db, row.get("plan") or {})
     outcome = {**base_result(command.id, str(command.type), db_name), **report.result}
     # The failure event and the terminal state commit together: reported once, or not at all.
     journal.stage(conn, report.event, **report.data, worker=row.get("worker"))
@@ -490,24 +491,28 @@ def _report(
     return outcome
 
 
-def _remove_unfinished_backup(db: DatabaseSettings, plan: dict[str, Any]) -> None:
-    """The partial file a killed dump left, and a renamed archive whose manifest was never written."""
+def _remove_unfinished_backup(db: DatabaseSettings, plan: dict[str, Any]) -> str | None:
+    """Remove what an interrupted backup left unfinished (the partial file, an archive renamed before its
+    manifest was written); returns the archive's name when it was complete after all."""
     from agent import backups as bk
 
     backup = plan.get("backup") if isinstance(plan.get("backup"), dict) else {}
     if not db.backup_dir or not backup:
-        return
+        return None
     directory = Path(db.backup_dir)
+    complete = None
     for key in ("partial", "path"):
         name = backup.get(key)
         if not name:
             continue
         path = directory / Path(name).name  # only ever inside backup_dir
         if key == "path" and path.with_name(path.name + bk.MANIFEST_SUFFIX).exists():
-            continue  # complete: listed, kept
+            complete = path.name  # listed: kept
+            continue
         if path.exists():
             bk.remove_path(path)
             log.warning("removed %s, left unfinished by an interrupted backup", path)
+    return complete
 
 
 def _command_of(row: dict[str, Any]) -> Command:
@@ -564,16 +569,6 @@ def reap(
     return reported
 
 
-def recover_interrupted(settings: Settings, db_name: str, client: redis.Redis | None = None) -> list[str]:
-    """At worker start: report commands left unfinished by a dead worker. Returns their ids."""
-    db = settings.databases[db_name]
-    client = client if client is not None else redis_client(settings.redis)
-    with pg_connection(db, application_name="dbagent recovery") as conn:
-        store.ensure_schema(conn)
-        apply_timeouts(conn, db)
-        return reap(settings, db_name, conn, client)
-
-
 def relay(settings: Settings, db_name: str, client: redis.Redis) -> dict[str, int]:
     """One round of the worker's relay: report orphans, re-publish results and events Redis missed."""
     db = settings.databases[db_name]
@@ -625,7 +620,7 @@ class Relay:
             counts = relay(self.settings, self.db_name, self.client)
             self._said = None
             return counts
-        except (DbAgentError, redis.RedisError, Exception) as exc:  # noqa: BLE001 - retried next round
+        except Exception as exc:  # noqa: BLE001 - PostgreSQL or Redis away: retried next round
             text = exc.message if isinstance(exc, DbAgentError) else redact(exc)
             if text != self._said:
                 log.warning("relay: %s (retrying every %.0fs)", text, self.settings.worker.relay_interval)
@@ -648,8 +643,12 @@ def as_dbagent_error(exc: BaseException) -> DbAgentError:
         return exc
     import sqlalchemy.exc
 
+    import psycopg
+
     if isinstance(exc, redis.RedisError):
         return Unavailable(f"Redis failed during the command: {redact(exc)}")
+    if isinstance(exc, psycopg.OperationalError):
+        return Unavailable(f"PostgreSQL failed during the command: {redact(exc)}")
     if isinstance(exc, sqlalchemy.exc.OperationalError | sqlalchemy.exc.InterfaceError) or (
         isinstance(exc, sqlalchemy.exc.DBAPIError) and exc.connection_invalidated
     ):
@@ -940,26 +939,25 @@ def _check_automatic_rollback(run: Run, cause: dict[str, Any], target: str, befo
     """An automatic rollback undoes its failed run and nothing more: checked against that run's own record.
 
     The failed migrate's plan, persisted in this database when it claimed the
-    lock, says where it started. A rollback that would go elsewhere (below it,
+    lock, says where it started (a run from before plans held it: its
+    ``migration.started`` event). A rollback that would go elsewhere (below it,
     or to base for a run not recorded as starting there), or whose run left no
     such record, is refused: whatever sent it (an agent of another version, a
     hand-made cause) cannot make the automation undo more than the crashed run.
     """
     run_id = cause.get("run_command_id")
     row = store.command_row(run.conn, run_id) if run_id else None
+    known, started_at = store.recorded_start(run.conn, run_id) if row else (False, None)
     run.conn.commit()
     refuse = None
-    plan = (row or {}).get("plan") or {}
     if row is None:
         refuse = f"the failed run {run_id} is not recorded in this database"
     elif row["type"] != CommandType.MIGRATE:
         refuse = f"the failed run {run_id} is a {row['type']}, not a migrate"
-    elif not plan.get("revision_before_known"):
+    elif not known:
         refuse = f"where the failed run {run_id} started was not recorded"
-    elif (plan.get("revision_before") or "base") != target:
-        refuse = (
-            f"it would go to {target}, but the failed run {run_id} started at {plan.get('revision_before') or 'base'}"
-        )
+    elif (started_at or "base") != target:
+        refuse = f"it would go to {target}, but the failed run {run_id} started at {started_at or 'base'}"
     if refuse:
         raise BadInput(
             f"not rolling back automatically: {refuse}; nothing was changed (roll back by hand if needed)",

@@ -244,6 +244,29 @@ def open_commands(conn: Connection) -> list[dict[str, Any]]:
     return [dict(row) for row in rows]
 
 
+def recorded_start(conn: Connection, command_id: str) -> tuple[bool, str | None]:
+    """Where a migrate run started, as recorded: (known, revision; None is base).
+
+    From the plan persisted at its claim; for a run from before plans held it,
+    from its ``migration.started`` event (written before its first step).
+    """
+    row = conn.execute(
+        text(
+            f"SELECT c.plan, s.data FROM {SCHEMA}.commands c LEFT JOIN LATERAL (SELECT data FROM {SCHEMA}.audit_log"
+            " WHERE command_id = c.id AND type = 'migration.started' ORDER BY seq LIMIT 1) s ON true WHERE c.id = :id"
+        ),
+        {"id": command_id},
+    ).first()
+    if row is None:
+        return False, None
+    plan, started = row[0] or {}, row[1]
+    if plan.get("revision_before_known"):
+        return True, plan.get("revision_before")
+    if started is not None and "revision_before" in started:
+        return True, started["revision_before"]
+    return False, None
+
+
 def try_command_lock(conn: Connection, command_id: str) -> bool:
     """Take a command's own advisory lock (session level); False while a live session holds it."""
     return bool(

@@ -238,7 +238,8 @@ def test_sigterm_lets_a_short_step_finish_and_stops_before_the_next(env, tmp_pat
     assert env.revision() == "011" and marker_survives(env) and len(automatic_rollbacks(env)) == 1
 
 
-def test_sigterm_cancels_a_long_step_after_the_grace_and_reports_it(env, tmp_path):
+@pytest.mark.parametrize("to", ["group", "main-process"])
+def test_sigterm_cancels_a_long_step_after_the_grace_and_reports_it(env, tmp_path, to):
     setup_world(env, tmp_path)
     env.start_agent()
     setup = env.start_worker(log_name="setup-worker")
@@ -249,7 +250,13 @@ def test_sigterm_cancels_a_long_step_after_the_grace_and_reports_it(env, tmp_pat
     waiting = cli(env, "migrate", "--no-backup")
     wait_for(lambda: sleeping(env), 60, "the slow step")
     told = time.monotonic()
-    env.kill_worker(worker, signal.SIGTERM)
+    if to == "group":
+        env.kill_worker(worker, signal.SIGTERM)
+    else:
+        import os
+
+        os.kill(worker.pid, signal.SIGTERM)  # systemd's KillMode=mixed: the main process only
+        worker.wait(timeout=30)
     out, err = waiting.communicate(timeout=60)
     result = json.loads(out.strip().splitlines()[-1])
     took = time.monotonic() - told
@@ -436,3 +443,25 @@ def test_prune_killed_at_each_phase(env, tmp_path, crash, left):
     # the next prune finishes the job
     pruned = env.cli("backups", "prune", "--json")
     assert pruned.code == 0 and len(complete_backups_only(env)) == 1
+
+
+def test_sigterm_during_a_backup_finishes_it_or_leaves_nothing(env, tmp_path):
+    setup_world(env, tmp_path)
+    setup = env.start_worker(log_name="setup-worker")
+    assert env.cli("migrate", "--to", "011", "--json", "--no-backup").code == 0
+    env.kill_worker(setup, signal.SIGTERM)
+    worker = env.start_worker(log_name="stopped-worker", DBAGENT_PAUSE_AT="backup:dumping")
+    waiting = cli(env, "backup", "full")
+    wait_for(lambda: "pausing at backup:dumping" in env.log_of(worker), 60, "pg_dump to run")
+    env.kill_worker(worker, signal.SIGTERM)
+    out, _ = waiting.communicate(timeout=60)
+    result = json.loads(out.strip().splitlines()[-1])
+    assert worker.returncode == 0
+    dumps = complete_backups_only(env)
+    if result["status"] == "succeeded":  # pg_dump was done within the grace: the backup is whole
+        assert [str(d) for d in dumps] == [result["path"]]
+    else:
+        assert result["interrupted"] is True and dumps == []
+    assert env.sql("SELECT status FROM dbagent.commands WHERE id = %s", result["command_id"])[0][0] in (
+        "succeeded", "interrupted")
+    assert not env.sql("SELECT 1 FROM pg_locks WHERE locktype = 'advisory' AND granted")

@@ -268,3 +268,16 @@ def test_the_cli_says_when_the_worker_running_its_command_is_gone(env, tmp_path)
     _, err = waiting.communicate(timeout=60)
     assert waiting.returncode == 3
     assert "is gone" in err and "reports it as interrupted when it starts" in err
+
+
+def test_a_run_recorded_by_an_older_worker_is_still_rolled_back_to_its_start(env, redis_client):
+    """Its plan held only the args, but its migration.started event says where it started."""
+    env.start_worker()
+    env.start_agent()
+    assert env.cli("migrate", "--to", "008", "--json").code == 0
+    run = env.cli("migrate", "--json")
+    assert run.code == 0 and env.revision() == "011"
+    env.sql("UPDATE dbagent.commands SET plan = '{\"args\": {}}' WHERE id = %s", run.json()["command_id"])
+    assert env.cli("notify", "startup-failed", "--json").code == 0
+    wait_for(lambda: env.sql("SELECT 1 FROM dbagent.audit_log WHERE type = 'rollback.completed'"), 60, "the rollback")
+    assert env.revision() == "008"
