@@ -282,12 +282,13 @@ def _run(run: Run, result: dict[str, Any]) -> dict[str, Any]:
         before, known = _revision_before(run)
         plan = lifecycle.initial_plan(command.type, before, known)
         if not store.claim_command(conn, command.id, run.worker, plan):
+            # Only this session (holding the command's lock) moves its row: something else is wrong.
             conn.rollback()
-            row = store.command_row(conn, command.id) or {}
-            conn.commit()
-            return row.get("result") or {**result, "status": row.get("status")}
+            raise OperationFailed(f"command {command.id} could not be claimed: its record is no longer 'accepted'")
         conn.commit()
         run.plan, run.claimed = plan, True
+        if run.presence is not None:
+            run.presence.update(phase=lifecycle.Phase.CLAIMED.value)
         pause_point("phase:claimed")
         return _run_operation(run, operation, result)
 

@@ -90,6 +90,17 @@ def setup_world(env: Env, tmp_path: Path, extra: str = "") -> None:
     )
 
 
+def at_011(env: Env, tmp_path: Path, *, agent: bool = True) -> None:
+    """The world of a case: the database at 011 with a marker row, the agent running, no worker yet."""
+    setup_world(env, tmp_path)
+    if agent:
+        env.start_agent()
+    setup = env.start_worker(log_name="setup-worker")
+    assert env.cli("migrate", "--to", "011", "--json", "--no-backup").code == 0
+    add_marker(env)
+    env.kill_worker(setup, signal.SIGTERM)
+
+
 def add_marker(env: Env) -> None:
     env.sql("INSERT INTO users (email, password_hash) VALUES ('marker@example.com', 'x')")
 
@@ -190,12 +201,7 @@ MIGRATE_PHASES = [
 
 @pytest.mark.parametrize(("crash", "expect", "rollback"), MIGRATE_PHASES)
 def test_migrate_killed_at_each_phase(env, tmp_path, crash, expect, rollback):
-    setup_world(env, tmp_path)
-    env.start_agent()
-    setup = env.start_worker(log_name="setup-worker")
-    assert env.cli("migrate", "--to", "011", "--json").code == 0
-    add_marker(env)
-    env.kill_worker(setup, signal.SIGTERM)
+    at_011(env, tmp_path)
 
     result, answered, _ = crash_and_restart(env, crash)
 
@@ -213,12 +219,7 @@ def test_migrate_killed_at_each_phase(env, tmp_path, crash, expect, rollback):
 
 
 def test_sigterm_lets_a_short_step_finish_and_stops_before_the_next(env, tmp_path, redis_client):
-    setup_world(env, tmp_path)
-    env.start_agent()
-    setup = env.start_worker(log_name="setup-worker")
-    assert env.cli("migrate", "--to", "011", "--json").code == 0
-    add_marker(env)
-    env.kill_worker(setup, signal.SIGTERM)
+    at_011(env, tmp_path)
     worker = env.start_worker(log_name="stopped-worker", SLOW_STEP="012", SLOW_SECONDS="1.5")
     waiting = cli(env, "migrate", "--no-backup")
     wait_for(lambda: sleeping(env), 60, "the slow step")
@@ -240,12 +241,7 @@ def test_sigterm_lets_a_short_step_finish_and_stops_before_the_next(env, tmp_pat
 
 @pytest.mark.parametrize("to", ["group", "main-process"])
 def test_sigterm_cancels_a_long_step_after_the_grace_and_reports_it(env, tmp_path, to):
-    setup_world(env, tmp_path)
-    env.start_agent()
-    setup = env.start_worker(log_name="setup-worker")
-    assert env.cli("migrate", "--to", "011", "--json").code == 0
-    add_marker(env)
-    env.kill_worker(setup, signal.SIGTERM)
+    at_011(env, tmp_path)
     worker = env.start_worker(log_name="stopped-worker", SLOW_STEP="012")
     waiting = cli(env, "migrate", "--no-backup")
     wait_for(lambda: sleeping(env), 60, "the slow step")
@@ -351,12 +347,7 @@ def complete_backups_only(env: Env) -> list[Path]:
 
 @pytest.mark.parametrize("crash", BACKUP_PHASES)
 def test_backup_killed_at_each_phase(env, tmp_path, crash):
-    setup_world(env, tmp_path)
-    env.start_agent()
-    setup = env.start_worker(log_name="setup-worker")
-    assert env.cli("migrate", "--to", "011", "--json", "--no-backup").code == 0
-    add_marker(env)
-    env.kill_worker(setup, signal.SIGTERM)
+    at_011(env, tmp_path)
 
     result, answered, _ = crash_and_restart(env, crash)
 
@@ -446,10 +437,7 @@ def test_prune_killed_at_each_phase(env, tmp_path, crash, left):
 
 
 def test_sigterm_during_a_backup_finishes_it_or_leaves_nothing(env, tmp_path):
-    setup_world(env, tmp_path)
-    setup = env.start_worker(log_name="setup-worker")
-    assert env.cli("migrate", "--to", "011", "--json", "--no-backup").code == 0
-    env.kill_worker(setup, signal.SIGTERM)
+    at_011(env, tmp_path, agent=False)
     worker = env.start_worker(log_name="stopped-worker", DBAGENT_PAUSE_AT="backup:dumping")
     waiting = cli(env, "backup", "full")
     wait_for(lambda: "pausing at backup:dumping" in env.log_of(worker), 60, "pg_dump to run")
