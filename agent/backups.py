@@ -393,7 +393,7 @@ def run_tool(
                     outcome = during()
                 while True:
                     try:
-                        proc.wait(timeout=0.5)
+                        proc.wait(timeout=min(0.5, PROGRESS_EVERY_S))
                         break
                     except subprocess.TimeoutExpired:
                         now = time.monotonic()
