@@ -6,7 +6,7 @@ the command's connection only while that connection is idle, never inside a
 transaction the operation has open (a pg_dump snapshot, a step): otherwise,
 and from other threads (the lock sampler, backup progress, backfills), it goes
 through a connection of its own. An event the stream did not take (Redis
-down) is marked ``unpublished`` in the audit log, and a result keeps ``commands.published_at
+down) is marked ``unpublished`` in the audit log, and a result gets ``commands.published_at
 IS NULL``, for the worker's relay to publish once Redis is back.
 """
 
@@ -200,8 +200,8 @@ class Journal:
         if not command_id:
             self.close()
             return result
-        if publish_result(self.eventlog.client, self.prefix, command_id, result):
-            self.record(lambda conn: store.mark_published(conn, [command_id]), what="published mark")
+        if not publish_result(self.eventlog.client, self.prefix, command_id, result):
+            self.record(lambda conn: store.mark_unpublished_result(conn, command_id), what="unpublished mark")
         self.close()
         return result
 

@@ -73,8 +73,11 @@ class Phase(StrEnum):
     CLAIMED = "claimed"
     VALIDATION = "validation"
     BACKUP = "backup"  # a pre-migration backup, or a backup command's dump, read-back and manifest
-    STEP = "step"  # a migration step's transaction is open
-    BETWEEN_STEPS = "between_steps"  # the last step committed, the next not begun
+    # Applying steps: each step's own transaction records it done (``steps_done``), so the
+    # record never claims more than what committed. Which step runs right now is shown
+    # live (``STEP``, in the presence key and in a failed step's event), not written per step.
+    STEPS = "steps"
+    STEP = "step"
     VERIFY = "verify"
     CHECK = "check"  # a restore's checksum and full read, before anything changes
     RESTORE = "restore"  # pg_restore is running
@@ -82,8 +85,8 @@ class Phase(StrEnum):
 
 
 PHASES: dict[CommandType, tuple[Phase, ...]] = {
-    CommandType.MIGRATE: (Phase.CLAIMED, Phase.VALIDATION, Phase.BACKUP, Phase.STEP, Phase.BETWEEN_STEPS, Phase.VERIFY),
-    CommandType.ROLLBACK: (Phase.CLAIMED, Phase.STEP, Phase.BETWEEN_STEPS),
+    CommandType.MIGRATE: (Phase.CLAIMED, Phase.VALIDATION, Phase.BACKUP, Phase.STEPS, Phase.VERIFY),
+    CommandType.ROLLBACK: (Phase.CLAIMED, Phase.STEPS),
     CommandType.BACKUP: (Phase.CLAIMED, Phase.BACKUP, Phase.PRUNE),
     CommandType.RESTORE: (Phase.CLAIMED, Phase.CHECK, Phase.RESTORE),
     CommandType.PRUNE: (Phase.CLAIMED, Phase.PRUNE),
@@ -94,8 +97,8 @@ CRASH_LEAVES: dict[Phase, str] = {
     Phase.CLAIMED: "nothing was changed",
     Phase.VALIDATION: "nothing was changed",
     Phase.BACKUP: "nothing was changed; the unfinished backup file was removed and is not listed",
+    Phase.STEPS: "the steps that committed stay applied; the one in progress, if any, rolled back with its session",
     Phase.STEP: "the step in progress rolled back with its session; the steps before it stay applied",
-    Phase.BETWEEN_STEPS: "the steps before the crash stay applied; none was half-done",
     Phase.VERIFY: "every step was applied; verification did not finish",
     Phase.CHECK: "nothing was changed",
     Phase.RESTORE: "pg_restore's single transaction rolled back with its session (a --jobs restore may be partial)",
@@ -138,6 +141,20 @@ class Report:
     result: dict[str, Any]
 
 
+def _during(phase: str, plan: dict[str, Any]) -> str:
+    """The phase as a reader wants it: which step, of how many, had committed."""
+    step = plan.get("step")
+    if phase == Phase.STEP and step:
+        return f"step {step['number']}/{step['of']} ({step['revision']})"
+    if phase == Phase.STEPS:
+        steps = plan.get("steps") or []
+        done = int(plan.get("steps_done") or 0)
+        if done >= len(steps):
+            return f"the steps: all {len(steps)} committed"
+        return f"step {done + 1}/{len(steps)} ({steps[done].get('revision')}): {done} of {len(steps)} committed"
+    return phase.replace("_", " ")
+
+
 def interrupted_report(
     type_: CommandType | str,
     status: State | str,
@@ -166,9 +183,7 @@ def interrupted_report(
         except ValueError:
             left = "nothing was changed"  # only accepted: it never started
     where = f"the database is at revision {revision_now or 'base'}" if revision_now_known else "its revision could not be read"
-    step = plan.get("step")
-    during = f"{phase} {step['number']}/{step['of']} ({step['revision']})" if phase == Phase.STEP and step else phase
-    error = f"interrupted during {during}: {reason}; {left}; {where}"
+    error = f"interrupted during {_during(phase, plan)}: {reason}; {left}; {where}"
     data: dict[str, Any] = {
         "interrupted": True,
         "phase": phase,

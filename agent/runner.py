@@ -98,14 +98,20 @@ class Run:
     def emit(self, type_: EventType, **data: Any) -> Event:
         return self.journal.emit(type_, **data)
 
-    def phase(self, phase: Phase | None = None, **changes: Any) -> None:
-        """Persist where a claimed command is, before it does it, for whoever finds it after a crash."""
+    def phase(self, phase: Phase | None = None, *, persist: bool = True, **changes: Any) -> None:
+        """Persist where a claimed command is, before it does it, for whoever finds it after a crash.
+
+        ``persist=False``: only shown live (presence) and a pause point, not recorded.
+        """
         if phase is not None:
             changes["phase"] = phase.value
-        self.plan.update(changes)
-        if self.claimed:
+        if persist:
+            self.plan.update(changes)
+        if self.claimed and persist:
             command_id = self.command.id
-            if not self.journal.record(lambda conn: store.update_plan(conn, command_id, changes), what="the command's phase"):
+            if not self.journal.record(
+                lambda conn: store.update_plan(conn, command_id, changes, durable=False), what="the command's phase"
+            ):
                 raise Unavailable(f"could not record the phase of command {command_id} in PostgreSQL")
         if self.presence is not None and phase is not None:
             self.presence.update(phase=phase.value, step=changes.get("step"))
@@ -262,12 +268,7 @@ def _execute_here(
         finally:
             # Only once the outcome is published: a producer never sees "gone" for a command that finished.
             presence.stop()
-        try:
-            store.release_command_lock(conn, command.id)
-            conn.commit()
-        except Exception:  # noqa: BLE001 - the session ending frees it
-            rollback_quietly(conn)
-        return outcome
+        return outcome  # the command lock goes with the session, closed now
 
 
 def _run(run: Run, result: dict[str, Any]) -> dict[str, Any]:
@@ -291,6 +292,13 @@ def _run(run: Run, result: dict[str, Any]) -> dict[str, Any]:
             run.presence.update(phase=lifecycle.Phase.CLAIMED.value)
         pause_point("phase:claimed")
         return _run_operation(run, operation, result)
+
+
+def _current(run: Run) -> str | None:
+    """The database's revision as the operation starts: read at claim, under the lock, when it was claimed."""
+    if run.claimed and run.plan.get("revision_before_known"):
+        return run.plan.get("revision_before")
+    return run.migrations().current(run.conn)
 
 
 def _revision_before(run: Run) -> tuple[str | None, bool]:
@@ -327,7 +335,7 @@ def _finish(run: Run, outcome: dict[str, Any]) -> dict[str, Any]:
     command, conn = run.command, run.conn
     if run.stop.is_set() and outcome.get("status") == CommandStatus.FAILED.value:
         outcome.setdefault("interrupted", True)
-    if _lost(conn):
+    if outcome.get("status") != CommandStatus.SUCCEEDED.value and _lost(conn):
         return _finish_after_losing_postgres(run, outcome)
     if outcome.get("status") == CommandStatus.FAILED.value and not run.journal.reported_failure:
         # Whatever stopped it (a lock wait, a dependency), the failure has an event of its kind.
@@ -661,13 +669,17 @@ def as_dbagent_error(exc: BaseException) -> DbAgentError:
 
 def apply_timeouts(conn: Connection, db: DatabaseSettings) -> None:
     """Every statement of the session waits for locks and runs at most as long as configured."""
-    conn.exec_driver_sql(f"SET lock_timeout = '{postgres_interval(db.lock_timeout)}'")
-    conn.exec_driver_sql(f"SET statement_timeout = '{postgres_interval(db.statement_timeout)}'")
+    settings = {"lock_timeout": postgres_interval(db.lock_timeout), "statement_timeout": postgres_interval(db.statement_timeout)}
     if conn.dialect.server_version_info >= (14,):
         # A statement keeps running after its client died unless the server
         # checks the socket; without this, a killed worker's long step would
         # hold the database's lock until the step finished on its own.
-        conn.exec_driver_sql("SET client_connection_check_interval = '1s'")
+        settings["client_connection_check_interval"] = "1s"
+    # One round trip for all of them; session-level (is_local false), like SET.
+    conn.exec_driver_sql(
+        "SELECT " + ", ".join("set_config(%s, %s, false)" for _ in settings),
+        tuple(value for pair in settings.items() for value in pair),
+    )
     conn.commit()
 
 
@@ -798,7 +810,7 @@ def migrate(run: Run) -> dict[str, Any]:
     args = run.command.parsed_args()
     assert isinstance(args, MigrateArgs)
     migrator = run.migrations()
-    before = migrator.current(run.conn)
+    before = _current(run)
     plan = migrator.upgrade_plan(before, args.to)
     target = plan[-1].revision if plan else before
     run.phase(Phase.VALIDATION, target=target, steps=[s.to_json() for s in plan])
@@ -899,7 +911,7 @@ def rollback(run: Run) -> dict[str, Any]:
     args = run.command.parsed_args()
     assert isinstance(args, RollbackArgs)
     migrator = run.migrations()
-    before = migrator.current(run.conn)
+    before = _current(run)
     cause = args.cause or {}
     expected = cause.get("expect_revision", before)
     if expected != before:
@@ -969,9 +981,9 @@ def _check_automatic_rollback(run: Run, cause: dict[str, Any], target: str, befo
 def _apply_steps(run: Run, plan: list[Step], facts: dict[str, Any], failed: EventType) -> None:
     """Apply the steps one transaction each; on failure report where the database stands.
 
-    Before each step its phase is persisted (``step N``); the step's own
-    transaction records it done (``between_steps``), with its change-log row
-    and event, so the plan never claims more than what committed. A worker told
+    Each step's own transaction records it done (``steps_done``), with its
+    change-log row and event, so the plan never claims more than what
+    committed; which step runs now is shown live (presence). A worker told
     to stop ends here between steps, or cancels the step in progress once the
     stop grace is over.
     """
@@ -982,6 +994,7 @@ def _apply_steps(run: Run, plan: list[Step], facts: dict[str, Any], failed: Even
     conn.commit()
     invalid_before = _invalid_indexes(conn)  # a step that succeeds leaves no invalid index; one that fails may
     monitor = BlockingMonitor(run.db.url, backend_pid, run.db.lock_blocking_threshold, lambda data: run.journal.emit_aside(EventType.LOCK_BLOCKING, data))
+    run.phase(Phase.STEPS, steps_done=0)
     with monitor:
         outcome = "applied"
         for number, step in enumerate(plan, start=1):
@@ -989,12 +1002,12 @@ def _apply_steps(run: Run, plan: list[Step], facts: dict[str, Any], failed: Even
                 after = migrator.current(conn)
                 error = f"stopped before step {number}/{len(plan)} ({step.revision}): {run.stop.reason}"
                 run.emit(failed, **facts, revision_after=after, error=error, interrupted=True,
-                         phase=Phase.BETWEEN_STEPS.value, steps_done=number - 1)
+                         phase=Phase.STEPS.value, steps_done=number - 1)
                 raise Stopped(f"{error}; the database is at revision {after or 'base'}", **facts,
                               revision_after=after, interrupted=True)
             outcome = "applied" if step.direction == "up" else "reverted"
             where = {"number": number, "of": len(plan), "revision": step.revision, "direction": step.direction}
-            run.phase(Phase.STEP, step=where)
+            run.phase(Phase.STEP, persist=False, step=where)
             step_started = utcnow()
             clock = time.monotonic()
             recorded: list[bool] = []
@@ -1010,7 +1023,7 @@ def _apply_steps(run: Run, plan: list[Step], facts: dict[str, Any], failed: Even
                     checksum=checksum,
                 )
                 if run.claimed:
-                    store.update_plan(connection, command.id, {"phase": Phase.BETWEEN_STEPS.value, "steps_done": number})
+                    store.update_plan(connection, command.id, {"phase": Phase.STEPS.value, "steps_done": number})
                 run.journal.stage(
                     connection, EventType.MIGRATION_STEP, **step.to_json(), number=number, of=len(plan),
                     duration_ms=round((time.monotonic() - clock) * 1000),

@@ -189,9 +189,20 @@ def claim_command(conn: Connection, command_id: str, worker: str, plan: dict[str
     return row is not None
 
 
-def update_plan(conn: Connection, command_id: str, changes: dict[str, Any]) -> None:
-    """Merge ``changes`` into a claimed command's plan; a phase past ``claimed`` makes it running."""
+def _asynchronous_commit(conn: Connection) -> None:
+    """This transaction's commit does not wait for the WAL flush: for records that only say where
+    things are (a phase, a published mark), where losing the last one to a server crash misleads no one."""
+    conn.exec_driver_sql("SET LOCAL synchronous_commit = off")
+
+
+def update_plan(conn: Connection, command_id: str, changes: dict[str, Any], *, durable: bool = True) -> None:
+    """Merge ``changes`` into a claimed command's plan; a phase past ``claimed`` makes it running.
+
+    ``durable=False`` for a transaction of its own that records only the phase.
+    """
     running = changes.get("phase") not in (None, "claimed")
+    if not durable:
+        _asynchronous_commit(conn)
     conn.execute(
         text(
             f"UPDATE {SCHEMA}.commands SET plan = coalesce(plan, '{{}}'::jsonb) || CAST(:changes AS jsonb),"
@@ -203,11 +214,16 @@ def update_plan(conn: Connection, command_id: str, changes: dict[str, Any]) -> N
 
 
 def finish_command(conn: Connection, command_id: str, status: str, result: dict[str, Any]) -> bool:
-    """Record a command's terminal state and result; False when it had one already (never overwritten)."""
+    """Record a command's terminal state and result; False when it had one already (never overwritten).
+
+    It is marked published at once: the publisher un-marks it (``mark_unpublished_result``)
+    when Redis refuses the result, so a healthy run costs no second write. (A worker dying
+    between the two leaves it marked; its producer then reads the outcome from here.)
+    """
     row = conn.execute(
         text(
             f"UPDATE {SCHEMA}.commands SET status = :status, result = CAST(:result AS jsonb),"
-            f" finished_at = now(), published_at = NULL WHERE id = :id AND status IN ({_states(State(status))})"
+            f" finished_at = now(), published_at = now() WHERE id = :id AND status IN ({_states(State(status))})"
             " RETURNING id"
         ),
         {"id": command_id, "status": status, "result": json.dumps(result, default=str)},
@@ -215,7 +231,14 @@ def finish_command(conn: Connection, command_id: str, status: str, result: dict[
     return row is not None
 
 
+def mark_unpublished_result(conn: Connection, command_id: str) -> None:
+    """Redis did not take the result: the relay publishes it once Redis is back."""
+    conn.execute(text(f"UPDATE {SCHEMA}.commands SET published_at = NULL WHERE id = :id"), {"id": command_id})
+
+
 def mark_published(conn: Connection, command_ids: list[str]) -> None:
+    """Note that the results reached Redis (in a transaction of their own)."""
+    _asynchronous_commit(conn)
     conn.execute(
         text(f"UPDATE {SCHEMA}.commands SET published_at = now() WHERE id = ANY(:ids) AND finished_at IS NOT NULL"),
         {"ids": command_ids},

@@ -188,3 +188,15 @@ def test_work_that_ends_within_the_grace_is_never_cancelled():
 def test_statuses_include_the_lifecycle_states():
     assert {s.value for s in CommandStatus} >= {"accepted", "claimed", "running", "succeeded", "failed", "rejected",
                                                 "interrupted"}
+
+
+def test_the_record_of_steps_says_how_many_committed_and_which_was_next():
+    steps = [{"revision": "012"}, {"revision": "013"}]
+    plan = lifecycle.initial_plan(CommandType.MIGRATE, "011", True) | {"phase": "steps", "steps": steps, "steps_done": 1}
+    report = interrupted_report(CommandType.MIGRATE, State.RUNNING, plan, revision_now="012", revision_now_known=True,
+                                reason="gone")
+    assert report.data["error"].startswith("interrupted during step 2/2 (013): 1 of 2 committed: gone;")
+    assert report.data["steps_done"] == 1
+    done = interrupted_report(CommandType.MIGRATE, State.RUNNING, plan | {"steps_done": 2}, revision_now="013",
+                              revision_now_known=True, reason="gone")
+    assert "during the steps: all 2 committed" in done.data["error"]
