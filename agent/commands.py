@@ -238,6 +238,35 @@ def _mac(key: bytes, body: bytes) -> str:
     return hmac.new(key, body, hashlib.sha256).hexdigest()
 
 
+def authenticate(command: Command, key: bytes | None) -> None:
+    """Raise CommandRejected unless the command comes from a holder of the signing key.
+
+    Without a key configured, only commands that change nothing are accepted, unsigned.
+    """
+    if key is None:
+        if command.is_writer:
+            raise CommandRejected(
+                f"{command.type} changes the database and no signing key is configured: refusing it"
+            )
+        return
+    if not command.signature:
+        raise CommandRejected("command is not signed")
+    # Compare bytes: the signature is untrusted input and may not even be ASCII.
+    if not hmac.compare_digest(command.signature.encode(), _mac(key, command.canonical()).encode()):
+        raise CommandRejected("signature does not match: the command was forged or altered")
+
+
+def message_digest(message: object) -> str:
+    """A short digest of a queue message as sent: where its rejection is published.
+
+    A rejected message's answer goes under ``rejection:<id>:<digest>``, never under
+    ``result:<id>``: a forged message reusing a real command's id cannot touch that
+    command's outcome, and its producer, which knows what it sent, still reads why.
+    """
+    body = json.dumps(message, sort_keys=True, separators=(",", ":"), ensure_ascii=False, default=str)
+    return hashlib.sha256(body.encode()).hexdigest()[:32]
+
+
 def check_command(
     command: Command,
     key: bytes | None,
@@ -257,17 +286,7 @@ def check_command(
     """
     if command.db != db:
         raise CommandRejected(f"command is for database {command.db!r}, this worker serves {db!r}")
-    if key is None:
-        if command.is_writer:
-            raise CommandRejected(
-                f"{command.type} changes the database and no signing key is configured: refusing it"
-            )
-    else:
-        if not command.signature:
-            raise CommandRejected("command is not signed")
-        # Compare bytes: the signature is untrusted input and may not even be ASCII.
-        if not hmac.compare_digest(command.signature.encode(), _mac(key, command.canonical()).encode()):
-            raise CommandRejected("signature does not match: the command was forged or altered")
+    authenticate(command, key)
     issued = command.issued_at if command.issued_at.tzinfo else command.issued_at.replace(tzinfo=UTC)
     age = now - issued
     expiry = command.expiry(max_age_s)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -41,6 +42,10 @@ class ConsumerOptions:
     count: int = 1000
     claim_idle_ms: int = 30_000
     max_deliveries: int = 5
+    # A consumer silent this long with nothing pending is gone for good (each agent process is a
+    # consumer of its own name): it is removed from the group. A live one reads every block_ms.
+    forget_idle_ms: int = 600_000
+    forget_every_s: float = 60.0
 
 
 class GroupConsumer:
@@ -76,9 +81,13 @@ class GroupConsumer:
 
     def run(self, stop: threading.Event) -> None:
         self.ensure_group()
+        next_forget = 0.0
         while not stop.is_set():
             try:
                 self.run_once()
+                if time.monotonic() >= next_forget:
+                    next_forget = time.monotonic() + self.options.forget_every_s
+                    self.forget_gone()
             except redis.ConnectionError as exc:
                 log.warning("%s: Redis unavailable (%s); retrying", self.group, exc)
                 stop.wait(1.0)
@@ -98,6 +107,20 @@ class GroupConsumer:
         if response:
             handled += self._process(response[0][1])
         return handled
+
+    def forget_gone(self) -> list[str]:
+        """Remove the group's consumers that are gone: idle past forget_idle_ms with nothing pending
+        (what a dead one left pending is taken over first, by _claim_idle). Returns their names."""
+        removed = []
+        for info in self.client.xinfo_consumers(self.stream, self.group):
+            name = _text(info["name"])
+            if name == self.name or int(info["pending"]) or int(info["idle"]) < self.options.forget_idle_ms:
+                continue
+            self.client.xgroup_delconsumer(self.stream, self.group, name)
+            removed.append(name)
+        if removed:
+            log.info("%s: removed %d consumer(s) gone for good: %s", self.group, len(removed), ", ".join(removed))
+        return removed
 
     def _own_pending(self) -> list[Any]:
         response = self.client.xreadgroup(self.group, self.name, {self.stream: "0"}, count=self.options.count)

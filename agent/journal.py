@@ -205,6 +205,21 @@ class Journal:
         self.close()
         return result
 
+    def refuse(self, result: dict[str, Any], digest: str) -> dict[str, Any]:
+        """Publish the refusal of a message that did not run, where only its own producer looks:
+        under ``rejection:<id>:<digest>``, never over the real command's ``result:<id>``."""
+        self.flush()
+        command_id = result.get("command_id")
+        if command_id:
+            try:
+                self.eventlog.client.set(
+                    keys.rejection(self.prefix, command_id, digest), json.dumps(result, default=str), ex=keys.RESULT_TTL_S
+                )
+            except redis.RedisError as exc:
+                log.error("could not publish the rejection of %s: %s", command_id, redact(exc))
+        self.close()
+        return result
+
     def close(self) -> None:
         with self._aside_lock:
             self._close_aside()

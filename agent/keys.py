@@ -32,6 +32,24 @@ def result(prefix: str, command_id: str) -> str:
     return f"{prefix}:result:{command_id}"
 
 
+def rejection(prefix: str, command_id: str, digest: str) -> str:
+    """Why a message naming ``command_id`` was refused before it ran, by the message's digest
+    (``commands.message_digest``): only the command's own verified execution writes ``result``,
+    so a forged message reusing a real id leaves that command's outcome alone. Expires after
+    RESULT_TTL_S."""
+    return f"{prefix}:rejection:{command_id}:{digest}"
+
+
+def dead_commands(prefix: str, db: str) -> str:
+    """Messages a worker of ``db`` took off its queue and refused unread (malformed, unsigned,
+    oversized): a bounded record of each (reason, size, digest, excerpt), newest first, the last
+    DEAD_COMMANDS_KEPT of them."""
+    return f"{prefix}:dead-commands:{db}"
+
+
+DEAD_COMMANDS_KEPT = 1000
+
+
 def running(prefix: str, command_id: str) -> str:
     """Where a command is (worker, phase), while its worker lives: renewed every third of
     [redis] lease_ttl and expiring after it, so a producer can tell a dead worker from a slow one."""

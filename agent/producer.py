@@ -21,7 +21,7 @@ from typing import Any
 import redis
 
 from agent import keys
-from agent.commands import Command, default_ttl_s
+from agent.commands import Command, default_ttl_s, message_digest
 from agent.connections import ping_redis, redis_client
 from agent.errors import BadInput, DbAgentError, Unavailable
 from agent.eventlog import EventLog
@@ -126,9 +126,15 @@ class Producer:
             raise Unavailable(f"could not enqueue the command on Redis: {redact(exc)}") from None
         return signed
 
-    def result(self, command_id: str) -> dict[str, Any] | None:
-        raw = self.redis.get(keys.result(self.prefix, command_id))
-        return json.loads(raw) if raw else None
+    def result(self, command_id: str, digest: str | None = None) -> dict[str, Any] | None:
+        """The command's outcome; with the digest of the message sent (``commands.message_digest``),
+        also its refusal, which the worker publishes apart from the outcome so that no other message
+        under the same id can pass for it."""
+        if digest is None:
+            raw = self.redis.get(keys.result(self.prefix, command_id))
+            return json.loads(raw) if raw else None
+        raw, refused = self.redis.mget(keys.result(self.prefix, command_id), keys.rejection(self.prefix, command_id, digest))
+        return json.loads(raw) if raw else json.loads(refused) if refused else None
 
     def presence(self, command_id: str) -> dict[str, Any] | None:
         raw = self.redis.get(keys.running(self.prefix, command_id))
@@ -167,6 +173,7 @@ class Producer:
         can say when the state changes (queued, running, gone, redis-lost).
         """
         command_id = command.id
+        digest = message_digest(command.to_message())
         queue = keys.queue(self.prefix, command.db)
         progress = Progress(command, queue, command.expiry(self.settings.security.max_command_age))
         started = time.monotonic()
@@ -184,7 +191,7 @@ class Producer:
                     after = entry_id
                     if event.command_id == command_id and on_event is not None:
                         on_event(event)
-                outcome = self.result(command_id)
+                outcome = self.result(command_id, digest)
                 if outcome is not None:
                     for entry_id, event in self.events.read(after=after, command_id=command_id):
                         if on_event is not None:

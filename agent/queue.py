@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ssl
 from typing import TYPE_CHECKING, Any
 
 from agent import keys
@@ -16,7 +17,7 @@ EXECUTE_TASK = "dbagent.execute"
 
 def celery_config(settings: Settings) -> dict[str, Any]:
     redis = settings.redis
-    return {
+    config = {
         "broker_url": redis.url,
         "broker_transport_options": {
             # Celery's own keys share the deployment's prefix like every other name.
@@ -40,6 +41,10 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         "worker_send_task_events": False,
         "task_send_sent_event": False,
     }
+    if redis.url.startswith("rediss://") and "ssl_cert_reqs" not in redis.url:
+        # Left to itself, kombu connects to a rediss:// broker without checking its certificate.
+        config["broker_use_ssl"] = {"ssl_cert_reqs": ssl.CERT_REQUIRED}
+    return config
 
 
 def celery_app(settings: Settings) -> Celery:

@@ -38,6 +38,7 @@ from agent.commands import (
     RollbackArgs,
     VerifyArgs,
     check_command,
+    message_digest,
     utcnow,
 )
 from agent.connections import pg_connection, redis_client
@@ -58,6 +59,8 @@ log = logging.getLogger(__name__)
 
 # While a writer waits for the database, it says so this often.
 LOCK_WAITING_EVERY_S = 5.0
+# A command id longer than this is no id of ours (Command allows 100): not echoed back.
+MAX_ID_CHARS = 100
 
 _rollback_quietly = rollback_quietly
 
@@ -175,13 +178,17 @@ def execute(
     worker = worker or worker_name(db_name)
     db = settings.databases[db_name]
 
+    # Until the command is authenticated and its id claimed, nothing is written under its id:
+    # a refusal goes where only the message's own producer looks (keys.rejection, by digest).
+    digest = message_digest(message)
     try:
         command = Command.from_message(message)
     except CommandRejected as exc:
-        command_id = message.get("id") if isinstance(message, dict) else None
+        claimed = message.get("id") if isinstance(message, dict) else None
+        command_id = claimed if isinstance(claimed, str) and 0 < len(claimed) <= MAX_ID_CHARS else None
         journal = Journal(eventlog, settings.redis.prefix, db_name, None)
-        _record_rejection(journal, db, str(exc), worker, command_id=command_id)
-        return journal.finish(_outcome(base_result(command_id, None, db_name), exc))
+        record_rejection(journal, db, str(exc), worker, command_id=command_id, digest=digest)
+        return journal.refuse(_outcome(base_result(command_id, None, db_name), exc), digest)
 
     journal = Journal(eventlog, settings.redis.prefix, db_name, command, db)
     result = base_result(command.id, str(command.type), db_name)
@@ -198,8 +205,8 @@ def execute(
     except BadInput as exc:
         # Forged, expired, or arguments this worker cannot read (a producer of another
         # version): nothing of it runs; only its rejection is recorded.
-        _record_rejection(journal, db, exc.message, worker)
-        return journal.finish(_outcome(result, exc))
+        record_rejection(journal, db, exc.message, worker, digest=digest)
+        return journal.refuse(_outcome(result, exc), digest)
 
     try:
         return _execute(settings, db_name, db, command, journal, client, worker, stop or STOP, result)
@@ -683,7 +690,7 @@ def apply_timeouts(conn: Connection, db: DatabaseSettings) -> None:
     conn.commit()
 
 
-def _record_rejection(journal: Journal, db: DatabaseSettings, reason: str, worker: str, **data: Any) -> None:
+def record_rejection(journal: Journal, db: DatabaseSettings, reason: str, worker: str, **data: Any) -> None:
     """command.rejected into the audit log (when the database answers) and the stream."""
     try:
         with pg_connection(db, application_name="dbagent audit") as conn:

@@ -8,35 +8,49 @@ from typing import Any
 from celery import Celery
 from celery.signals import worker_ready, worker_shutting_down
 
-from agent import keys, runner
+from agent import intake, keys, runner
+from agent.errors import ConfigError
 from agent.lifecycle import STOP
 from agent.monitoring import alert, init_sentry
 from agent.queue import EXECUTE_TASK, celery_app
+from agent.redact import redact
 from agent.settings import Settings
 
 log = logging.getLogger("dbagent.worker")
 
+# How much of a command's error a worker's log line (and its alert) quotes.
+LOGGED_ERROR_CHARS = 500
+
 
 def create_app(settings: Settings, db_name: str) -> Celery:
     """The app a worker of database ``db_name`` runs: its queue alone, one command at a time."""
+    if not settings.redis.url.startswith(("redis://", "rediss://")):
+        raise ConfigError(f"[redis] url must be a redis:// or rediss:// URL for a worker, not {redact(settings.redis.url)}")
     app = celery_app(settings)
     app.conf.task_default_queue = keys.queue(settings.redis.prefix, db_name)
+    # Every message is checked whole before Celery reads it; poison is dead-lettered (agent.intake).
+    app.conf.broker_transport = intake.TRANSPORT
+    app.conf.broker_transport_options = {
+        **app.conf.broker_transport_options, "dbagent_intake": intake.Intake(settings, db_name),
+    }
     init_sentry(settings, "worker")
 
     @app.task(name=EXECUTE_TASK, acks_late=True, reject_on_worker_lost=True, ignore_result=True)
     def execute(message: Any) -> None:
         # decode → authorise → lock → call → emit: all in runner.execute.
         outcome = runner.execute(settings, db_name, message)
+        # What a log line or an alert quotes of a command is bounded and escaped (intake.excerpt).
+        error = intake.excerpt(outcome["error"], LOGGED_ERROR_CHARS) if outcome.get("error") else None
         log.info(
             "command %s (%s) %s%s",
             outcome.get("command_id"),
             outcome.get("type"),
             outcome.get("status"),
-            f": {outcome['error']}" if outcome.get("error") else "",
+            f": {error}" if error else "",
         )
         if outcome.get("status") in ("failed", "rejected"):
             alert(
-                f"{outcome.get('type')} on {db_name} {outcome.get('status')}: {outcome.get('error')}",
+                f"{outcome.get('type')} on {db_name} {outcome.get('status')}: {error}",
                 level="error" if outcome.get("status") == "failed" else "warning",
                 db=db_name,
                 command_id=outcome.get("command_id"),

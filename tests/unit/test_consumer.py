@@ -97,3 +97,40 @@ def test_a_handler_can_dead_letter_an_entry_at_once(client):
     dead = client.xrange(f"{prefix}:events:dead")
     assert [d[1][b"id"].decode() for d in dead] == [events[1].id]
     assert dead[0][1][b"dead_reason"] == b"unknown database"
+
+
+def test_consumers_gone_for_good_are_removed_once_nothing_is_pending_with_them(client):
+    prefix = f"t-{uuid.uuid4().hex[:8]}"
+    stream = f"{prefix}:events"
+    publish(client, prefix, 3)
+
+    def never_finishes(batch):
+        return Outcome()
+
+    dead = consumer(client, prefix, "dead-agent", never_finishes)
+    dead.ensure_group()
+    dead.run_once()  # 3 entries left pending with a consumer that then dies
+    quiet = consumer(client, prefix, "quiet-agent", lambda batch: Outcome(done={eid for eid, _ in batch}))
+    quiet.run_once()  # a consumer that read and has nothing pending
+
+    live = consumer(client, prefix, "live-agent", lambda batch: Outcome(done={eid for eid, _ in batch}),
+                    claim_idle_ms=0, forget_idle_ms=0)
+    # Not before what it left pending is taken over: DELCONSUMER would drop those entries.
+    assert client.xpending(stream, "audit")["pending"] == 3
+    removed_early = live.forget_gone()
+    assert "dead-agent" not in removed_early and removed_early == ["quiet-agent"]
+    assert live.run_once() == 3  # takes over the dead one's entries
+    assert live.forget_gone() == ["dead-agent"]
+    assert [c["name"] for c in client.xinfo_consumers(stream, "audit")] in (["live-agent"], [b"live-agent"])
+    assert client.xpending(stream, "audit")["pending"] == 0
+
+
+def test_a_recently_active_consumer_is_kept(client):
+    prefix = f"t-{uuid.uuid4().hex[:8]}"
+    publish(client, prefix, 1)
+    other = consumer(client, prefix, "other", lambda batch: Outcome(done={eid for eid, _ in batch}))
+    other.ensure_group()
+    other.run_once()
+    me = consumer(client, prefix, "me", lambda batch: Outcome(), forget_idle_ms=600_000)
+    assert me.forget_gone() == []
+    assert len(client.xinfo_consumers(f"{prefix}:events", "audit")) == 1
