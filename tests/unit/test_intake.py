@@ -87,3 +87,20 @@ def test_an_excerpt_is_bounded_escaped_and_masked():
     assert "\n" not in line and "\x1b" not in line and "\\n" in line and "\\x1b" in line
     assert "hunter2" not in excerpt("postgresql://app:hunter2@db/app")
     assert excerpt(b"\xff\xfebytes").endswith("bytes")
+
+
+def test_a_worker_reads_its_queue_through_the_guarded_transport_and_a_rediss_broker_checks_certificates():
+    import ssl
+
+    from agent.intake import TRANSPORT, GuardedTransport
+    from agent.queue import celery_config
+    from agent.settings import Settings
+    from worker.app import create_app
+
+    settings = Settings.model_validate({"databases": {"test": {"url": "postgresql://x@h/d", "migrations": "m"}}})
+    app = create_app(settings, "test")
+    assert app.conf.broker_transport == TRANSPORT
+    assert app.connection_for_read().get_transport_cls() is GuardedTransport
+    assert "ssl_cert_reqs" not in str(celery_config(settings).get("broker_use_ssl"))
+    secure = Settings.model_validate({"redis": {"url": "rediss://redis.example:6380/0"}})
+    assert celery_config(secure)["broker_use_ssl"] == {"ssl_cert_reqs": ssl.CERT_REQUIRED}
