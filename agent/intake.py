@@ -13,7 +13,8 @@ key. Anything else is poison: it is moved to the database's dead-letter list
 whole payload), a ``command.rejected`` event says so, and it is acknowledged
 (it is already off the queue): never requeued, never fatal.
 
-The check is pure (``inspect``) and the transport is kombu's Redis transport
+The check is pure (``inspect``); what passes is handed to Celery rebuilt from
+what was checked (``task_payload``); the transport is kombu's Redis transport
 with its two reads (``_brpop_read``, ``_get``) going through it.
 """
 
@@ -70,8 +71,9 @@ def excerpt(value: object, limit: int = EXCERPT_CHARS) -> str:
     return shown[:limit] + ("…" if more else "")
 
 
-def inspect(raw: bytes | str, *, key: bytes | None, task: str = EXECUTE_TASK) -> dict[str, Any]:
-    """The kombu payload of ``raw``, if it is a well-formed call of ``task`` with one signed command.
+def inspect(raw: bytes | str, *, key: bytes | None, task: str = EXECUTE_TASK) -> tuple[dict[str, Any], str]:
+    """The command message in ``raw`` and its delivery tag, if ``raw`` is a well-formed call of ``task``
+    with one signed command.
 
     Raises Poison naming the first thing wrong. Checks what Celery would trip on,
     in the order it would meet it, and then that the command is ours.
@@ -122,7 +124,29 @@ def inspect(raw: bytes | str, *, key: bytes | None, task: str = EXECUTE_TASK) ->
         authenticate(command, key)
     except CommandRejected as exc:
         raise Poison(exc.message, message) from None
-    return payload
+    return message, properties["delivery_tag"]
+
+
+def task_payload(message: dict[str, Any], delivery_tag: str, queue: str, task: str = EXECUTE_TASK) -> dict[str, Any]:
+    """The kombu payload Celery is given for a checked command: rebuilt from what was checked, so no
+    other header, option or property of the original (a time limit of the wrong type, a routing key
+    naming another queue for its redelivery) reaches Celery."""
+    task_id = message["id"]
+    body = [[message], {}, {"callbacks": None, "errbacks": None, "chain": None, "chord": None}]
+    return {
+        "body": base64.b64encode(json.dumps(body).encode()).decode(),
+        "content-encoding": "utf-8",
+        "content-type": "application/json",
+        "headers": {
+            "lang": "py", "task": task, "id": task_id, "shadow": None, "eta": None, "expires": None,
+            "group": None, "group_index": None, "retries": 0, "timelimit": [None, None], "root_id": task_id,
+            "parent_id": None, "argsrepr": "", "kwargsrepr": "{}", "origin": "dbagent", "ignore_result": True,
+        },
+        "properties": {
+            "correlation_id": task_id, "delivery_mode": 2, "delivery_info": {"exchange": "", "routing_key": queue},
+            "priority": 0, "body_encoding": "base64", "delivery_tag": delivery_tag,
+        },
+    }
 
 
 class Intake:
@@ -137,7 +161,8 @@ class Intake:
     def accept(self, raw: bytes | str, queue: str) -> dict[str, Any] | None:
         """The payload to hand to Celery, or None once ``raw`` is dead-lettered."""
         try:
-            return inspect(raw, key=self.settings.security.signing_key())
+            message, delivery_tag = inspect(raw, key=self.settings.security.signing_key())
+            return task_payload(message, delivery_tag, queue)
         except Poison as poison:
             self.dead_letter(raw, queue, poison.reason, poison.message)
         except Exception as exc:  # noqa: BLE001 - whatever else a hostile payload provokes is poison too

@@ -43,7 +43,10 @@ def test_poison_messages_are_dead_lettered_and_the_real_migrate_behind_them_runs
         "unsigned": envelope(call(command_message(signature=None))),
         "chained callback": envelope([[command_message()], {}, {"callbacks": [{"task": "x"}]}]),
     }
-    push(env, redis_client, *poison.values())
+    # A real signed command in an envelope with headers Celery would trip on: run, from the rebuilt payload.
+    odd = command_message(CommandType.STATUS, key=SIGNING_KEY)
+    odd_envelope = envelope(call(odd), headers={"timelimit": "soon", "retries": "many", "origin": "x" * 100_000})
+    push(env, redis_client, *poison.values(), odd_envelope)
     worker = env.start_worker()
     # Queued behind all of it: a real migrate.
     result = env.cli("migrate", "--to", "011", "--no-backup", "--json", timeout=180)
@@ -52,6 +55,7 @@ def test_poison_messages_are_dead_lettered_and_the_real_migrate_behind_them_runs
     assert worker.poll() is None, "the worker process died:\n" + env.log_of(worker)
 
     wait_for(lambda: len(dead_letters(env, redis_client)) == len(poison), 20, "every poison message dead-lettered")
+    assert json.loads(redis_client.get(keys.result(env.prefix, odd["id"])))["status"] == "succeeded"
     letters = dead_letters(env, redis_client)
     assert all(len(json.dumps(letter)) < 2000 for letter in letters), "a dead letter carries the payload"
     assert max(letter["size"] for letter in letters) > 10_000_000

@@ -8,7 +8,7 @@ import json
 import pytest
 
 from agent.commands import CommandType
-from agent.intake import MAX_MESSAGE_BYTES, Poison, excerpt, inspect
+from agent.intake import MAX_MESSAGE_BYTES, Poison, excerpt, inspect, task_payload
 from tests.messages import call, command_message, envelope
 
 KEY = "unit-key"
@@ -18,16 +18,23 @@ def good() -> dict:
     return command_message(CommandType.MIGRATE, key=KEY, to="head")
 
 
-def test_a_producers_message_passes_whole():
+def test_a_producers_message_passes_whole_and_celery_gets_it_rebuilt_from_what_was_checked():
     message = good()
-    payload = inspect(envelope(call(message)), key=KEY.encode())
-    assert payload["headers"]["id"] == message["id"]
-    assert json.loads(base64.b64decode(payload["body"]))[0][0] == message
+    raw = envelope(call(message), headers={"timelimit": "soon", "origin": "x" * 10_000, "argsrepr": "\x1b[2J"})
+    checked, tag = inspect(raw, key=KEY.encode())
+    assert checked == message and tag == json.loads(raw)["properties"]["delivery_tag"]
+    payload = task_payload(checked, tag, "dbagent.test")
+    assert payload["headers"]["id"] == message["id"] and payload["headers"]["timelimit"] == [None, None]
+    assert payload["headers"]["origin"] == "dbagent" and payload["headers"]["argsrepr"] == ""
+    assert payload["properties"]["delivery_info"] == {"exchange": "", "routing_key": "dbagent.test"}
+    assert json.loads(base64.b64decode(payload["body"]))[0] == [message]
+    # What is rebuilt passes again (a redelivery after a crash goes through the same check).
+    assert inspect(json.dumps(payload).encode(), key=KEY.encode()) == (message, tag)
 
 
 def test_an_unsigned_reader_passes_when_no_key_is_configured_and_a_writer_does_not():
     reader = command_message(CommandType.STATUS, signature=None)
-    assert inspect(envelope(call(reader)), key=None)["headers"]["id"] == reader["id"]
+    assert inspect(envelope(call(reader)), key=None)[0] == reader
     writer = command_message(CommandType.MIGRATE, signature=None, to="head")
     with pytest.raises(Poison, match="no signing key"):
         inspect(envelope(call(writer)), key=None)
