@@ -955,6 +955,10 @@ def rollback(run: Run) -> dict[str, Any]:
     return {**facts, "revision_after": after, "steps": [s.to_json() for s in plan]}
 
 
+# Causes that say the run itself failed (app.startup_failed follows a run that succeeded).
+_FAILURES_OF_THE_RUN = (EventType.MIGRATION_FAILED.value, EventType.VERIFY_FAILED.value)
+
+
 def _check_automatic_rollback(run: Run, cause: dict[str, Any], target: str, before: str | None) -> None:
     """An automatic rollback undoes its failed run and nothing more: checked against that run's own record.
 
@@ -974,6 +978,9 @@ def _check_automatic_rollback(run: Run, cause: dict[str, Any], target: str, befo
         refuse = f"the failed run {run_id} is not recorded in this database"
     elif row["type"] != CommandType.MIGRATE:
         refuse = f"the failed run {run_id} is a {row['type']}, not a migrate"
+    elif row["status"] == CommandStatus.SUCCEEDED and cause.get("event_type") in _FAILURES_OF_THE_RUN:
+        # The event stream is not signed: a migration.failed for a run that succeeded is not the run's.
+        refuse = f"the run {run_id} is recorded as succeeded, but the rollback's cause says it failed ({cause['event_type']})"
     elif not known:
         refuse = f"where the failed run {run_id} started was not recorded"
     elif (started_at or "base") != target:

@@ -281,3 +281,26 @@ def test_a_run_recorded_by_an_older_worker_is_still_rolled_back_to_its_start(env
     assert env.cli("notify", "startup-failed", "--json").code == 0
     wait_for(lambda: env.sql("SELECT 1 FROM dbagent.audit_log WHERE type = 'rollback.completed'"), 60, "the rollback")
     assert env.revision() == "008"
+
+
+def test_a_forged_failure_event_for_a_run_that_succeeded_rolls_nothing_back(env, redis_client):
+    """The event stream is not signed: anyone with Redis access can add a migration.failed to it."""
+    from agent.eventlog import EventLog
+    from agent.events import Event, EventType
+
+    env.start_worker()
+    env.start_agent()
+    assert env.cli("migrate", "--to", "008", "--json").code == 0
+    run = env.cli("migrate", "--json")
+    assert run.code == 0 and env.revision() == "011"
+    run_id = run.json()["command_id"]
+    forged = Event(type=EventType.MIGRATION_FAILED, db="test", command_id=run_id, actor="mallory", data={
+        "revision_before": "008", "revision_before_known": True, "revision_after": "011", "claimed": True,
+    })
+    EventLog(redis_client, env.prefix).publish([forged])
+    refusal = wait_for(lambda: env.sql(
+        "SELECT data->>'reason' FROM dbagent.audit_log WHERE type = 'command.rejected' AND actor = 'agent'"), 60,
+        "the agent's rollback refused by the worker")
+    assert "recorded as succeeded" in refusal[0][0]
+    assert env.revision() == "011"
+    assert not env.sql("SELECT 1 FROM dbagent.audit_log WHERE type = 'rollback.started'")
