@@ -102,3 +102,15 @@ def test_a_forged_message_reusing_a_real_id_leaves_the_real_outcome_untouched(en
     assert env.sql("SELECT status FROM dbagent.commands WHERE id = %s", real_id) == [("succeeded",)]
     # A producer reading the id afterwards sees the real outcome.
     assert Producer(load_settings(env.config)).result(real_id) == before
+
+
+def test_a_producer_with_the_wrong_key_is_told_why_at_once(env, redis_client):
+    env.start_worker()
+    result = env.cli("migrate", "--to", "003", "--json", timeout=60,
+                     env=env.environ(DBAGENT_SIGNING_KEY="not-the-deployment-key"))
+    assert result.code == 2, result.stdout + result.stderr
+    assert result.json()["status"] == "rejected"
+    assert "signature does not match" in result.json()["error"]
+    assert result.seconds < 30
+    assert env.revision() is None
+    assert len(dead_letters(env, redis_client)) == 1
