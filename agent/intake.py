@@ -219,8 +219,32 @@ class Intake:
             log.error("could not record the refused message (sha256 %s): %s", record["sha256"], excerpt(exc, 300))
 
 
+class GuardedQoS(kombu_redis.QoS):
+    """kombu's unacknowledged-message bookkeeping, surviving an entry it did not write.
+
+    Redelivery (after the visibility timeout) decodes each entry of the unacked
+    hash; one that does not decode would stop the worker at every start. It is
+    dropped from the hash and its index and dead-lettered instead. What is put
+    back on the queue goes through the Intake again when it is read.
+    """
+
+    def restore_by_tag(self, tag: Any, client: Any = None, leftmost: bool = False) -> None:
+        try:
+            super().restore_by_tag(tag, client, leftmost)
+        except (ValueError, TypeError, UnicodeDecodeError):
+            with self.channel.conn_or_acquire(client) as conn:
+                raw = conn.hget(self.unacked_key, tag) or b""
+                with conn.pipeline() as pipe:
+                    self._remove_from_indices(tag, pipe).execute()
+            intake = self.channel._intake()
+            if intake is not None:
+                intake.dead_letter(raw, "unacked", "an unacknowledged entry that is not one kombu wrote", None)
+
+
 class GuardedChannel(kombu_redis.Channel):
     """kombu's Redis channel, reading every message through the worker's Intake first."""
+
+    QoS = GuardedQoS
 
     def _intake(self) -> Intake | None:
         return self.connection.client.transport_options.get("dbagent_intake")

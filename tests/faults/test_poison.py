@@ -114,3 +114,19 @@ def test_a_producer_with_the_wrong_key_is_told_why_at_once(env, redis_client):
     assert result.seconds < 30
     assert env.revision() is None
     assert len(dead_letters(env, redis_client)) == 1
+
+
+def test_garbage_in_the_unacknowledged_hash_is_dead_lettered_not_fatal(env, redis_client):
+    """Redelivery after the visibility timeout decodes every unacked entry: one kombu did not write used to
+    stop the worker at each start."""
+    broker = keys.broker_prefix(env.prefix)
+    for tag, entry in (("tag-not-json", b"{nope"), ("tag-wrong-shape", b'"just a string"')):
+        redis_client.hset(broker + "unacked", tag, entry)
+        redis_client.zadd(broker + "unacked_index", {tag: 0})  # long past any visibility timeout
+    worker = env.start_worker()
+    result = env.cli("migrate", "--to", "003", "--no-backup", "--json", timeout=120)
+    assert result.code == 0, result.stderr + env.log_of(worker)
+    wait_for(lambda: len(dead_letters(env, redis_client)) == 2, 20, "both entries dead-lettered")
+    assert worker.poll() is None, env.log_of(worker)
+    assert redis_client.hlen(broker + "unacked") == 0
+    assert {d["queue"] for d in dead_letters(env, redis_client)} == {"unacked"}
