@@ -17,7 +17,7 @@ from typing import Any
 
 import psycopg
 
-from agent.redact import redact
+from agent.redact import redact, redact_query
 
 log = logging.getLogger(__name__)
 
@@ -91,8 +91,11 @@ class BlockingMonitor:
 def _row(conn: psycopg.Connection, values: tuple) -> dict[str, Any]:
     names = ("pid", "usename", "application_name", "query", "waited_s", "state", "their_xact_s")
     row = dict(zip(names, values, strict=False))
-    if row.get("query"):
-        row["query"] = redact(row["query"])
+    # Another session's SQL, cut at 200 characters: ALTER ROLE ... PASSWORD '...', a dblink
+    # connection string, half a literal. Its application_name is anyone's to set, too.
+    for key in ("query", "application_name"):
+        if row.get(key):
+            row[key] = redact_query(row[key])
     for key in ("waited_s", "their_xact_s"):
         if row.get(key) is not None:
             row[key] = round(float(row[key]), 3)

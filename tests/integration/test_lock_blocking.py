@@ -6,6 +6,7 @@ import subprocess
 import sys
 import threading
 import time
+import uuid
 
 import psycopg
 import pytest
@@ -74,3 +75,54 @@ def test_a_step_stuck_behind_a_session_is_named(env, tmp_path, redis_client):
     assert result.code == 0, result.stderr  # waited politely (lock_timeout 5s) and went through
     events = [e for e in lock_blocking(env, redis_client) if e["data"]["direction"] == "waiting"]
     assert events and events[0]["data"]["sessions"][0]["application_name"] == "long report"
+
+
+@pytest.mark.parametrize(
+    ("grace", "tail"),
+    [
+        # Waited out before asking (the holder is older than the grace): lock.waiting names it.
+        ("0s", "' VALID UNTIL 'infinity'"),
+        # Asked at once and waited on it: lock.blocking names it; the literal is longer than the
+        # 200 characters read of the query, so what is read of it never closes.
+        ("1h", "-" + "x" * 300 + "'"),
+    ],
+    ids=["lock.waiting", "lock.blocking, cut literal"],
+)
+def test_a_password_in_a_blocking_session_query_reaches_no_event(env, tmp_path, redis_client, grace, tail):
+    env.extra_config = f'lock_blocking_threshold = "1s"\nlock_holder_grace = "{grace}"'
+    env.migrations = copy_migrations(tmp_path, {"012_holds_users.py": HOLDS_USERS.replace('op.execute("SELECT pg_sleep(4)")', "pass")})
+    role = f"dbagent_leak_{uuid.uuid4().hex[:8]}"
+    secret = f"S3cret{uuid.uuid4().hex}"
+    env.sql(f"CREATE ROLE {role} LOGIN")
+    try:
+        env.start_worker()
+        assert env.cli("migrate", "--to", "011", "--json").code == 0
+        holder = psycopg.connect(env.url, application_name="password change")
+        holder.execute("SELECT count(*) FROM users")  # ACCESS SHARE held by an open transaction
+        holder.execute(f"ALTER ROLE {role} PASSWORD '{secret}{tail}")
+        time.sleep(0.5)  # older than a grace of 0s for sure
+        release = threading.Timer(4.0, holder.rollback)
+        release.start()
+        try:
+            result = env.cli("migrate")
+        finally:
+            release.join()
+            holder.close()
+        assert result.code == 0, result.stderr
+        events = env.stream_events(redis_client)
+        audit = [row[0] for row in env.sql("SELECT data::text FROM dbagent.audit_log")]
+    finally:
+        env.sql(f"DROP ROLE IF EXISTS {role}")
+    named = [
+        session
+        for e in events if e["type"] in ("lock.waiting", "lock.blocking")
+        for session in e["data"].get("blockers", []) + e["data"].get("sessions", [])
+        if session.get("application_name") == "password change"
+    ]
+    assert named, "no event named the blocking session"
+    assert all(f"ALTER ROLE {role} PASSWORD ***" in s["query"] for s in named), named
+    if grace == "0s":
+        assert all(s["query"].endswith("*** VALID UNTIL 'infinity'") for s in named), named
+        assert "blocked by pid" in result.stderr  # the CLI rendered the lock.waiting event
+    everything = [result.stdout, result.stderr, *audit, *(str(e) for e in events), env.log_of(env.workers[0])]
+    assert not [text for text in everything if secret[:12] in text]
