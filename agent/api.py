@@ -32,7 +32,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.concurrency import run_in_threadpool
 
 from agent import keys, slack
-from agent.commands import Command, CommandType
+from agent.commands import Command, CommandType, message_digest
 from agent.errors import BadInput, ConfigError, DbAgentError, Unavailable
 from agent.eventlog import EventLog
 from agent.events import Event, EventType
@@ -363,7 +363,11 @@ def create_app(settings: Settings, producer: Producer | None = None) -> FastAPI:
         """Queue the command as the CLI does, and remember it as queued."""
         after = producer.check()
         sent = producer.submit(command)
-        record = {"command": sent.model_dump(mode="json", exclude={"signature"}), "after": after}
+        # The digest of the message as sent: where the worker publishes its refusal, if it refuses it.
+        record = {
+            "command": sent.model_dump(mode="json", exclude={"signature"}), "after": after,
+            "digest": message_digest(sent.to_message()),
+        }
         try:
             producer.redis.set(submitted_key(prefix, command.id), json.dumps(record), ex=keys.RESULT_TTL_S)
         except redis.RedisError as exc:
@@ -394,7 +398,7 @@ def create_app(settings: Settings, producer: Producer | None = None) -> FastAPI:
         try:
             raw = producer.redis.get(submitted_key(prefix, command_id))
             submitted = json.loads(raw) if raw else None
-            result = producer.result(command_id)
+            result = producer.result(command_id, (submitted or {}).get("digest"))
         except redis.RedisError as exc:
             log.warning("GET /v1/commands/%s: Redis error, reading PostgreSQL: %s", command_id, redact(exc))
             recorded = outcome_from_postgres(command_id, db)

@@ -126,3 +126,13 @@ def test_startup_failed_reaches_the_stream(env, api, redis_client):
     assert (event["type"], event["db"], event["actor"]) == ("app.startup_failed", "test", "deploy-bot")
     assert event["data"] == {"detail": "readiness probe failed"}
     assert api.get("/healthz").json() == {"status": "ok"}
+
+
+def test_a_command_the_worker_refuses_is_reported_rejected_by_the_api(env, api):
+    """The worker's refusal goes under the digest of the message the API sent (not over result:<id>)."""
+    env.start_worker(DBAGENT_SIGNING_KEY="the-worker-has-another-key")
+    accepted = api.post("/v1/commands", json={"type": "status", "db": "test", "args": {}}, headers=AUTH)
+    assert accepted.status_code == 202, accepted.text
+    result = wait_for_outcome(api, accepted.json()["command_id"])
+    assert result["status"] == "rejected", result
+    assert "signature does not match" in result["error"]
