@@ -28,16 +28,16 @@ from prometheus_client import (
     Gauge,
     generate_latest,
 )
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 from starlette.concurrency import run_in_threadpool
 
 from agent import keys, slack
-from agent.commands import Command, CommandType, message_digest
+from agent.commands import MAX_DETAIL_CHARS, MAX_TICKET_CHARS, Command, Ticket, client_command, message_digest
 from agent.errors import BadInput, ConfigError, DbAgentError, Unavailable
 from agent.eventlog import EventLog
 from agent.events import Event, EventType
 from agent.producer import Producer
-from agent.redact import redact
+from agent.redact import has_control, printable, redact
 from agent.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -56,7 +56,16 @@ POSTGRES_LOOKUP_MAX_DATABASES = 20
 EVENTS_DEFAULT_LIMIT = 100
 EVENTS_MAX_LIMIT = 1000
 
-_STREAM_ID = re.compile(r"^\d+(-\d+)?$")
+# A Redis stream id: milliseconds and a sequence number, each a 64-bit unsigned integer.
+_STREAM_ID = re.compile(r"([0-9]{1,20})(?:-([0-9]{1,20}))?")
+_STREAM_ID_MAX = 2**64 - 1
+
+# The largest request body read (a command is a few hundred bytes; a Slack slash command
+# is a form of a dozen short fields). Larger ones are answered 413 before any is parsed.
+MAX_BODY_BYTES = 64 * 1024
+# The actor a request names besides its token's (the token's actor and it make the command's actor).
+MAX_BODY_ACTOR_CHARS = 100
+MAX_NAME_CHARS = 100  # a command type, a database's name
 
 
 submitted_key = keys.submitted
@@ -69,16 +78,33 @@ SLACK_SEEN_TTL_S = 2 * slack.REPLAY_WINDOW_S
 # -- request bodies ------------------------------------------------------------
 
 
+def _one_line(value: str) -> str:
+    if has_control(value):
+        raise ValueError("must not contain control characters (newlines, escapes)")
+    return value
+
+
+def _text_lines(value: str) -> str:
+    if has_control(value.replace("\n", "").replace("\t", "")):
+        raise ValueError("must not contain control characters other than newlines and tabs")
+    return value
+
+
+Name = Annotated[str, Field(min_length=1, max_length=MAX_NAME_CHARS), AfterValidator(_one_line)]
+BodyActor = Annotated[str, Field(min_length=1, max_length=MAX_BODY_ACTOR_CHARS), AfterValidator(_one_line)]
+Detail = Annotated[str, Field(max_length=MAX_DETAIL_CHARS), AfterValidator(_text_lines)]
+
+
 class CommandRequest(BaseModel):
     """Body of ``POST /v1/commands``."""
 
     model_config = ConfigDict(extra="forbid")
 
-    type: str
-    db: str | None = None
-    args: dict[str, Any] = {}
-    actor: str | None = Field(None, description="on whose behalf the token's holder asks")
-    ticket: str | None = None
+    type: Name
+    db: Name | None = None
+    args: dict[str, Any] = Field({}, description="the command type's arguments; `cause` is the agent's alone")
+    actor: BodyActor | None = Field(None, description="on whose behalf the token's holder asks")
+    ticket: Ticket | None = None
 
 
 class StartupFailedRequest(BaseModel):
@@ -86,10 +112,10 @@ class StartupFailedRequest(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    db: str | None = None
-    actor: str | None = Field(None, max_length=100, description="on whose behalf the token's holder reports")
-    ticket: str | None = Field(None, max_length=200)
-    detail: str | None = Field(None, max_length=4000)
+    db: Name | None = None
+    actor: BodyActor | None = Field(None, description="on whose behalf the token's holder reports")
+    ticket: Ticket | None = None
+    detail: Detail | None = None
 
 
 # -- errors ----------------------------------------------------------------------
@@ -115,6 +141,25 @@ def http_status(exc: DbAgentError) -> int:
 
 def _error(status: int, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
     return JSONResponse({"error": redact(message)}, status_code=status, headers=headers)
+
+
+def shown(value: object) -> str:
+    """A value for a log line: secrets masked, on one line (a newline or an escape in it cannot forge another)."""
+    return printable(redact(value))
+
+
+def check_stream_id(after: str) -> None:
+    """BadInput unless ``after`` is a Redis stream id (``1700000000000-0``, or ``-``)."""
+    if after == "-":
+        return
+    found = _STREAM_ID.fullmatch(after)
+    if found is None or int(found[1]) > _STREAM_ID_MAX or int(found[2] or 0) > _STREAM_ID_MAX:
+        raise BadInput(f"after must be a stream id such as 1700000000000-0 (got {after[:50]!r})")
+
+
+def is_last_stream_id(after: str) -> bool:
+    """The largest stream id there is: nothing comes after it (and Redis refuses to look)."""
+    return after == f"{_STREAM_ID_MAX}-{_STREAM_ID_MAX}"
 
 
 def describe_validation(errors: list[Any]) -> str:
@@ -261,6 +306,70 @@ class Metrics:
         )
 
 
+class LimitBody:
+    """ASGI middleware: a request body over ``limit`` bytes is answered 413, whether its
+    Content-Length says so or its chunks add up to it.
+
+    The body is read here (it is small) and handed on whole, so no endpoint ever
+    holds or parses more than ``limit`` bytes, and a request that lies about its
+    length is caught as it streams.
+    """
+
+    def __init__(self, app: Any, limit: int = MAX_BODY_BYTES) -> None:
+        self.app = app
+        self.limit = limit
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        declared = dict(scope.get("headers") or []).get(b"content-length")
+        if declared is not None:
+            declared = declared.strip()
+            if not declared.isdigit():
+                await self._answer(send, 400, "Content-Length is not a number of bytes")
+                return
+            if len(declared) > 20 or int(declared) > self.limit:
+                await self._too_large(send, declared.decode()[:30])
+                return
+        chunks: list[bytes] = []
+        size = 0
+        while True:
+            message = await receive()
+            if message["type"] != "http.request":  # the client went away
+                return
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > self.limit:
+                await self._too_large(send, f"more than {self.limit}")
+                return
+            chunks.append(chunk)
+            if not message.get("more_body", False):
+                break
+        body = b"".join(chunks)
+        handed = False
+
+        async def replay() -> Any:
+            nonlocal handed
+            if not handed:
+                handed = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            return await receive()  # after the body: a disconnect
+
+        await self.app(scope, replay, send)
+
+    async def _too_large(self, send: Any, size: str) -> None:
+        await self._answer(send, 413, f"request body too large ({size} bytes): the limit is {self.limit} bytes")
+
+    @staticmethod
+    async def _answer(send: Any, status: int, text: str) -> None:
+        body = json.dumps({"error": text}).encode()
+        await send({"type": "http.response.start", "status": status,
+                    "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
+                                (b"connection", b"close")]})
+        await send({"type": "http.response.body", "body": body})
+
+
 class CountRequests:
     """ASGI middleware counting responses by route template (never the raw path: ids would
     make one series per command)."""
@@ -309,6 +418,7 @@ def create_app(settings: Settings, producer: Producer | None = None) -> FastAPI:
         title="dbagent",
         description="Queue migrations, backups and rollbacks; read their outcomes and the audit trail.",
     )
+    app.add_middleware(LimitBody)
     app.add_middleware(CountRequests, metrics=metrics)
     app.state.settings = settings
     app.state.producer = producer
@@ -323,12 +433,12 @@ def create_app(settings: Settings, producer: Producer | None = None) -> FastAPI:
     async def _dbagent_error(request: Request, exc: DbAgentError) -> JSONResponse:
         status = http_status(exc)
         if status == 500:
-            log.error("%s %s failed: %s", request.method, request.url.path, redact(exc.message))
+            log.error("%s %s failed: %s", request.method, shown(request.url.path), shown(exc.message))
         return _error(status, exc.message)
 
     @app.exception_handler(redis.RedisError)
     async def _redis_error(request: Request, exc: redis.RedisError) -> JSONResponse:
-        log.warning("%s %s: Redis error: %s", request.method, request.url.path, redact(exc))
+        log.warning("%s %s: Redis error: %s", request.method, shown(request.url.path), shown(exc))
         return _error(503, f"Redis is unavailable: {redact(exc)}")
 
     @app.exception_handler(RequestValidationError)
@@ -337,7 +447,7 @@ def create_app(settings: Settings, producer: Producer | None = None) -> FastAPI:
 
     @app.exception_handler(Exception)
     async def _internal_error(request: Request, exc: Exception) -> JSONResponse:
-        log.error("%s %s failed: %s: %s", request.method, request.url.path, type(exc).__name__, redact(exc))
+        log.error("%s %s failed: %s: %s", request.method, shown(request.url.path), type(exc).__name__, shown(exc))
         return _error(500, "internal error (see the API's log)")
 
     def database_name(db: str | None, how: str) -> str:
@@ -346,18 +456,8 @@ def create_app(settings: Settings, producer: Producer | None = None) -> FastAPI:
         return settings.database(db)[0]
 
     def build_command(type_: str, db: str | None, args: dict[str, Any], actor: str, ticket: str | None) -> Command:
-        try:
-            kind = CommandType(type_)
-        except ValueError:
-            known = ", ".join(t.value for t in CommandType)
-            raise BadInput(f"unknown command type {type_!r} (known: {known})") from None
         name = database_name(db, 'give "db"')
-        try:
-            command = Command(type=kind, db=name, args=args, actor=actor, ticket=ticket)
-        except ValidationError as exc:
-            raise BadInput(describe_validation(list(exc.errors()))) from None
-        command.parsed_args()
-        return command
+        return client_command(type_, db=name, args=args, actor=actor, ticket=ticket)
 
     def submit(command: Command) -> Command:
         """Queue the command as the CLI does, and remember it as queued."""
@@ -372,9 +472,9 @@ def create_app(settings: Settings, producer: Producer | None = None) -> FastAPI:
             producer.redis.set(submitted_key(prefix, command.id), json.dumps(record), ex=keys.RESULT_TTL_S)
         except redis.RedisError as exc:
             # The command is on its queue already: answer 202 all the same.
-            log.warning("command %s queued, but its submission record was not written: %s", command.id, redact(exc))
+            log.warning("command %s queued, but its submission record was not written: %s", command.id, shown(exc))
         metrics.commands.labels(type=command.type.value, db=command.db).inc()
-        log.info("queued %s of %s for %s: command %s", command.type.value, command.db, command.actor, command.id)
+        log.info("queued %s of %s for %s: command %s", command.type.value, command.db, shown(command.actor), command.id)
         return sent
 
     @app.post("/v1/commands", status_code=202)
@@ -400,7 +500,7 @@ def create_app(settings: Settings, producer: Producer | None = None) -> FastAPI:
             submitted = json.loads(raw) if raw else None
             result = producer.result(command_id, (submitted or {}).get("digest"))
         except redis.RedisError as exc:
-            log.warning("GET /v1/commands/%s: Redis error, reading PostgreSQL: %s", command_id, redact(exc))
+            log.warning("GET /v1/commands/%s: Redis error, reading PostgreSQL: %s", shown(command_id), shown(exc))
             recorded = outcome_from_postgres(command_id, db)
             if recorded is None:
                 raise
@@ -448,8 +548,10 @@ def create_app(settings: Settings, producer: Producer | None = None) -> FastAPI:
         """The audit trail: the newest ``limit`` entries, or those after a stream id."""
         if db is not None:
             settings.database(db)
-        if after is not None and after != "-" and not _STREAM_ID.match(after):
-            raise BadInput(f"after must be a stream id such as 1700000000000-0 (got {after!r})")
+        if after is not None:
+            check_stream_id(after)
+            if is_last_stream_id(after):
+                return {"events": [], "last_id": after}
         entries, last_id = list_events(producer.events, db=db, after=after, limit=limit)
         return {"events": [event.to_json() for _, event in entries], "last_id": last_id}
 
@@ -465,7 +567,7 @@ def create_app(settings: Settings, producer: Producer | None = None) -> FastAPI:
             data={"detail": redact(body.detail) if body.detail else None},
         )
         producer.events.publish([event])
-        log.info("startup failure of %s reported by %s: event %s", name, event.actor, event.id)
+        log.info("startup failure of %s reported by %s: event %s", name, shown(event.actor), event.id)
         return {"event_id": event.id}
 
     @app.post("/v1/chatops/slack")
@@ -484,7 +586,7 @@ def create_app(settings: Settings, producer: Producer | None = None) -> FastAPI:
                 now_s=time.time(),
             )
         except slack.SignatureRejected as exc:
-            log.warning("refused a Slack request: %s", exc.message)
+            log.warning("refused a Slack request: %s", shown(exc.message))
             raise ApiError(401, f"Slack request refused: {exc.message}") from None
         return await run_in_threadpool(answer_slack, slack.parse_form(raw), signature or "")
 
@@ -493,10 +595,10 @@ def create_app(settings: Settings, producer: Producer | None = None) -> FastAPI:
         try:
             first_time = producer.redis.set(slack_seen_key(prefix, signature), "1", nx=True, ex=SLACK_SEEN_TTL_S)
         except redis.RedisError as exc:
-            log.warning("slack request from %s not handled: %s", user, redact(exc))
+            log.warning("slack request from %s not handled: %s", shown(user), shown(exc))
             return _ephemeral(f"Could not handle this request: {UNAVAILABLE_TEXT}")
         if not first_time:
-            log.warning("refused a replayed Slack request from %s", user)
+            log.warning("refused a replayed Slack request from %s", shown(user))
             raise ApiError(401, "Slack request refused: already handled (replayed)")
         try:
             wanted = slack.parse_text(form.get("text", ""))
@@ -512,7 +614,7 @@ def create_app(settings: Settings, producer: Producer | None = None) -> FastAPI:
         except BadInput as exc:
             return _ephemeral(exc.message)
         if not slack.is_allowed(permissions, user, wanted.verb, name):
-            log.warning("slack user %s may not %s %s", user, wanted.verb, name)
+            log.warning("slack user %s may not %s %s", shown(user), wanted.verb, name)
             needed = f"{wanted.verb}:{name}"
             return _ephemeral(
                 f'Sorry, you are not allowed to {wanted.verb} {name} (it needs "{needed}" in [chatops.permissions]).'
@@ -523,7 +625,7 @@ def create_app(settings: Settings, producer: Producer | None = None) -> FastAPI:
         except BadInput as exc:
             return _ephemeral(f"Could not queue {wanted.verb} of {name}: {redact(exc.message)}")
         except Unavailable as exc:
-            log.warning("slack %s of %s not queued: %s", wanted.verb, name, redact(exc.message))
+            log.warning("slack %s of %s not queued: %s", wanted.verb, name, shown(exc.message))
             return _ephemeral(f"Could not queue {wanted.verb} of {name}: {UNAVAILABLE_TEXT}")
         return {"response_type": "in_channel", "text": f"{wanted.verb} of {name} queued: command {command.id}"}
 
@@ -533,7 +635,7 @@ def create_app(settings: Settings, producer: Producer | None = None) -> FastAPI:
         try:
             producer.redis.ping()
         except redis.RedisError as exc:
-            log.warning("health check: cannot reach Redis: %s", redact(exc))
+            log.warning("health check: cannot reach Redis: %s", shown(exc))
             return JSONResponse({"status": "unavailable", "error": "cannot reach Redis"}, status_code=503)
         return JSONResponse({"status": "ok"})
 
@@ -543,7 +645,7 @@ def create_app(settings: Settings, producer: Producer | None = None) -> FastAPI:
         try:
             metrics.stream_length.set(producer.redis.xlen(keys.events(prefix)))
         except redis.RedisError as exc:
-            log.warning("metrics: cannot read the event stream's length: %s", redact(exc))
+            log.warning("metrics: cannot read the event stream's length: %s", shown(exc))
         return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
     return app

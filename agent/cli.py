@@ -5,6 +5,7 @@ from __future__ import annotations
 import getpass
 import json
 import os
+import re
 import sys
 import traceback
 from datetime import datetime
@@ -95,13 +96,12 @@ def submit(
     timeout: float,
 ) -> dict[str, Any]:
     """Enqueue a command, stream its events, and return its result (exits on --no-wait)."""
-    from agent.commands import Command
+    from agent.commands import client_command
     from agent.producer import Producer, Progress
 
     cfg = settings()
     name, _ = cfg.database(db)
-    command = Command(type=type_, db=name, args=args, actor=default_actor(actor), ticket=ticket)
-    command.parsed_args()
+    command = client_command(type_, db=name, args=args, actor=default_actor(actor), ticket=ticket)
     producer = Producer(cfg)
     after = producer.check()
     command = producer.submit(command)
@@ -299,7 +299,8 @@ def rollback(
     if (steps is None) == (to is None):
         raise BadInput("rollback takes either N (how many steps) or --to REV|base")
     if steps is not None:
-        if not steps.isdigit() or int(steps) < 1:
+        # ASCII digits only: '²'.isdigit() is true, and int() refuses it.
+        if not re.fullmatch(r"[0-9]{1,9}", steps) or int(steps) < 1:
             raise BadInput(f"rollback N: N must be a whole number of steps, 1 or more (got {steps!r})")
         args["steps"] = int(steps)
     else:
@@ -367,6 +368,9 @@ def restore(
     no_wait: NoWaitOpt = False, timeout: TimeoutOpt = 6 * 3600.0,
 ) -> None:
     """Verify a backup's checksum and readability, then restore it (replacing what it contains)."""
+    from agent.commands import MAX_PATH_CHARS, check_client_text
+
+    check_client_text("restore FILE", file, MAX_PATH_CHARS)
     name, _ = settings().database(db)
     if not yes:
         if not sys.stdin.isatty():
@@ -405,6 +409,9 @@ def backups_verify(
     no_wait: NoWaitOpt = False, timeout: TimeoutOpt = 6 * 3600.0,
 ) -> None:
     """Checksum and full read of a backup; --drill restores it into a scratch database too."""
+    from agent.commands import MAX_PATH_CHARS, check_client_text
+
+    check_client_text("backups verify FILE", file, MAX_PATH_CHARS)
     result = submit("verify_backup", {"path": file, "drill": drill}, db=db, as_json=as_json, actor=actor, ticket=ticket,
                     no_wait=no_wait, timeout=timeout)
 
@@ -652,10 +659,14 @@ def notify_startup_failed(
     db: DbOpt = None, as_json: JsonOpt = False, actor: ActorOpt = None, ticket: TicketOpt = None,
 ) -> None:
     """The application failed to start after a deploy: the agent rolls back the last migration run."""
+    from agent.commands import MAX_ACTOR_CHARS, MAX_DETAIL_CHARS, MAX_TICKET_CHARS, check_client_text
     from agent.connections import ping_redis, redis_client
     from agent.eventlog import EventLog
     from agent.events import EventType
 
+    check_client_text("--actor", default_actor(actor), MAX_ACTOR_CHARS)
+    check_client_text("--ticket", ticket, MAX_TICKET_CHARS)
+    check_client_text("--detail", detail, MAX_DETAIL_CHARS)
     cfg = settings()
     name, _ = cfg.database(db)
     client = redis_client(cfg.redis)

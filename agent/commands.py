@@ -13,11 +13,12 @@ import json
 import uuid
 from datetime import UTC, datetime, timedelta
 from enum import StrEnum
-from typing import Any
+from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from agent.errors import BadInput, CommandRejected
+from agent.redact import has_control
 
 
 class CommandType(StrEnum):
@@ -50,8 +51,37 @@ FINISHED = frozenset(
 )
 
 
+# Bounds on what a command carries. Producers take these values from people and programs
+# (the API, Slack, a deploy system's --actor); the worker checks them again. A control
+# character (a newline, an ANSI escape) could forge a line in a log or a terminal.
+MAX_ACTOR_CHARS = 200
+MAX_TICKET_CHARS = 200
+MAX_REVISION_CHARS = 200  # a revision id, a relative target (+2, base), rev@branch
+MAX_PATH_CHARS = 4096  # PATH_MAX
+MAX_RULE_CHARS = 100
+MAX_RULES = 100
+MAX_STEPS = 10_000
+MAX_DETAIL_CHARS = 4000  # what an app.startup_failed report says (an event, not a command)
+
+
+def _no_control(value: str) -> str:
+    if has_control(value):
+        raise ValueError("must not contain control characters (newlines, escapes)")
+    return value
+
+
+_Plain = AfterValidator(_no_control)
+Revision = Annotated[str, Field(min_length=1, max_length=MAX_REVISION_CHARS), _Plain]
+FilePath = Annotated[str, Field(min_length=1, max_length=MAX_PATH_CHARS), _Plain]
+Rule = Annotated[str, Field(min_length=1, max_length=MAX_RULE_CHARS), _Plain]
+Actor = Annotated[str, Field(min_length=1, max_length=MAX_ACTOR_CHARS), _Plain]
+Ticket = Annotated[str, Field(max_length=MAX_TICKET_CHARS), _Plain]
+
+
 class _Args(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # Strict: a JSON true is not 1 step, "5" is not a limit of 5. Every producer builds args
+    # from typed values, and the worker reads them from JSON, which keeps the types.
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
 
 
 class StatusArgs(_Args):
@@ -63,20 +93,21 @@ class HistoryArgs(_Args):
 
 
 class VerifyArgs(_Args):
-    expect: str | None = None
+    expect: Revision | None = None
 
 
 class MigrateArgs(_Args):
     dry_run: bool = False
-    to: str | None = None
+    to: Revision | None = None
     no_backup: bool = False
-    allow: list[str] = []  # validation rules whose errors may not stop this migration
+    # validation rules whose errors may not stop this migration
+    allow: list[Rule] = Field([], max_length=MAX_RULES)
 
 
 class RollbackArgs(_Args):
-    steps: int | None = Field(None, ge=1)
-    to: str | None = None
-    cause: dict[str, Any] | None = None  # set by the agent: the failure this undoes
+    steps: int | None = Field(None, ge=1, le=MAX_STEPS)
+    to: Revision | None = None
+    cause: dict[str, Any] | None = None  # set by the agent only (AGENT_ONLY_ARGS): the failure this undoes
 
     @model_validator(mode="after")
     def _one_target(self) -> RollbackArgs:
@@ -93,7 +124,7 @@ class BackupArgs(_Args):
 
 
 class RestoreArgs(_Args):
-    path: str = Field(min_length=1)
+    path: FilePath
     jobs: int = Field(1, ge=1, le=64)
 
 
@@ -102,7 +133,7 @@ class ListBackupsArgs(_Args):
 
 
 class VerifyBackupArgs(_Args):
-    path: str | None = None
+    path: FilePath | None = None
     drill: bool = False
 
 
@@ -122,6 +153,18 @@ ARGS: dict[CommandType, type[_Args]] = {
     CommandType.VERIFY_BACKUP: VerifyBackupArgs,
     CommandType.PRUNE: PruneArgs,
 }
+
+# Arguments only the agent sets, on the rollbacks it queues after a failure: the worker
+# accepts them (signed), a producer taking input from people or programs refuses them.
+AGENT_ONLY_ARGS: dict[CommandType, frozenset[str]] = {CommandType.ROLLBACK: frozenset({"cause"})}
+
+
+def check_client_args(type_: CommandType, args: dict[str, Any]) -> None:
+    """Raise BadInput if a client (the CLI, the API, Slack) sets an argument only the agent may set."""
+    refused = sorted(AGENT_ONLY_ARGS.get(type_, frozenset()) & set(args))
+    if refused:
+        raise BadInput(f"invalid arguments for {type_}: {', '.join(refused)}: only the agent sets it")
+
 
 # Commands that change the database or delete backups: without a signing key
 # configured, they are refused outright.
@@ -164,8 +207,8 @@ class Command(BaseModel):
     type: CommandType
     db: str = Field(min_length=1)
     args: dict[str, Any] = {}
-    actor: str = Field(min_length=1, max_length=200)
-    ticket: str | None = Field(None, max_length=200)
+    actor: Actor
+    ticket: Ticket | None = None
     issued_at: datetime = Field(default_factory=utcnow)
     # Past this, the worker rejects the command (None: the worker's max_command_age after issued_at).
     expires_at: datetime | None = None
@@ -189,11 +232,7 @@ class Command(BaseModel):
         try:
             return ARGS[self.type].model_validate(self.args)
         except ValidationError as exc:
-            problems = "; ".join(
-                f"{'.'.join(str(p) for p in e['loc']) or 'args'}: {e['msg'].removeprefix('Value error, ')}"
-                for e in exc.errors()
-            )
-            raise BadInput(f"invalid arguments for {self.type}: {problems}") from None
+            raise BadInput(f"invalid arguments for {self.type}: {problems(exc, 'args')}") from None
 
     def canonical(self) -> bytes:
         """The bytes the signature covers: every field but the signature, keys sorted.
@@ -232,6 +271,43 @@ class Command(BaseModel):
             return cls.model_validate(message)
         except ValidationError as exc:
             raise CommandRejected(f"malformed command: {exc.errors()[0]['msg']}") from None
+
+
+def problems(exc: ValidationError, what: str = "command") -> str:
+    """pydantic's errors on one line: ``steps: Input should be a valid integer; to: …``."""
+    return "; ".join(
+        f"{'.'.join(str(p) for p in e['loc']) or what}: {e['msg'].removeprefix('Value error, ')}" for e in exc.errors()
+    )
+
+
+def client_command(type_: str, *, db: str, args: dict[str, Any], actor: str, ticket: str | None) -> Command:
+    """A command as a client (the CLI, the API, Slack) asks for it; BadInput saying what is wrong otherwise.
+
+    Everything the worker would refuse is refused here first, and so are the
+    arguments only the agent sets.
+    """
+    try:
+        kind = CommandType(type_)
+    except ValueError:
+        known = ", ".join(t.value for t in CommandType)
+        raise BadInput(f"unknown command type {type_[:50]!r} (known: {known})") from None
+    check_client_args(kind, args)
+    try:
+        command = Command(type=kind, db=db, args=args, actor=actor, ticket=ticket)
+    except ValidationError as exc:
+        raise BadInput(problems(exc)) from None
+    command.parsed_args()
+    return command
+
+
+def check_client_text(what: str, value: str | None, max_chars: int) -> None:
+    """Raise BadInput unless ``value`` (when given) has at most ``max_chars`` characters and no control character."""
+    if value is None:
+        return
+    if len(value) > max_chars:
+        raise BadInput(f"{what} is {len(value)} characters long, the limit is {max_chars}")
+    if has_control(value):
+        raise BadInput(f"{what} must not contain control characters (newlines, escapes)")
 
 
 def _mac(key: bytes, body: bytes) -> str:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import re
 from dataclasses import dataclass, field
 from fnmatch import fnmatchcase
 from typing import Any
@@ -20,6 +21,11 @@ from agent.errors import BadInput
 REPLAY_WINDOW_S = 5 * 60
 
 SIGNATURE_VERSION = "v0"
+
+# The longest slash command text read: the grammar's longest is a few names and a revision.
+MAX_TEXT_CHARS = 1000
+# A number of steps: ASCII digits ('²'.isdigit() is true and int() refuses it), a few of them.
+_STEPS = re.compile(r"[0-9]{1,9}")
 
 USAGE = "\n".join(
     [
@@ -90,6 +96,8 @@ class SlashCommand:
 
 def parse_text(text: str) -> SlashCommand:
     """Parse ``rollback staging 1`` and friends; UsageError (whose message is USAGE) otherwise."""
+    if len(text) > MAX_TEXT_CHARS:
+        raise UsageError(f"That is {len(text)} characters long, the limit is {MAX_TEXT_CHARS}.\n{USAGE}")
     words = text.split()
     if not words:
         return SlashCommand("help")
@@ -106,7 +114,7 @@ def parse_text(text: str) -> SlashCommand:
         if len(rest) == 3 and rest[1].lower() == "to":
             return SlashCommand("migrate", rest[0], {"to": rest[2]})
     if verb == "rollback":
-        if len(rest) == 2 and rest[1].isdigit() and int(rest[1]) >= 1:
+        if len(rest) == 2 and _STEPS.fullmatch(rest[1]) and int(rest[1]) >= 1:
             return SlashCommand("rollback", rest[0], {"steps": int(rest[1])})
         if len(rest) == 3 and rest[1].lower() == "to":
             return SlashCommand("rollback", rest[0], {"to": rest[2]})

@@ -11,7 +11,7 @@ import pytest
 from fastapi.testclient import TestClient
 
 from agent import keys
-from agent.api import create_app, list_events, parse_listen, parse_tokens, submitted_key
+from agent.api import MAX_BODY_BYTES, create_app, list_events, parse_listen, parse_tokens, submitted_key
 from agent.commands import Command, check_command
 from agent.errors import BadInput, ConfigError, OperationFailed
 from agent.eventlog import EventLog
@@ -174,7 +174,7 @@ def test_malformed_tokens_stop_the_app_from_starting(monkeypatch, settings, prod
         ({"type": "status", "db": "staging", "id": "mine"}, "id: Extra inputs are not permitted"),
         ({"db": "staging"}, "type: Field required"),
         ({"type": "status", "db": "staging", "args": []}, "args: Input should be a valid dictionary"),
-        ({"type": "status", "db": "staging", "actor": "x" * 300}, "actor: String should have at most 200 characters"),
+        ({"type": "status", "db": "staging", "actor": "x" * 300}, "actor: String should have at most 100 characters"),
     ],
 )
 def test_bad_command_is_422_with_the_reason(client, producer, body, reason):
@@ -546,3 +546,196 @@ def test_parse_listen(listen, expected):
 def test_parse_listen_refuses(listen):
     with pytest.raises(BadInput, match="host:port"):
         parse_listen(listen)
+
+
+# -- hostile input: bounded, strictly typed, never a 5xx -------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "body, reason",
+    [
+        ({"type": "rollback", "db": "staging", "args": {"steps": True}}, "steps: Input should be a valid integer"),
+        ({"type": "rollback", "db": "staging", "args": {"steps": "2"}}, "steps: Input should be a valid integer"),
+        ({"type": "rollback", "db": "staging", "args": {"steps": 10**30}}, "steps: Input should be less than or equal to 10000"),
+        ({"type": "rollback", "db": "staging", "args": {"to": "base", "cause": {"run_command_id": "x"}}},
+         "cause: only the agent sets it"),
+        ({"type": "status", "db": "staging", "actor": "alice\n2025-01-01 INFO queued rollback of production"},
+         "actor: must not contain control characters"),
+        ({"type": "status", "db": "staging", "actor": "\x1b[2K\x1b[1Galice"}, "actor: must not contain control characters"),
+        ({"type": "status", "db": "staging", "ticket": "CHG-1\nforged"}, "ticket: must not contain control characters"),
+        ({"type": "status", "db": "staging", "ticket": "x" * 201}, "ticket: String should have at most 200 characters"),
+        ({"type": "restore", "db": "staging", "args": {"path": "/b/" + "x" * 5000}}, "path: String should have at most 4096 characters"),
+        ({"type": "x" * 101, "db": "staging"}, "type: String should have at most 100 characters"),
+        ({"type": "status", "db": "staging\n"}, "db: must not contain control characters"),
+    ],
+)
+def test_hostile_command_is_422_with_the_reason(client, producer, body, reason):
+    response = client.post("/v1/commands", json=body, headers=AUTH)
+    assert response.status_code == 422, response.text
+    assert reason in response.json()["error"]
+    assert producer.sent == []
+
+
+def test_a_forged_log_line_in_the_actor_never_reaches_the_log(client, producer, caplog):
+    caplog.set_level("INFO", logger="agent.api")
+    forged = "alice\n2025-01-01 12:00:00 INFO agent.api: queued rollback of production for root"
+    response = client.post("/v1/commands", json={"type": "status", "db": "staging", "actor": forged}, headers=AUTH)
+
+    assert response.status_code == 422
+    assert not [r for r in caplog.records if "\n" in r.getMessage() or "\x1b" in r.getMessage()]
+    assert producer.sent == []
+
+
+def test_log_lines_escape_what_a_request_brings(client, caplog):
+    caplog.set_level("INFO", logger="agent.api")
+    body = urlencode({"user_id": "UX\n2025-01-01 INFO forged\x1b[31m", "text": "status staging"}).encode()
+    sent_at = str(int(time.time()))
+    headers = {
+        "Content-Type": "application/x-www-form-urlencoded",
+        "X-Slack-Request-Timestamp": sent_at,
+        "X-Slack-Signature": expected_signature(SLACK_SECRET.encode(), sent_at, body),
+    }
+    client.post("/v1/chatops/slack", content=body, headers=headers)
+    replayed = client.post("/v1/chatops/slack", content=body, headers=headers)  # logged, with the user id
+
+    assert replayed.status_code == 401
+    [line] = [r.getMessage() for r in caplog.records if "replayed" in r.getMessage()]
+    assert line == "refused a replayed Slack request from UX\\n2025-01-01 INFO forged\\x1b[31m"
+
+
+def test_a_body_over_the_limit_is_413_by_its_content_length(client, producer, fake_redis):
+    body = json.dumps({"type": "status", "db": "staging", "ticket": "x" * (MAX_BODY_BYTES + 1)}).encode()
+    response = client.post("/v1/commands", content=body, headers={**AUTH, "Content-Type": "application/json"})
+
+    assert response.status_code == 413
+    assert response.json() == {"error": f"request body too large ({len(body)} bytes): the limit is {MAX_BODY_BYTES} bytes"}
+    assert producer.sent == [] and fake_redis.keys("*") == []
+
+
+@pytest.mark.parametrize(("length", "status"), [("9" * 30, 413), (str(2**70), 413), ("12abc", 400), ("-1", 400)])
+def test_a_content_length_too_large_or_not_a_number_is_refused(client, producer, length, status):
+    response = client.post("/v1/commands", content=b"{}", headers={**AUTH, "Content-Type": "application/json", "Content-Length": length})
+    assert response.status_code == status, response.text
+    assert set(response.json()) == {"error"}
+    assert producer.sent == []
+
+
+def test_a_body_streamed_past_the_limit_without_a_length_is_413(client, producer):
+    def chunks():  # chunked transfer encoding: no Content-Length
+        for _ in range(100):
+            yield b" " * 1024
+
+    response = client.post("/v1/commands", content=chunks(), headers={**AUTH, "Content-Type": "application/json"})
+
+    assert response.status_code == 413
+    assert response.json() == {"error": f"request body too large (more than {MAX_BODY_BYTES} bytes): the limit is {MAX_BODY_BYTES} bytes"}
+    assert producer.sent == []
+
+
+def test_a_body_within_the_limit_streamed_in_chunks_is_read_whole(client, producer):
+    body = json.dumps({"type": "status", "db": "staging", "ticket": "CHG-1"}).encode()
+
+    response = client.post("/v1/commands", content=iter([body[:10], body[10:]]), headers={**AUTH, "Content-Type": "application/json"})
+
+    assert response.status_code == 202
+    assert [(c.type, c.ticket) for c in producer.sent] == [("status", "CHG-1")]
+
+
+def test_a_slack_body_over_the_limit_is_413(client, producer):
+    response = slack_request(client, {"user_id": "U024BE7LH", "text": "status staging", "padding": "x" * MAX_BODY_BYTES})
+    assert response.status_code == 413
+    assert producer.sent == []
+
+
+def test_a_long_value_in_an_error_does_not_hold_up_the_api(client):
+    # What froze the API: an error message quoting a 60,000-character value went through
+    # redaction that was quadratic in it (6 s; 200,000 characters took 57 s). Linear now, it
+    # takes milliseconds: 1 s is a complexity bound with a wide margin, not a benchmark.
+    started = time.monotonic()
+    response = client.get("/v1/events", params={"db": "a" * 60_000}, headers=AUTH)
+    took_s = time.monotonic() - started
+
+    assert response.status_code == 422 and "unknown database 'aaaa" in response.json()["error"]
+    assert took_s < 1.0
+    assert client.get("/healthz").status_code == 200
+
+
+@pytest.mark.parametrize(
+    "after",
+    [
+        "١٢٣",  # Unicode digits: \d matches them, Redis does not
+        "²",
+        "1700000000000-0\n",
+        "99999999999999999999999-0",
+        "18446744073709551616-0",  # 2**64
+        "1-18446744073709551616",
+        "1-",
+        "-1",
+        "1-2-3",
+        "+",
+    ],
+)
+def test_a_malformed_stream_id_is_422_not_503(client, after):
+    response = client.get("/v1/events", params={"after": after}, headers=AUTH)
+    assert response.status_code == 422, response.text
+    assert "after must be a stream id" in response.json()["error"]
+
+
+def test_the_largest_stream_id_has_nothing_after_it(client, fake_redis, prefix):
+    publish(fake_redis, prefix, Event(type="lock.acquired", db="staging"))
+    largest = f"{2**64 - 1}-{2**64 - 1}"
+
+    response = client.get("/v1/events", params={"after": largest}, headers=AUTH)
+
+    assert response.status_code == 200
+    assert response.json() == {"events": [], "last_id": largest}
+    assert client.get("/v1/events", params={"after": f"{2**64 - 1}"}, headers=AUTH).json()["events"] == []
+
+
+@pytest.mark.parametrize(
+    "body, reason",
+    [
+        ({"db": "staging", "actor": "app\nforged"}, "actor: must not contain control characters"),
+        ({"db": "staging", "ticket": "\x1b[2J"}, "ticket: must not contain control characters"),
+        ({"db": "staging", "detail": "boom\x1b[2J"}, "detail: must not contain control characters other than newlines"),
+        ({"db": "staging", "detail": "x" * 4001}, "detail: String should have at most 4000 characters"),
+    ],
+)
+def test_hostile_startup_failed_report_is_422(client, fake_redis, prefix, body, reason):
+    response = client.post("/v1/events/startup-failed", json=body, headers=AUTH)
+    assert response.status_code == 422
+    assert reason in response.json()["error"]
+    assert EventLog(fake_redis, prefix).tail(10) == []
+
+
+def test_a_startup_failed_detail_may_span_lines(client, fake_redis, prefix):
+    response = client.post("/v1/events/startup-failed", json={"db": "staging", "detail": "boom\n\tat main()"}, headers=AUTH)
+    assert response.status_code == 202
+    [(_, event)] = EventLog(fake_redis, prefix).tail(10)
+    assert event.data["detail"] == "boom\n\tat main()"
+
+
+@pytest.mark.parametrize("text", ["rollback staging ²", "rollback staging ١", "rollback staging 99999999999"])
+def test_slack_rollback_with_a_number_that_is_not_one_is_a_usage_reply(client, producer, text):
+    response = slack_request(client, {"user_id": "U024BE7LH", "text": text})
+    assert response.status_code == 200
+    assert response.json()["response_type"] == "ephemeral"
+    assert "rollback <db> <N>" in response.json()["text"]
+    assert producer.sent == []
+
+
+@pytest.mark.parametrize(
+    "text, says",
+    [
+        ("rollback staging 20000", "steps: Input should be less than or equal to 10000"),
+        ("rollback staging to " + "x" * 300, "to: String should have at most 200 characters"),
+        ("rollback staging to 008\x1b[2J", "to: must not contain control characters"),
+        ("status " + "x" * 2000, "the limit is 1000"),
+    ],
+)
+def test_slack_out_of_bounds_is_an_ephemeral_reason(client, producer, text, says):
+    response = slack_request(client, {"user_id": "U024BE7LH", "text": text})
+    assert response.status_code == 200
+    assert response.json()["response_type"] == "ephemeral"
+    assert says in response.json()["text"]
+    assert producer.sent == []

@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 
 import pytest
 
@@ -13,10 +17,13 @@ from agent.commands import (
     MigrateArgs,
     RollbackArgs,
     StatusArgs,
+    check_client_text,
     check_command,
+    client_command,
 )
 from agent.errors import BadInput, CommandRejected
 
+ROOT = Path(__file__).resolve().parents[2]
 KEY = b"unit-test-signing-key"
 NOW = datetime(2025, 3, 14, 12, 0, 0, tzinfo=UTC)
 MAX_AGE_S = 3600.0
@@ -364,3 +371,137 @@ def test_default_expiries_give_writers_a_day_and_reads_an_hour():
 def test_expiry_falls_back_to_max_age_for_a_producer_that_sets_none():
     old_style = make()
     assert old_style.expiry(MAX_AGE_S) == old_style.issued_at + timedelta(seconds=MAX_AGE_S)
+
+
+# -- bounded, strictly typed input ----------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("type_", "args", "reason"),
+    [
+        ("rollback", {"steps": True}, "steps: Input should be a valid integer"),
+        ("rollback", {"steps": "2"}, "steps: Input should be a valid integer"),
+        ("rollback", {"steps": 2.0}, "steps: Input should be a valid integer"),
+        ("rollback", {"steps": 10_001}, "steps: Input should be less than or equal to 10000"),
+        ("rollback", {"to": "008\n2025-01-01 INFO forged"}, "to: must not contain control characters"),
+        ("rollback", {"to": "x" * 201}, "to: String should have at most 200 characters"),
+        ("migrate", {"dry_run": "yes"}, "dry_run: Input should be a valid boolean"),
+        ("migrate", {"allow": ["lock-timeout"] * 101}, "allow: List should have at most 100 items"),
+        ("history", {"limit": "50"}, "limit: Input should be a valid integer"),
+        ("restore", {"path": "/b/" + "x" * 4096}, "path: String should have at most 4096 characters"),
+        ("restore", {"path": "/b/\x1b[2Jfull.dump"}, "path: must not contain control characters"),
+        ("verify_backup", {"path": "x" * 4097}, "path: String should have at most 4096 characters"),
+        ("verify", {"expect": "011\r"}, "expect: must not contain control characters"),
+    ],
+)
+def test_loosely_typed_or_unbounded_arguments_are_bad_input(type_, args, reason):
+    with pytest.raises(BadInput) as caught:
+        make(type_, args).parsed_args()
+    assert reason in caught.value.message
+
+
+def test_a_worker_rejects_a_signed_command_with_a_true_for_steps():
+    with pytest.raises(BadInput, match="steps: Input should be a valid integer"):
+        check(make("rollback", {"steps": True}).signed(KEY))
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "reason"),
+    [
+        ("actor", "ci\n2025-01-01 12:00:00 INFO queued rollback", "must not contain control characters"),
+        ("actor", "ci\x1b[2K", "must not contain control characters"),
+        ("actor", "ci\u202eevil", "must not contain control characters"),
+        ("actor", "x" * 201, "at most 200 characters"),
+        ("ticket", "CHG-1\r\nforged", "must not contain control characters"),
+        ("ticket", "x" * 201, "at most 200 characters"),
+    ],
+)
+def test_actor_and_ticket_are_bounded_single_lines(field, value, reason):
+    with pytest.raises(ValueError, match=reason):
+        make(**{field: value})
+    with pytest.raises(BadInput, match=reason):
+        client_command("status", db="production", args={}, **{"actor": "ci", "ticket": None, field: value})
+
+
+def test_a_client_may_not_set_the_agents_cause():
+    cause = {"event_id": "1-0", "run_command_id": "abc", "expect_revision": "011"}
+    with pytest.raises(BadInput, match="cause: only the agent sets it"):
+        client_command("rollback", db="production", args={"to": "base", "cause": cause}, actor="ci", ticket=None)
+
+
+def test_the_agents_own_rollback_with_a_cause_is_accepted_by_the_worker():
+    # what agent.daemon queues for a failed migration (RollbackPlan.args())
+    args = {"to": "010", "cause": {"event_id": "1-0", "event_type": "migration.failed", "run_command_id": "abc",
+                                   "revision_before": "010", "expect_revision": "011", "backup": None}}
+    command = make("rollback", args, actor="dbagent-agent", ticket=None).signed(KEY)
+
+    assert check(command) is None
+    assert command.parsed_args() == RollbackArgs(to="010", cause=args["cause"])
+
+
+def test_client_command_builds_what_the_worker_accepts():
+    command = client_command("rollback", db="production", args={"steps": 2}, actor="ci for alice", ticket="CHG-7")
+
+    assert (command.type, command.args, command.actor, command.ticket) == (CommandType.ROLLBACK, {"steps": 2}, "ci for alice", "CHG-7")
+    assert check(command.model_copy(update={"issued_at": NOW}).signed(KEY)) is None
+
+
+def test_client_command_of_an_unknown_type_names_the_known_ones():
+    with pytest.raises(BadInput, match=r"unknown command type 'drop' \(known: status, migrate"):
+        client_command("drop", db="production", args={}, actor="ci", ticket=None)
+
+
+def test_the_bounds_do_not_change_the_canonical_form():
+    # The same bytes as before the bounds: signatures made by older producers still verify.
+    command = make("rollback", {"steps": 2}, ticket=None)
+    assert command.canonical() == (
+        b'{"actor":"deploy-bot","args":{"steps":2},"db":"production","id":"0b7a3c8e-1111-4222-8333-944445555666",'
+        b'"issued_at":"2025-03-14T11:59:50Z","ticket":null,"type":"rollback"}'
+    )
+
+
+@pytest.mark.parametrize(
+    ("value", "reason"),
+    [("x" * 11, "is 11 characters long, the limit is 10"), ("a\nb", "must not contain control characters")],
+)
+def test_check_client_text(value, reason):
+    with pytest.raises(BadInput, match=reason):
+        check_client_text("--ticket", value, 10)
+    assert check_client_text("--ticket", "x" * 10, 10) is None
+    assert check_client_text("--ticket", None, 10) is None
+
+
+# -- the CLI refuses them too, before it connects to anything (exit 2) -------------------------------
+
+
+@pytest.fixture
+def cli_config(tmp_path):
+    path = tmp_path / "dbagent.toml"
+    # Nothing listens on port 1: a CLI that got as far as connecting would exit 3, not 2.
+    path.write_text('[redis]\nurl = "redis://127.0.0.1:1/0"\n[databases.test]\nurl = "postgresql://u@127.0.0.1:1/x"\n')
+    return path
+
+
+@pytest.mark.parametrize(
+    ("args", "says"),
+    [
+        (["rollback", "²"], "N must be a whole number of steps, 1 or more (got '²')"),
+        (["rollback", "9" * 5000], "N must be a whole number of steps"),
+        (["rollback", "20000"], "steps: Input should be less than or equal to 10000"),
+        (["status", "--actor", "ci\n2025-01-01 INFO forged"], "actor: must not contain control characters"),
+        (["status", "--ticket", "\x1b[2J"], "ticket: must not contain control characters"),
+        (["status", "--ticket", "x" * 201], "ticket: String should have at most 200 characters"),
+        (["restore", "/b/" + "x" * 5000, "--yes"], "restore FILE is 5003 characters long, the limit is 4096"),
+        (["backups", "verify", "/b/\x1b]0;x\x07"], "backups verify FILE must not contain control characters"),
+        (["notify", "startup-failed", "--actor", "a\rb"], "--actor must not contain control characters"),
+        (["notify", "startup-failed", "--detail", "x" * 4001], "--detail is 4001 characters long, the limit is 4000"),
+    ],
+)
+def test_the_cli_refuses_bad_input_with_exit_2(cli_config, args, says):
+    env = {k: v for k, v in os.environ.items() if not k.startswith("DBAGENT_")}
+    done = subprocess.run([sys.executable, "-m", "agent.cli", "--config", str(cli_config), *args],
+                          capture_output=True, text=True, timeout=60, env=env, cwd=ROOT)
+
+    assert done.returncode == 2, done.stderr
+    assert says in " ".join(done.stderr.split()), done.stderr
+    assert "Traceback" not in done.stderr

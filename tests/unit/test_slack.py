@@ -8,6 +8,7 @@ import hmac
 import pytest
 
 from agent.slack import (
+    MAX_TEXT_CHARS,
     USAGE,
     SignatureRejected,
     SlashCommand,
@@ -118,6 +119,9 @@ def test_parse_text(text, parsed):
         "rollback staging 0",
         "rollback staging -1",
         "rollback staging two",
+        "rollback staging ²",  # '²'.isdigit() is true, and int('²') raises
+        "rollback staging ١",  # an Arabic-Indic digit: not a number of steps either
+        "rollback staging 1234567890",
         "rollback staging 1 2",
         "rollback staging to",
         "rollback staging from 008",
@@ -168,3 +172,11 @@ PERMISSIONS = {
 )
 def test_permission_matching(user, verb, db, allowed):
     assert is_allowed(PERMISSIONS, user, verb, db) is allowed
+
+
+def test_parse_text_refuses_a_long_text_before_reading_it():
+    with pytest.raises(UsageError) as caught:
+        parse_text("status " + "x" * MAX_TEXT_CHARS)
+    assert caught.value.message.startswith(f"That is {MAX_TEXT_CHARS + 7} characters long, the limit is {MAX_TEXT_CHARS}.")
+    assert caught.value.message.endswith(USAGE)
+    assert parse_text("status " + "x" * (MAX_TEXT_CHARS - 7)).db == "x" * (MAX_TEXT_CHARS - 7)
