@@ -21,6 +21,7 @@ import redis
 from fastapi import Depends, FastAPI, Header, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
+from starlette.exceptions import HTTPException
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
     CollectorRegistry,
@@ -98,7 +99,10 @@ Detail = Annotated[str, Field(max_length=MAX_DETAIL_CHARS), AfterValidator(_text
 class CommandRequest(BaseModel):
     """Body of ``POST /v1/commands``."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [
+        {"type": "rollback", "db": "production", "args": {"steps": 1}, "actor": "alice", "ticket": "CHG-1234"},
+        {"type": "migrate", "db": "staging", "args": {"to": "011", "dry_run": True}},
+    ]})
 
     type: Name
     db: Name | None = None
@@ -440,6 +444,14 @@ def create_app(settings: Settings, producer: Producer | None = None) -> FastAPI:
     async def _redis_error(request: Request, exc: redis.RedisError) -> JSONResponse:
         log.warning("%s %s: Redis error: %s", request.method, shown(request.url.path), shown(exc))
         return _error(503, f"Redis is unavailable: {redact(exc)}")
+
+    @app.exception_handler(HTTPException)
+    async def _http_error(_: Request, exc: HTTPException) -> JSONResponse:
+        # Starlette's own answers (404, 405) in this API's shape. FastAPI says 400 for a body
+        # json cannot read at all (nested too deep, a number of thousands of digits): a bad body is 422.
+        if exc.status_code == 400:
+            return _error(422, "the request body is not valid JSON (too deeply nested, or a number too long)")
+        return _error(exc.status_code, str(exc.detail), getattr(exc, "headers", None))
 
     @app.exception_handler(RequestValidationError)
     async def _invalid_request(_: Request, exc: RequestValidationError) -> JSONResponse:

@@ -666,7 +666,7 @@ def notify_startup_failed(
 
     check_client_text("--actor", default_actor(actor), MAX_ACTOR_CHARS)
     check_client_text("--ticket", ticket, MAX_TICKET_CHARS)
-    check_client_text("--detail", detail, MAX_DETAIL_CHARS)
+    check_client_text("--detail", detail, MAX_DETAIL_CHARS, lines=True)
     cfg = settings()
     name, _ = cfg.database(db)
     client = redis_client(cfg.redis)

@@ -300,13 +300,16 @@ def client_command(type_: str, *, db: str, args: dict[str, Any], actor: str, tic
     return command
 
 
-def check_client_text(what: str, value: str | None, max_chars: int) -> None:
-    """Raise BadInput unless ``value`` (when given) has at most ``max_chars`` characters and no control character."""
+def check_client_text(what: str, value: str | None, max_chars: int, *, lines: bool = False) -> None:
+    """Raise BadInput unless ``value`` (when given) has at most ``max_chars`` characters and no control
+    character (but newlines and tabs, with ``lines``)."""
     if value is None:
         return
     if len(value) > max_chars:
         raise BadInput(f"{what} is {len(value)} characters long, the limit is {max_chars}")
-    if has_control(value):
+    if lines and has_control(value.replace("\n", "").replace("\t", "")):
+        raise BadInput(f"{what} must not contain control characters other than newlines and tabs")
+    if not lines and has_control(value):
         raise BadInput(f"{what} must not contain control characters (newlines, escapes)")
 
 

@@ -620,6 +620,23 @@ def test_a_content_length_too_large_or_not_a_number_is_refused(client, producer,
     assert producer.sent == []
 
 
+@pytest.mark.parametrize(
+    "body",
+    [b"[" * 60_000, b'{"type": "status", "db": "staging", "args": {"limit": ' + b"9" * 5000 + b"}}"],
+    ids=["nested too deep", "a 5000-digit number"],
+)
+def test_a_body_json_cannot_read_is_422_in_the_apis_shape(client, producer, body):
+    response = client.post("/v1/commands", content=body, headers={**AUTH, "Content-Type": "application/json"})
+    assert response.status_code == 422
+    assert response.json() == {"error": "the request body is not valid JSON (too deeply nested, or a number too long)"}
+    assert producer.sent == []
+
+
+def test_unknown_routes_and_methods_answer_in_the_apis_shape(client):
+    assert client.get("/v2/nothing").json() == {"error": "Not Found"}
+    assert client.put("/healthz").status_code == 405 and client.put("/healthz").json() == {"error": "Method Not Allowed"}
+
+
 def test_a_body_streamed_past_the_limit_without_a_length_is_413(client, producer):
     def chunks():  # chunked transfer encoding: no Content-Length
         for _ in range(100):

@@ -471,6 +471,12 @@ def test_check_client_text(value, reason):
     assert check_client_text("--ticket", None, 10) is None
 
 
+def test_check_client_text_with_lines_allows_newlines_and_tabs_only():
+    assert check_client_text("--detail", "boom\n\tat main()", 100, lines=True) is None
+    with pytest.raises(BadInput, match="other than newlines and tabs"):
+        check_client_text("--detail", "boom\x1b[2J", 100, lines=True)
+
+
 # -- the CLI refuses them too, before it connects to anything (exit 2) -------------------------------
 
 
@@ -495,6 +501,7 @@ def cli_config(tmp_path):
         (["backups", "verify", "/b/\x1b]0;x\x07"], "backups verify FILE must not contain control characters"),
         (["notify", "startup-failed", "--actor", "a\rb"], "--actor must not contain control characters"),
         (["notify", "startup-failed", "--detail", "x" * 4001], "--detail is 4001 characters long, the limit is 4000"),
+        (["notify", "startup-failed", "--detail", "boom\x1b[2J"], "--detail must not contain control characters other than"),
     ],
 )
 def test_the_cli_refuses_bad_input_with_exit_2(cli_config, args, says):
