@@ -33,7 +33,7 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 from starlette.concurrency import run_in_threadpool
 
 from agent import keys, slack
-from agent.commands import MAX_DETAIL_CHARS, MAX_TICKET_CHARS, Command, Ticket, client_command, message_digest
+from agent.commands import MAX_DETAIL_CHARS, Command, Ticket, client_command, message_digest
 from agent.errors import BadInput, ConfigError, DbAgentError, Unavailable
 from agent.eventlog import EventLog
 from agent.events import Event, EventType
