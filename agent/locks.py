@@ -23,6 +23,7 @@ import redis
 from sqlalchemy import Connection
 
 from agent.errors import OperationFailed
+from agent.redact import redact
 
 log = logging.getLogger(__name__)
 
@@ -221,6 +222,7 @@ def holder_backend(conn: Connection) -> dict[str, Any] | None:
     if row is None:
         return None
     holder = dict(row)
+    holder["application_name"] = redact(holder["application_name"]) if holder["application_name"] else None
     holder["backend_start"] = holder["backend_start"].isoformat() if holder["backend_start"] else None
     holder["xact_age"] = str(holder["xact_age"]) if holder["xact_age"] is not None else None
     return holder

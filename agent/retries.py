@@ -33,7 +33,7 @@ from pglast.enums import ObjectType
 from pglast.parser import ParseError
 
 from agent.lint import parse_statements
-from agent.redact import redact
+from agent.redact import redact, redact_query
 
 if TYPE_CHECKING:
     from sqlalchemy import Connection
@@ -243,10 +243,10 @@ def blockers(conn: Connection, targets: dict[str, str], *, older_than_s: float =
             continue
         entry = found.setdefault(pid, {
             "pid": pid,
-            "application_name": app,
+            "application_name": redact(app) if app else app,
             "usename": user,
             "state": state,
-            "query": redact(query or ""),
+            "query": redact_query(query or ""),
             "xact_age_s": round(age, 3),
             "state_age_s": round(float(state_s), 3) if state_s is not None else None,
             "locks": [],

@@ -234,3 +234,4 @@ def _seconds(function, text) -> float:
 def test_printable_escapes_control_characters(text, shown):
     assert printable(text) == shown
     assert printable(text).isprintable()
+
