@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import tempfile
 import time
 import uuid
 from datetime import UTC, datetime
@@ -31,16 +32,17 @@ def _backup_dir(run: Run) -> Path:
     return bk.private_dir(run.db.backup_dir)
 
 
-def _user_tables(conn: Connection) -> list[str]:
-    rows = conn.execute(
-        text(
-            "SELECT format('%I.%I', n.nspname, c.relname) FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace"
-            " WHERE c.relkind IN ('r', 'p') AND n.nspname NOT IN ('pg_catalog', 'information_schema', :excluded)"
-            " AND n.nspname NOT LIKE 'pg_toast%' AND NOT c.relispartition ORDER BY 1"
-        ),
-        {"excluded": bk.SCHEMA_EXCLUDED},
-    )
-    return [row[0] for row in rows]
+def _user_tables(conn: Connection) -> tuple[list[str], list[bk.Skipped]]:
+    """The tables whose rows a backup counts, and what it must leave out because this role cannot read it."""
+    role = str(conn.exec_driver_sql("SELECT current_user").scalar())
+    tables: list[str] = []
+    skipped: list[bk.Skipped] = []
+    for name, counted, unreadable in conn.execute(text(bk.TABLES_SQL), {"excluded": bk.SCHEMA_EXCLUDED}):
+        if unreadable:
+            skipped.append(bk.Skipped(table=name, reason=f"not readable by {role}: {unreadable}"))
+        elif counted:
+            tables.append(name)
+    return tables, skipped
 
 
 def _count_rows(conn: Connection, tables: list[str], *, beside_pg_dump: bool = False) -> dict[str, int]:
@@ -76,7 +78,7 @@ def take_backup(run: Run, kind: BackupKind, trigger: Trigger, mark: str | None =
         # One snapshot for pg_dump and for the row counts the drill compares against.
         conn.exec_driver_sql("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
         snapshot = str(conn.exec_driver_sql("SELECT pg_export_snapshot()").scalar())
-        tables = _user_tables(conn)
+        tables, skipped = _user_tables(conn)
         argv = bk.dump_argv(
             kind,
             tmp,
@@ -84,6 +86,7 @@ def take_backup(run: Run, kind: BackupKind, trigger: Trigger, mark: str | None =
             compression=run.db.backup_compression,
             lock_wait_ms=round(run.db.backup_lock_wait_timeout * 1000),
             snapshot=snapshot,
+            exclude_tables=[s.table for s in skipped],
         )
         def progress(size: int, elapsed_s: float) -> None:
             # Aside: this connection holds the snapshot transaction pg_dump reads.
@@ -128,6 +131,7 @@ def take_backup(run: Run, kind: BackupKind, trigger: Trigger, mark: str | None =
             actor=command.actor,
             tables=counts,
             table_count=len(tables),
+            skipped=skipped,
             verified=verified_at is not None,
             verified_at=verified_at,
         )
@@ -154,6 +158,7 @@ def take_backup(run: Run, kind: BackupKind, trigger: Trigger, mark: str | None =
         sha256=manifest.sha256,
         duration_ms=round((time.monotonic() - clock) * 1000),
         revision=manifest.revision,
+        skipped=[s.model_dump() for s in manifest.skipped],
     )
     return manifest
 
@@ -173,6 +178,7 @@ def backup(run: Run) -> dict[str, Any]:
         "path": str(manifest.path(run.db.backup_dir or "")),
         "bytes": manifest.bytes,
         "sha256": manifest.sha256,
+        "skipped": [s.model_dump() for s in manifest.skipped],
         "backup": bk.manifest_json(manifest),
     }
     if args.prune:
@@ -202,12 +208,22 @@ def restore(run: Run) -> dict[str, Any]:
         bk.check_integrity(path, manifest)
         database = str(run.conn.exec_driver_sql("SELECT current_database()").scalar())
         run.conn.commit()
+        skipped: list[bk.Skipped] = []
+        toc_file = None
+        if manifest.type != BackupKind.DATA:
+            toc, skipped = bk.owned_by_others(bk.restore_toc(path), _roles_not_mine(run.conn))
+            if skipped:
+                toc_file = _private_file(directory, toc)
         options = f"-c lock_timeout={postgres_interval(run.db.lock_timeout)}"
         run.phase(Phase.RESTORE)
-        with bk.libpq_env(run.db.url, options=options, appname="dbagent pg_restore") as env:
-            argv = bk.restore_argv(path, manifest, args.jobs)
-            argv[argv.index("--dbname") + 1] = database
-            bk.run_tool(argv, env, during=lambda: pause_point("restore:running"), stop=run.stop)
+        try:
+            with bk.libpq_env(run.db.url, options=options, appname="dbagent pg_restore") as env:
+                argv = bk.restore_argv(path, manifest, args.jobs, use_list=toc_file)
+                argv[argv.index("--dbname") + 1] = database
+                bk.run_tool(argv, env, during=lambda: pause_point("restore:running"), stop=run.stop)
+        finally:
+            if toc_file is not None:
+                toc_file.unlink(missing_ok=True)
     except (OperationFailed, BadInput) as exc:
         _rollback(run.conn)
         after = _current_or_none(run)
@@ -216,10 +232,26 @@ def restore(run: Run) -> dict[str, Any]:
         exc.details.update(revision_before=revision_before, revision_after=after, path=str(path))
         raise
     revision_after = run.migrations().current(run.conn)
+    left = [s.model_dump() for s in skipped]
     run.emit(EventType.RESTORE_COMPLETED, path=str(path), revision_before=revision_before,
-             revision_after=revision_after, duration_ms=round((time.monotonic() - clock) * 1000))
+             revision_after=revision_after, duration_ms=round((time.monotonic() - clock) * 1000), skipped=left)
     return {"path": str(path), "revision_before": revision_before, "revision_after": revision_after,
-            "sha256": manifest.sha256}
+            "sha256": manifest.sha256, "skipped": left}
+
+
+def _roles_not_mine(conn: Connection) -> list[str]:
+    """Roles whose objects this one cannot drop or recreate (none for a superuser)."""
+    rows = conn.exec_driver_sql("SELECT rolname FROM pg_roles WHERE NOT pg_has_role(current_user, oid, 'USAGE')").all()
+    conn.commit()
+    return [row[0] for row in rows]
+
+
+def _private_file(directory: Path, content: str) -> Path:
+    """A 0600 file in backup_dir, named as a partial so that a crash's leftover is cleaned up like one."""
+    fd, name = tempfile.mkstemp(prefix=f"{bk.PARTIAL_PREFIX}{os.getpid()}-", suffix=".list", dir=directory)
+    with os.fdopen(fd, "w") as handle:
+        handle.write(content)
+    return Path(name)
 
 
 def _current_or_none(run: Run) -> str | None:
@@ -272,7 +304,7 @@ def _drill(run: Run, path: Path, manifest: Manifest) -> dict[str, Any]:
                     "--single-transaction", "--dbname", scratch, str(path)]
             bk.run_tool(argv, env)
         with pg_connection(drill_db, application_name="dbagent drill") as scratch_conn:
-            tables = _user_tables(scratch_conn)
+            tables, _ = _user_tables(scratch_conn)  # the drill's own database: all of it is the role's
             counts = _count_rows(scratch_conn, tables)
         problems = []
         if len(tables) != manifest.table_count:

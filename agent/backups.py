@@ -20,7 +20,7 @@ import stat
 import subprocess
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Collection, Iterator, Sequence
 from contextlib import contextmanager, nullcontext
 from datetime import UTC, datetime
 from enum import StrEnum
@@ -44,6 +44,30 @@ PROGRESS_EVERY_S = 5.0
 _CHUNK = 1 << 20
 
 
+# The tables a backup holds, and those it cannot (bind :excluded to SCHEMA_EXCLUDED). Other
+# sessions' temporary tables (the agent's audit_in, in its pg_temp_N) are no one's data and
+# unreadable to anyone else: pg_dump never dumps them, so they are not listed at all. A table,
+# sequence or materialized view the role may not SELECT, or in a schema it has no USAGE on, would
+# fail pg_dump and the row count: ``unreadable`` says why, and the backup leaves it out.
+TABLES_SQL = """
+SELECT format('%I.%I', n.nspname, c.relname),
+       c.relkind IN ('r', 'p') AND NOT c.relispartition AS counted,
+       CASE
+         WHEN NOT has_schema_privilege(n.oid, 'USAGE') THEN 'no USAGE on schema ' || quote_ident(n.nspname)
+         WHEN c.relkind = 'S' AND NOT has_sequence_privilege(c.oid, 'SELECT') THEN 'no SELECT on the sequence'
+         WHEN c.relkind <> 'S' AND NOT has_table_privilege(c.oid, 'SELECT') THEN 'no SELECT on the table'
+         WHEN c.relrowsecurity AND (c.relforcerowsecurity OR NOT pg_has_role(c.relowner, 'USAGE'))
+              AND NOT (SELECT rolbypassrls OR rolsuper FROM pg_roles WHERE rolname = current_user)
+           THEN 'row-level security hides rows from it'
+       END AS unreadable
+FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+WHERE c.relkind IN ('r', 'p', 'm', 'S') AND c.relpersistence <> 't'
+  AND n.nspname NOT IN ('pg_catalog', 'information_schema', :excluded)
+  AND n.nspname NOT LIKE 'pg\\_toast%' AND n.nspname NOT LIKE 'pg\\_temp\\_%'
+ORDER BY 1
+"""
+
+
 class BackupKind(StrEnum):
     FULL = "full"
     SCHEMA = "schema"
@@ -54,6 +78,13 @@ class Trigger(StrEnum):
     MANUAL = "manual"
     PRE_MIGRATION = "pre-migration"
     SCHEDULE = "schedule"
+
+
+class Skipped(BaseModel):
+    """A table a backup left out (``pg_dump --exclude-table``), or an object a restore left as it was, and why."""
+
+    table: str  # schema-qualified, quoted where PostgreSQL needs it; for a restore, the archive entry ("TABLE public.t")
+    reason: str
 
 
 class Manifest(BaseModel):
@@ -80,6 +111,7 @@ class Manifest(BaseModel):
     actor: str | None
     tables: dict[str, int] | None = None  # row counts in the dump's snapshot (not for schema backups)
     table_count: int
+    skipped: list[Skipped] = []  # tables the role could not read: not in the archive, not counted
     verified: bool
     verified_at: datetime | None = None
 
@@ -424,9 +456,18 @@ def size_of(path: Path) -> int:
 
 
 def dump_argv(
-    kind: BackupKind, target: Path, *, jobs: int, compression: int | None, lock_wait_ms: int, snapshot: str | None
+    kind: BackupKind,
+    target: Path,
+    *,
+    jobs: int,
+    compression: int | None,
+    lock_wait_ms: int,
+    snapshot: str | None,
+    exclude_tables: Sequence[str] = (),
 ) -> list[str]:
+    """pg_dump's argv; ``exclude_tables`` are ``format('%I.%I')`` names, which pg_dump reads as exact patterns."""
     argv = [tool_path("pg_dump"), "--no-password", f"--lock-wait-timeout={lock_wait_ms}", f"--exclude-schema={SCHEMA_EXCLUDED}"]
+    argv += [f"--exclude-table={table}" for table in exclude_tables]
     if jobs > 1:
         argv += ["--format=directory", f"--jobs={jobs}"]
     else:
@@ -443,8 +484,10 @@ def dump_argv(
     return argv
 
 
-def restore_argv(path: Path, manifest: Manifest, jobs: int) -> list[str]:
+def restore_argv(path: Path, manifest: Manifest, jobs: int, use_list: Path | None = None) -> list[str]:
     argv = [tool_path("pg_restore"), "--no-password", "--exit-on-error", "--no-owner", f"--exclude-schema={SCHEMA_EXCLUDED}"]
+    if use_list is not None:
+        argv.append(f"--use-list={use_list}")
     if manifest.type == BackupKind.DATA:
         argv.append("--data-only")
     else:
@@ -455,6 +498,48 @@ def restore_argv(path: Path, manifest: Manifest, jobs: int) -> list[str]:
         argv.append("--single-transaction")
     argv += ["--dbname", "", str(path)]
     return argv
+
+
+def owned_by_others(toc: str, others: Collection[str]) -> tuple[str, list[Skipped]]:
+    """An archive's table of contents (``pg_restore --list``) without the entries owned by ``others``, and those entries.
+
+    A role may drop and recreate only what it owns: restoring with --clean over
+    an object of another role's would fail the whole restore. Each entry's owner
+    is the last field of its line (nothing after it when it has none); its
+    dependants (data, ACL, constraints, defaults) carry the same owner.
+    """
+    kept: list[str] = []
+    skipped: list[Skipped] = []
+    for line in toc.splitlines():
+        owner = next((o for o in others if line.endswith(" " + o)), None) if not line.startswith(";") else None
+        if owner is None:
+            kept.append(line)
+            continue
+        entry = line.split(" ", 3)[3].removesuffix(" " + owner) if line.count(" ") >= 3 else line
+        skipped.append(Skipped(table=_toc_entry_name(entry), reason=f"owned by {owner}: left as it is"))
+    return "\n".join(kept) + "\n", skipped
+
+
+_TOC_DESCS = ("MATERIALIZED VIEW DATA", "SEQUENCE OWNED BY", "FK CONSTRAINT", "TABLE DATA", "SEQUENCE SET",
+              "DEFAULT ACL", "MATERIALIZED VIEW", "FOREIGN TABLE", "CHECK CONSTRAINT", "LARGE OBJECT", "SECURITY LABEL")
+
+
+def _toc_entry_name(entry: str) -> str:
+    """``desc schema name`` of a TOC entry as a person reads it: ``TABLE public.t``, ``ACL on TABLE public.t``."""
+    desc = next((d for d in _TOC_DESCS if entry.startswith(d + " ")), entry.split(" ", 1)[0])
+    schema, _, name = entry[len(desc) + 1 :].partition(" ")
+    if desc in ("ACL", "COMMENT", "SECURITY LABEL") and " " in name:
+        kind, _, target = name.partition(" ")
+        return f"{desc} on {kind} {target if schema == '-' else schema + '.' + target}"
+    return f"{desc} {name if schema == '-' else schema + '.' + name}"
+
+
+def restore_toc(path: Path) -> str:
+    """The archive's table of contents, as ``pg_restore --list`` prints it."""
+    proc = subprocess.run([tool_path("pg_restore"), "--list", str(path)], capture_output=True, text=True, timeout=600, check=False)
+    if proc.returncode != 0:
+        raise OperationFailed(f"{path.name}: pg_restore cannot list the archive: {first_line(proc.stderr)}")
+    return proc.stdout
 
 
 def write_manifest(path: Path, manifest: Manifest) -> None:

@@ -188,6 +188,9 @@ def format_event(event: Event) -> str:
         size = f" {_human_bytes(data['bytes'])}" if data.get("bytes") else ""
         took = f" in {data['duration_ms'] / 1000:.1f}s" if data.get("duration_ms") is not None else ""
         detail = f"{data.get('type', '')} {data.get('path', '')}{size}{took} {data.get('error', '')}".strip()
+        if data.get("skipped"):
+            detail += f"; skipped {len(data['skipped'])}: " + ", ".join(
+                f"{e['table']} ({e['reason']})" for e in data["skipped"][:5]) + (", ..." if len(data["skipped"]) > 5 else "")
     elif event.type == "command.accepted":
         detail = f"by {data.get('worker')}"
     elif event.type == "command.rejected":
@@ -356,7 +359,17 @@ def backup(
     if kind not in ("full", "schema", "data"):
         raise BadInput(f"backup takes full, schema or data (got {kind!r})")
     result = submit("backup", {"kind": kind}, db=db, as_json=as_json, actor=actor, ticket=ticket, no_wait=no_wait, timeout=timeout)
-    finish(result, as_json, lambda r: out.print(f"{r['path']}  {_human_bytes(r['bytes'])}  sha256 {r['sha256']}"))
+
+    def render(r: dict[str, Any]) -> None:
+        out.print(f"{r['path']}  {_human_bytes(r['bytes'])}  sha256 {r['sha256']}")
+        _render_skipped(r.get("skipped"), "not in this backup")
+
+    finish(result, as_json, render)
+
+
+def _render_skipped(skipped: list[dict[str, str]] | None, what: str) -> None:
+    for entry in skipped or []:
+        err.print(f"[yellow]warning:[/yellow] {_escape(entry['table'])} {what}: {_escape(entry['reason'])}")
 
 
 @app.command()
@@ -379,8 +392,12 @@ def restore(
             raise BadInput("restore not confirmed")
     result = submit("restore", {"path": file, "jobs": jobs}, db=db, as_json=as_json, actor=actor, ticket=ticket,
                     no_wait=no_wait, timeout=timeout)
-    finish(result, as_json, lambda r: out.print(
-        f"restored {r['path']} into {r['db']}: revision {r.get('revision_before') or 'base'} → {r.get('revision_after') or 'base'}"))
+
+    def render(r: dict[str, Any]) -> None:
+        out.print(f"restored {r['path']} into {r['db']}: revision {r.get('revision_before') or 'base'} → {r.get('revision_after') or 'base'}")
+        _render_skipped(r.get("skipped"), "not restored")
+
+    finish(result, as_json, render)
 
 
 @backups_app.command("list")

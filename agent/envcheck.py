@@ -9,14 +9,18 @@ import stat
 import subprocess
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import redis as redis_lib
+from sqlalchemy.exc import SQLAlchemyError
 
 from agent.connections import display_url, pg_connection, redis_client
 from agent.errors import DbAgentError, Unavailable
 from agent.redact import redact
 from agent.settings import DatabaseSettings, Settings
+
+if TYPE_CHECKING:
+    from sqlalchemy import Connection
 
 OK, WARN, FAIL = "ok", "warn", "fail"
 
@@ -98,24 +102,152 @@ def check_postgres(name: str, db: DatabaseSettings) -> tuple[list[EnvCheck], int
     try:
         with pg_connection(db, application_name="dbagent env validate") as conn:
             row = conn.exec_driver_sql(
-                "SELECT current_user, current_setting('server_version'), current_setting('server_version_num')::int,"
-                " (SELECT rolsuper FROM pg_roles WHERE rolname = current_user)"
+                "SELECT current_user, current_setting('server_version'), current_setting('server_version_num')::int"
             ).one()
+            conn.rollback()
+            user, version, version_num = row
+            major = version_num // 10000
+            checks.append(EnvCheck("postgres", OK, f"PostgreSQL {version} at {display_url(db.url)} as {user}"))
+            try:
+                checks += check_roles(conn, name, db)
+            except SQLAlchemyError as exc:
+                checks.append(EnvCheck("roles", FAIL, f"the role checks could not run as {user}: {redact(exc).splitlines()[0]}"))
             conn.rollback()
     except Unavailable as exc:
         return [EnvCheck("postgres", FAIL, exc.message, unreachable=True)], None
-    user, version, version_num, superuser = row
-    major = version_num // 10000
-    checks.append(EnvCheck("postgres", OK, f"PostgreSQL {version} at {display_url(db.url)} as {user}"))
-    if db.app_user is None:
-        checks.append(EnvCheck("migration_user", WARN, f"app_user is not set for {name!r}: cannot check that {user} is not the application's role"))
-    elif db.app_user == user:
-        checks.append(EnvCheck("migration_user", FAIL, f"{user} is also the application's role: migrate with a separate role"))
-    else:
-        checks.append(EnvCheck("migration_user", OK, f"{user} is not the application's role ({db.app_user})"))
+    return checks, major
+
+
+def check_roles(conn: Connection, name: str, db: DatabaseSettings) -> list[EnvCheck]:
+    """What docs/least-privilege.md asks of the migration role (the URL's) and the application's, read from the catalogs."""
+    from sqlalchemy import text
+
+    me = conn.execute(text(
+        "SELECT current_user, rolsuper, rolcreatedb OR rolsuper, current_database(),"
+        " has_database_privilege(current_database(), 'CREATE'), has_database_privilege(current_database(), 'TEMPORARY')"
+        " FROM pg_roles WHERE rolname = current_user"
+    )).one()
+    user, superuser, createdb, database, create_in_db, temporary = me
+    checks = _check_app_user(conn, name, db, user)
     if superuser:
         checks.append(EnvCheck("privileges", WARN, f"{user} is a superuser: a dedicated migration role with ownership of the schema is safer"))
-    return checks, major
+    else:
+        checks.append(EnvCheck("privileges", OK, f"{user} is not a superuser"))
+    checks.append(_check_schemas(conn, user))
+    checks.append(_check_dbagent_schema(conn, user, database, create_in_db))
+    if temporary:
+        checks.append(EnvCheck("temporary", OK, f"{user} may create temporary tables in {database} (the agent's audit sink stages in one)"))
+    else:
+        checks.append(EnvCheck("temporary", FAIL, f"{user} may not create temporary tables in {database}: the agent's audit sink"
+                               f" cannot write dbagent.audit_log; GRANT TEMPORARY ON DATABASE {database} TO {user}"))
+    checks.append(_check_readable(conn, user))
+    if createdb:
+        checks.append(EnvCheck("createdb", OK, f"{user} may create the scratch databases of rehearsals and drills"))
+    else:
+        checks.append(EnvCheck("createdb", WARN, f"{user} has no CREATEDB: validate --rehearse and backups verify --drill"
+                               " will stop (migrate, backup and restore do not need it)"))
+    return checks
+
+
+def _check_app_user(conn: Connection, name: str, db: DatabaseSettings, user: str) -> list[EnvCheck]:
+    from sqlalchemy import text
+
+    app = db.app_user
+    if app is None:
+        return [EnvCheck("migration_user", WARN, f"app_user is not set for {name!r}: cannot check that {user} is not the application's role")]
+    if app == user:
+        return [EnvCheck("migration_user", FAIL, f"{user} is also the application's role: migrate with a separate role")]
+    checks = [EnvCheck("migration_user", OK, f"{user} is not the application's role ({app})")]
+    found = conn.execute(text(
+        "SELECT rolsuper, pg_has_role(r.oid, current_user, 'USAGE') FROM pg_roles r WHERE rolname = :app"
+    ), {"app": app}).one_or_none()
+    if found is None:
+        checks.append(EnvCheck("app_user", WARN, f"the application's role {app} does not exist on this server"))
+    elif found[0]:
+        checks.append(EnvCheck("app_user", FAIL, f"the application's role {app} is a superuser: it can alter the schema; NOSUPERUSER it"))
+    elif found[1]:
+        checks.append(EnvCheck("app_user", FAIL, f"the application's role {app} is a member of {user}: it has the migration role's"
+                               f" privileges (the schema's DDL); REVOKE {user} FROM {app}"))
+    else:
+        checks.append(EnvCheck("app_user", OK, f"the application's role {app} exists, is no superuser and not a member of {user}"))
+    return checks
+
+
+# The schemas the migrations touch: where the application's tables are, and where unqualified
+# names (the version table, new tables) go. Owner, or CREATE there, is what DDL needs.
+_SCHEMAS = """
+SELECT n.nspname, pg_has_role(n.nspowner, 'USAGE') AS owner, has_schema_privilege(n.oid, 'CREATE') AS can_create,
+       (SELECT array_agg(format('%I.%I', n.nspname, c.relname) ORDER BY c.relname) FROM pg_class c
+         WHERE c.relnamespace = n.oid AND c.relkind IN ('r', 'p') AND c.relpersistence <> 't'
+           AND NOT pg_has_role(c.relowner, 'USAGE')) AS not_owned
+FROM pg_namespace n
+WHERE (n.nspname = current_schema()
+       OR n.oid IN (SELECT relnamespace FROM pg_class WHERE relkind IN ('r', 'p') AND relpersistence <> 't'))
+  AND n.nspname NOT IN ('pg_catalog', 'information_schema', :excluded) AND n.nspname NOT LIKE 'pg\\_%'
+ORDER BY 1
+"""
+
+
+def _check_schemas(conn: Connection, user: str) -> EnvCheck:
+    from sqlalchemy import text
+
+    from agent.backups import SCHEMA_EXCLUDED
+
+    rows = conn.execute(text(_SCHEMAS), {"excluded": SCHEMA_EXCLUDED}).all()
+    if not rows:
+        return EnvCheck("schema_owner", FAIL, f"no schema to migrate: the search_path of {user} names no existing schema")
+    closed = [schema for schema, owner, can_create, _ in rows if not (owner or can_create)]
+    if closed:
+        return EnvCheck("schema_owner", FAIL, f"{user} neither owns nor may CREATE in schema(s) {', '.join(closed)}:"
+                        f" migrations there will fail; ALTER SCHEMA ... OWNER TO {user}")
+    others = [table for *_, not_owned in rows for table in (not_owned or [])]
+    schemas = ", ".join(f"{schema} ({'owner' if owner else 'CREATE'})" for schema, owner, *_ in rows)
+    if others:
+        shown = ", ".join(others[:10]) + (f" and {len(others) - 10} more" if len(others) > 10 else "")
+        return EnvCheck("schema_owner", WARN, f"{user} may create in {schemas}, but other roles own {shown}:"
+                        " migrations cannot alter or drop those")
+    return EnvCheck("schema_owner", OK, f"{user} may create in {schemas} and owns every table there")
+
+
+def _check_dbagent_schema(conn: Connection, user: str, database: str, create_in_db: bool) -> EnvCheck:
+    from sqlalchemy import text
+
+    from agent.store import SCHEMA
+
+    found = conn.execute(text(
+        "SELECT pg_has_role(n.nspowner, 'USAGE'), has_schema_privilege(n.oid, 'USAGE') AND has_schema_privilege(n.oid, 'CREATE'),"
+        " (SELECT array_agg(format('%I.%I', n.nspname, c.relname) ORDER BY c.relname) FROM pg_class c"
+        "   WHERE c.relnamespace = n.oid AND c.relkind IN ('r', 'S') AND NOT pg_has_role(c.relowner, 'USAGE'))"
+        " FROM pg_namespace n WHERE n.nspname = :schema"
+    ), {"schema": SCHEMA}).one_or_none()
+    if found is None:
+        if create_in_db:
+            return EnvCheck("dbagent_schema", OK, f"schema {SCHEMA} is not there yet; {user} may CREATE it in {database} (first use does)")
+        return EnvCheck("dbagent_schema", FAIL, f"schema {SCHEMA} is not there and {user} may not CREATE in {database}:"
+                        f" workers and the agent cannot record anything; GRANT CREATE ON DATABASE {database} TO {user},"
+                        f" or create the schema owned by {user}")
+    owner, usable, not_owned = found
+    if not_owned:
+        return EnvCheck("dbagent_schema", FAIL, f"{', '.join(not_owned)} belong to another role: {user} cannot write or upgrade"
+                        f" them; ALTER TABLE ... OWNER TO {user}")
+    if owner or usable:
+        how = "owns" if owner else "has USAGE and CREATE on"
+        return EnvCheck("dbagent_schema", OK, f"{user} {how} schema {SCHEMA} and owns its tables")
+    return EnvCheck("dbagent_schema", FAIL, f"{user} may not use schema {SCHEMA} (no USAGE and CREATE): workers and the agent"
+                    f" cannot record anything; ALTER SCHEMA {SCHEMA} OWNER TO {user}")
+
+
+def _check_readable(conn: Connection, user: str) -> EnvCheck:
+    from sqlalchemy import text
+
+    from agent.backups import SCHEMA_EXCLUDED, TABLES_SQL
+
+    rows = conn.execute(text(TABLES_SQL), {"excluded": SCHEMA_EXCLUDED}).all()
+    unreadable = [f"{table} ({why})" for table, _, why in rows if why]
+    if unreadable:
+        shown = "; ".join(unreadable[:10]) + (f" and {len(unreadable) - 10} more" if len(unreadable) > 10 else "")
+        return EnvCheck("readable", WARN, f"{user} cannot read {shown}: backups leave them out (and say so); GRANT SELECT to back them up")
+    return EnvCheck("readable", OK, f"{user} can read every table a backup dumps ({sum(1 for _, counted, _ in rows if counted)} tables)")
 
 
 def check_redis(settings: Settings) -> EnvCheck:

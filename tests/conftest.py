@@ -3,7 +3,19 @@ from __future__ import annotations
 import pytest
 import redis
 
-from tests.servers import REDIS_URL, Env, PrivateCluster, PrivateRedis, create_database, delete_prefix, drop_database, new_env
+from tests.servers import (
+    REDIS_URL,
+    Env,
+    PrivateCluster,
+    PrivateRedis,
+    create_database,
+    delete_prefix,
+    drop_database,
+    drop_least_privilege_env,
+    new_env,
+    new_least_privilege_env,
+    setup_least_privilege,
+)
 
 
 @pytest.fixture
@@ -23,6 +35,22 @@ def env(tmp_path, redis_client) -> Env:
     finally:
         world.stop_workers()
         drop_database(world.name)
+        delete_prefix(redis_client, world.prefix)
+
+
+@pytest.fixture
+def least_privilege_env(tmp_path, redis_client) -> Env:
+    """Like ``env``, but dbagent connects as a non-superuser migration role owning the database (docs/least-privilege.md).
+
+    ``env.sql`` runs as that role, ``env.admin_sql`` as the superuser; the roles are dropped afterwards with all they own.
+    """
+    world = new_least_privilege_env(tmp_path)
+    try:
+        setup_least_privilege(world)
+        yield world
+    finally:
+        world.stop_workers()
+        drop_least_privilege_env(world)
         delete_prefix(redis_client, world.prefix)
 
 

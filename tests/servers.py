@@ -33,6 +33,15 @@ def db_url(name: str, admin: str = ADMIN_URL) -> str:
     return admin.rsplit("/", 1)[0] + "/" + name
 
 
+def role_url(url: str, role: str) -> str:
+    """The same server and database, connecting as ``role`` (no password: the test servers trust local logins)."""
+    from urllib.parse import urlsplit, urlunsplit
+
+    parts = urlsplit(url)
+    netloc = f"{role}@{parts.hostname}" + (f":{parts.port}" if parts.port else "")
+    return urlunsplit(parts._replace(netloc=netloc))
+
+
 def create_database(name: str, admin: str = ADMIN_URL) -> None:
     with psycopg.connect(admin, autocommit=True) as conn:
         conn.execute(f'CREATE DATABASE "{name}"')
@@ -175,10 +184,22 @@ class Env:
     lock_timeout: str = "5s"
     workers: list[subprocess.Popen] = field(default_factory=list)
     _logs: dict[int, Path] = field(default_factory=dict)
+    role: str | None = None  # dbagent connects as this role instead of the admin's (least_privilege_env)
+    app_role: str | None = None  # the application's role of a least_privilege_env
 
     @property
     def url(self) -> str:
+        return role_url(db_url(self.name, self.admin), self.role) if self.role else db_url(self.name, self.admin)
+
+    @property
+    def admin_db_url(self) -> str:
+        """This test's database, as the admin (a superuser) rather than ``role``."""
         return db_url(self.name, self.admin)
+
+    def admin_sql(self, query: str, *params: Any) -> list[tuple]:
+        with psycopg.connect(self.admin_db_url, autocommit=True) as conn:
+            cur = conn.execute(query, params or None)
+            return cur.fetchall() if cur.description else []
 
     @property
     def config(self) -> Path:
@@ -340,3 +361,65 @@ def copy_migrations(tmp: Path, extra: dict[str, str] | None = None, upto: int | 
 def new_env(tmp: Path) -> Env:
     token = uuid.uuid4().hex[:10]
     return Env(name=f"dbagent_t_{token}", prefix=f"dbagent-test-{token}", tmp=tmp)
+
+
+# -- least privilege: the roles of docs/least-privilege.md ---------------------------
+
+LEAST_PRIVILEGE_DOC = ROOT / "docs" / "least-privilege.md"
+# The names the page's SQL uses, and what a test replaces them with.
+DOC_MIGRATOR, DOC_APP, DOC_DATABASE = "migrator", "aegisx_app", "aegisx"
+
+
+def least_privilege_sql(block: str) -> str:
+    """The SQL block of docs/least-privilege.md marked ``<!-- least-privilege: {block} -->``, verbatim."""
+    import re
+
+    text = LEAST_PRIVILEGE_DOC.read_text()
+    match = re.search(rf"<!-- least-privilege: {block} -->\s*```sql\n(.*?)```", text, re.DOTALL)
+    if match is None:
+        raise AssertionError(f"{LEAST_PRIVILEGE_DOC}: no SQL block marked 'least-privilege: {block}'")
+    return match.group(1)
+
+
+def sql_statements(sql: str, names: dict[str, str]) -> list[str]:
+    """The statements of a doc block, its role and database names replaced by a test's (whole identifiers only)."""
+    import re
+
+    pattern = re.compile(r"\b(" + "|".join(sorted(map(re.escape, names), key=len, reverse=True)) + r")\b")
+    body = "\n".join(line for line in sql.splitlines() if not line.lstrip().startswith("--"))
+    return [pattern.sub(lambda m: names[m.group(1)], s).strip() for s in body.split(";") if s.strip()]
+
+
+def new_least_privilege_env(tmp: Path) -> Env:
+    """A world whose dbagent connects as a fresh non-superuser migration role (created by ``setup_least_privilege``)."""
+    token = uuid.uuid4().hex[:10]
+    app = f"dbagent_app_{token}"
+    return Env(name=f"dbagent_t_{token}", prefix=f"dbagent-test-{token}", tmp=tmp, role=f"dbagent_mig_{token}",
+               app_role=app, extra_config=f'app_user = "{app}"')
+
+
+def setup_least_privilege(world: Env) -> None:
+    """The roles and the database of docs/least-privilege.md, by its own SQL: the server block, then the database's as the role."""
+    names = {DOC_MIGRATOR: world.role, DOC_APP: world.app_role, DOC_DATABASE: world.name}
+    with psycopg.connect(world.admin, autocommit=True) as conn:
+        for statement in sql_statements(least_privilege_sql("server"), names):
+            conn.execute(statement)
+    with psycopg.connect(world.url, autocommit=True) as conn:
+        for statement in sql_statements(least_privilege_sql("database"), names):
+            conn.execute(statement)
+
+
+def drop_least_privilege_env(world: Env) -> None:
+    """The database, anything else the test's roles own (scratch databases, objects elsewhere), and the roles."""
+    roles = [r for r in (world.role, world.app_role) if r]
+    drop_database(world.name, world.admin)
+    with psycopg.connect(world.admin, autocommit=True) as conn:
+        owned = conn.execute(
+            "SELECT datname FROM pg_database WHERE datdba IN (SELECT oid FROM pg_roles WHERE rolname = ANY(%s))", (roles,)
+        ).fetchall()
+        for (name,) in owned:
+            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        for role in roles:
+            if conn.execute("SELECT 1 FROM pg_roles WHERE rolname = %s", (role,)).fetchone():
+                conn.execute(f'DROP OWNED BY "{role}"')
+                conn.execute(f'DROP ROLE "{role}"')
