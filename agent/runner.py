@@ -846,6 +846,8 @@ def migrate(run: Run) -> dict[str, Any]:
             # The schema is not touched unless this succeeded and read back against its checksum.
             manifest = backup_operations.take_backup(run, BackupKind.FULL, Trigger.PRE_MIGRATION)
             backup = {"path": str(manifest.path(run.db.backup_dir or "")), "sha256": manifest.sha256, "bytes": manifest.bytes}
+            if manifest.skipped:  # what the migration role could not read is not in the backup: the result says so
+                backup["skipped"] = [s.model_dump() for s in manifest.skipped]
             run.phase(backup=backup)
         # What verification compares the run against; nothing is changed if it cannot be read.
         baseline = capture_baseline(run.conn, run.db)

@@ -308,3 +308,16 @@ def test_env_validate_warns_of_a_superuser(env):
     checks = validate_in_process(env)
     assert checks["privileges"][0] == "warn" and "superuser" in checks["privileges"][1]
     assert checks["createdb"][0] == "ok" and checks["readable"][0] == "ok"
+
+
+def test_a_migrates_result_names_what_its_pre_migration_backup_left_out(least_privilege_env, redis_client):
+    env = least_privilege_env
+    env.extra_config += "\npre_migration_backup = true"
+    running_as_the_role(env, redis_client)
+    assert env.cli("migrate", "--to", "010", "--json").code == 0
+    table = a_table_the_role_cannot_read(env)
+    run = env.cli("migrate", "--json")
+    assert run.code == 0, run.stdout + run.stderr
+    backup = run.json()["backup"]
+    assert isinstance(backup, dict), run.json()
+    assert {"table": table, "reason": f"not readable by {env.role}: no SELECT on the table"} in backup["skipped"]
