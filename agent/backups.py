@@ -10,6 +10,7 @@ through a private passfile, never their argv.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -546,11 +547,17 @@ def write_manifest(path: Path, manifest: Manifest) -> None:
     """Write the manifest atomically (temp + rename), 0600."""
     target = path.with_name(path.name + MANIFEST_SUFFIX)
     fd, tmp = tempfile.mkstemp(prefix=PARTIAL_PREFIX + f"{os.getpid()}-", dir=path.parent)
-    with os.fdopen(fd, "w") as handle:
-        handle.write(manifest.model_dump_json(indent=2))
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, target)
+    try:
+        with os.fdopen(fd, "w") as handle:
+            handle.write(manifest.model_dump_json(indent=2))
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, target)
+    except BaseException:
+        # A full disk (or a stop) while writing: no half-written temp file is left behind.
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
     _fsync_dir(path.parent)
 
 

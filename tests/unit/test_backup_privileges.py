@@ -75,3 +75,31 @@ def test_a_restore_reads_its_filtered_list(tools):
     assert manifest.skipped == []  # manifests written before skipping existed read as skipping nothing
     argv = bk.restore_argv(Path("/b/x.dump"), manifest, 1, use_list=Path("/b/.partial-1-x.list"))
     assert "--use-list=/b/.partial-1-x.list" in argv and argv[-1] == "/b/x.dump" and "--clean" in argv
+
+
+def test_a_manifest_that_does_not_fit_on_the_disk_leaves_no_partial_file(tmp_path):
+    """A real write failure: the process may write files of at most 64 bytes (RLIMIT_FSIZE), as a full disk."""
+    import subprocess
+    import sys
+
+    program = f"""
+import resource, signal, sys
+from datetime import UTC, datetime
+from pathlib import Path
+from agent import backups as bk
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+resource.setrlimit(resource.RLIMIT_FSIZE, (64, 64))
+now = datetime.now(UTC)
+manifest = bk.Manifest(file="x.dump", type="full", format="custom", compression=None, sha256="0" * 64, bytes=1,
+    database="d", db="d", server_version="15", pg_dump_version="15", revision=None, started=now, finished=now,
+    trigger="manual", command_id=None, actor=None, table_count=0, verified=True)
+try:
+    bk.write_manifest(Path({str(tmp_path / "x.dump")!r}), manifest)
+except OSError as exc:
+    print("refused:", exc.errno)
+    sys.exit(0)
+sys.exit("the manifest was written past the limit")
+"""
+    done = subprocess.run([sys.executable, "-c", program], capture_output=True, text=True, cwd=Path(__file__).parents[2])
+    assert done.returncode == 0 and "refused: 27" in done.stdout, done.stdout + done.stderr  # EFBIG
+    assert list(tmp_path.iterdir()) == []
