@@ -539,18 +539,28 @@ def validate(
     as_json: JsonOpt = False,
     rehearse: Annotated[bool, typer.Option("--rehearse", help="Then apply each pending migration up, down and up again on a scratch database, comparing schemas.")] = False,
     from_empty: Annotated[bool, typer.Option("--from-empty", help="With --rehearse: start from an empty database, not the newest schema backup.")] = False,
+    allow: Annotated[list[str] | None, typer.Option(
+        "--allow", metavar="RULE", help="Report errors of this rule without failing (repeatable), as migrate --allow.",
+    )] = None,
 ) -> None:
     """Static checks of the scripts, a lint of the SQL each upgrade() emits (pglast), checksums of the applied ones."""
     from agent import preflight
+    from agent.validate import AUTO, detect_naming, load_sources
 
     db_name, database = settings().database(db)
+    try:
+        allowed = preflight.check_allow(allow or [])
+    except BadInput as exc:
+        err.print(f"error: {exc.message}")
+        raise typer.Exit(2) from None
+    naming = database.naming if database.naming != AUTO else detect_naming(load_sources(database.migrations))
     current, recorded, unchecked = _applied_checksums(database)
-    findings = preflight.findings(database.migrations, current=current, recorded=recorded)
+    findings = preflight.findings(database.migrations, naming=naming, current=current, recorded=recorded)
     if unchecked:
         findings.append(preflight.finding(None, "checksums-unchecked", "warning", unchecked))
     rehearsal: dict[str, Any] | None = None
-    # The rehearsal applies the scripts: only once they form one sound chain.
-    sound = not any(f["rule"] in preflight.STRUCTURAL_RULES and f["severity"] == "error" for f in findings)
+    # The rehearsal applies the scripts: it needs a graph Alembic can walk, nothing more.
+    sound = not any(f["rule"] in preflight.GRAPH_RULES and f["severity"] == "error" for f in findings)
     if rehearse and sound:
         from agent.rehearse import rehearse as run_rehearsal
 
@@ -560,14 +570,19 @@ def validate(
         rehearsal = outcome.to_json()
     elif rehearse:
         findings.append(preflight.finding(
-            None, "rehearsal-skipped", "warning", "the rehearsal needs one sound chain of scripts: fix the errors above first"
+            None, "rehearsal-skipped", "warning", "the rehearsal needs a revision graph Alembic can walk: fix the errors above first"
         ))
-    status = "failed" if any(f["severity"] == "error" for f in findings) else "passed"
+    verdict = preflight.Verdict(findings, allowed)
+    status = "failed" if verdict.blocking else "passed"
+    detected = " (detected)" if database.naming == AUTO else ""
     if as_json:
-        _print_json({"status": status, "findings": findings, **({"rehearsal": rehearsal} if rehearse else {})})
+        _print_json({
+            "status": status, "naming": naming, "naming_detected": database.naming == AUTO, "findings": findings,
+            "allowed": verdict.to_json()["allowed"], **({"rehearsal": rehearsal} if rehearse else {}),
+        })
     else:
         _render_findings(findings)
-        out.print(f"validate: {status} ({len(findings)} finding(s)) in {database.migrations}")
+        out.print(f"validate: {status} ({len(findings)} finding(s)) in {database.migrations}; naming: {naming}{detected}")
     raise typer.Exit(1 if status == "failed" else 0)
 
 
@@ -581,7 +596,7 @@ def _applied_checksums(database: DatabaseSettings) -> tuple[str | None, dict[str
 
     try:
         with pg_connection(database, application_name="dbagent validate") as conn:
-            current = Migrator.current(conn)
+            current = Migrator(database.migrations, database.url).current(conn)
             recorded = store.applied_checksums(conn)
             conn.rollback()
             return current, recorded, None

@@ -402,8 +402,8 @@ def _named(name: str | None) -> str:
     return f" {name}" if name else ""
 
 
-def _is_version_table(name: str) -> bool:
-    return name == VERSION_TABLE or name.endswith("." + VERSION_TABLE)
+def _is_version_table(name: str, version_table: str = VERSION_TABLE) -> bool:
+    return name == version_table or name.endswith("." + version_table)
 
 
 def _children(node: ast.Node) -> Iterator[ast.Node]:
@@ -456,9 +456,11 @@ class _Linter:
     """Walks the statements of one migration in order, keeping the state the rules need."""
 
     def __init__(
-        self, sql: str, revision: str | None, file: str | None, runner_sets_lock_timeout: bool
+        self, sql: str, revision: str | None, file: str | None, runner_sets_lock_timeout: bool,
+        version_table: str = VERSION_TABLE,
     ) -> None:
         self.sql = sql
+        self.version_table = version_table  # Alembic's own writes to it are not the migration's
         self.revision = revision
         self.file = file
         self.runner_sets_lock_timeout = runner_sets_lock_timeout
@@ -576,7 +578,7 @@ class _Linter:
     def create_table(self, stmt: ast.CreateStmt) -> None:
         table = _table(stmt.relation)
         # IF NOT EXISTS may find the table already there, full of rows: not new.
-        if not stmt.if_not_exists and not _is_version_table(table):
+        if not stmt.if_not_exists and not _is_version_table(table, self.version_table):
             self.new_tables.add(table)
 
     def create_table_as(self, stmt: ast.CreateTableAsStmt) -> None:
@@ -623,7 +625,7 @@ class _Linter:
                 self.access_exclusive(f"DROP INDEX {', '.join(existing)}")
         elif kind == ObjectType.OBJECT_TABLE:
             names = [_name(obj) for obj in stmt.objects]
-            existing = [n for n in names if not self.is_new(n) and not _is_version_table(n)]
+            existing = [n for n in names if not self.is_new(n) and not _is_version_table(n, self.version_table)]
             self.new_tables.difference_update(names)
             if existing:
                 self.report("drop-table", f"drops table {', '.join(existing)}")
@@ -747,7 +749,7 @@ class _Linter:
 
     def data_change(self, stmt: Any) -> None:
         table = _table(stmt.relation)
-        if _is_version_table(table):
+        if _is_version_table(table, self.version_table):
             return
         verb = type(stmt).__name__.removesuffix("Stmt").upper()
         self.report("data-change", f"{verb} on {table} changes data")
@@ -821,6 +823,7 @@ def lint_sql(
     runner_sets_lock_timeout: bool = True,
     disabled: dict[str, str] | None = None,
     file: str | None = None,
+    version_table: str = VERSION_TABLE,
 ) -> list[LintFinding]:
     """Every risky statement in the SQL of one migration, in statement order.
 
@@ -848,7 +851,7 @@ def lint_sql(
             )
         )
         return findings
-    linter = _Linter(sql, revision, file, runner_sets_lock_timeout)
+    linter = _Linter(sql, revision, file, runner_sets_lock_timeout, version_table)
     findings.extend(f for f in linter.run(statements) if f.rule not in off)
     return findings
 
@@ -871,6 +874,7 @@ def lint_migrations(
 
     migrator = migrator or Migrator(script_location, url)
     render = render or migrator.offline_sql
+    version_table = migrator.environment().version_table
     findings: list[LintFinding] = []
     for step in migrator.upgrade_plan(None):
         if only is not None and step.revision not in only:
@@ -900,6 +904,7 @@ def lint_migrations(
                 runner_sets_lock_timeout=runner_sets_lock_timeout,
                 disabled=disabled,
                 file=path.name,
+                version_table=version_table,
             )
         )
     return findings

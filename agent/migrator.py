@@ -21,6 +21,7 @@ from alembic.script import Script, ScriptDirectory
 from alembic.util import CommandError
 from sqlalchemy import Connection
 
+from agent.connections import sqlalchemy_url
 from agent.errors import BadInput
 
 BASE = "base"
@@ -40,6 +41,7 @@ class Step:
     down_revision: str | None
     description: str
     direction: str  # "up" | "down"
+    parents: tuple[str, ...] = ()  # every down_revision: two or more for a merge
 
     @property
     def destination(self) -> str:
@@ -50,8 +52,61 @@ class Step:
         return {"revision": self.revision, "description": self.description, "direction": self.direction}
 
 
+@dataclass(frozen=True)
+class EnvFacts:
+    """What the project's env.py configures that dbagent must honour, read by running it offline."""
+
+    version_table: str = "alembic_version"
+    version_table_schema: str | None = None
+    transaction_per_migration: bool = False
+    error: str | None = None  # env.py could not run offline: the defaults stand
+
+    @property
+    def qualified_version_table(self) -> str:
+        return f"{self.version_table_schema}.{self.version_table}" if self.version_table_schema else self.version_table
+
+
+# What env.py's run_migrations_online() needs to run on dbagent's connection: Alembic's own
+# recipe ("Sharing a Connection across one or more programmatic migration commands").
+ENV_CONTRACT = """\
+    connectable = config.attributes.get("connection", None)
+    if connectable is None:  # run by plain alembic: its own engine, as before
+        connectable = engine_from_config(
+            config.get_section(config.config_ini_section, {}), prefix="sqlalchemy.", poolclass=pool.NullPool
+        )
+        with connectable.connect() as connection:
+            do_run_migrations(connection)
+    else:  # run by dbagent: the connection holding the database's lock and timeouts
+        do_run_migrations(connectable)"""
+
+
+class ForeignConnection(BadInput):
+    """env.py configured Alembic with a connection other than the one dbagent passed."""
+
+
+def find_ini(location: Path) -> Path | None:
+    """The project's alembic.ini: beside env.py or one level up, if its script_location is this directory."""
+    for candidate in (location / "alembic.ini", location.parent / "alembic.ini"):
+        if not candidate.is_file():
+            continue
+        try:
+            configured = Config(str(candidate)).get_main_option("script_location")
+        except Exception:  # noqa: BLE001 - an ini that does not parse is not this project's
+            continue
+        if configured and (candidate.parent / configured).resolve() == location.resolve():
+            return candidate
+    return None
+
+
 class Migrator:
-    """The migration scripts of one database and the operations on them."""
+    """The migration scripts of one database and the operations on them.
+
+    The project's own alembic.ini (``find_ini``) is read for its settings
+    (``file_template``, ``version_locations``, ``path_separator``…), with
+    dbagent's URL as ``sqlalchemy.url``: the URL in the ini is never used.
+    What env.py configures (the version table) is read by running it offline
+    once (``environment``).
+    """
 
     def __init__(self, script_location: str | Path, url: str) -> None:
         location = Path(script_location)
@@ -59,13 +114,40 @@ class Migrator:
             raise BadInput(f"{location}: not an Alembic script directory (no env.py)")
         self.location = location
         self.url = url
+        self.ini = find_ini(location)
         self.script = ScriptDirectory.from_config(self._config())
+        self._facts: EnvFacts | None = None
 
     def _config(self, output_buffer: io.StringIO | None = None) -> Config:
-        cfg = Config(output_buffer=output_buffer)
+        cfg = Config(file_=str(self.ini) if self.ini else None, output_buffer=output_buffer)
+        if self.ini is not None:
+            cfg.file_config  # noqa: B018 - the project's settings are read now…
+            cfg.config_file_name = None  # …and env.py's fileConfig() then leaves the worker's logging alone
         cfg.set_main_option("script_location", str(self.location))
+        cfg.set_main_option("sqlalchemy.url", sqlalchemy_url(self.url).replace("%", "%%"))
         cfg.attributes["url"] = self.url
         return cfg
+
+    def environment(self) -> EnvFacts:
+        """The version table (and schema) env.py configures, read once by running it offline."""
+        if self._facts is None:
+            seen: dict[str, Any] = {}
+
+            def fn(rev: Any, context: Any) -> Any:
+                seen.update(
+                    version_table=context.version_table,
+                    version_table_schema=context.version_table_schema,
+                    transaction_per_migration=bool(context._transaction_per_migration),
+                )
+                return []
+
+            try:
+                with EnvironmentContext(self._config(io.StringIO()), self.script, fn=fn, as_sql=True):
+                    self.script.run_env()
+                self._facts = EnvFacts(**seen) if seen else EnvFacts(error="env.py did not run the migrations offline")
+            except BaseException as exc:  # noqa: BLE001 - env.py is the project's code; SystemExit included
+                self._facts = EnvFacts(error=f"{type(exc).__name__}: {exc}")
+        return self._facts
 
     # -- the revision graph -------------------------------------------------
 
@@ -96,9 +178,8 @@ class Migrator:
 
     def _step(self, script: Script, direction: str) -> Step:
         down = script.down_revision
-        if isinstance(down, tuple | list):
-            down = down[0] if down else None
-        return Step(script.revision, down, self.describe(script), direction)
+        parents = tuple(down) if isinstance(down, tuple | list) else ((down,) if down else ())
+        return Step(script.revision, parents[0] if parents else None, self.describe(script), direction, parents)
 
     def upgrade_plan(self, current: str | None, target: str | None = None) -> list[Step]:
         """The steps from current up to target (default: head), oldest first."""
@@ -145,10 +226,12 @@ class Migrator:
 
     # -- the database -------------------------------------------------------
 
-    @staticmethod
-    def current(conn: Connection) -> str | None:
-        """The revision the database is at (None: base), read on conn and committed."""
-        context = MigrationContext.configure(conn)
+    def current(self, conn: Connection) -> str | None:
+        """The revision the database is at (None: base), read on conn from env.py's version table, committed."""
+        facts = self.environment()
+        context = MigrationContext.configure(
+            conn, opts={"version_table": facts.version_table, "version_table_schema": facts.version_table_schema}
+        )
         heads = context.get_current_heads()
         conn.commit()
         if len(heads) > 1:
@@ -173,17 +256,37 @@ class Migrator:
         cfg.attributes["on_version_apply"] = on_version_apply
         destination = step.destination
 
-        if step.direction == "up":
-            def fn(rev: Any, context: Any) -> Any:
+        def fn(rev: Any, context: Any) -> Any:
+            # Called by env.py's run_migrations(), before any migration runs.
+            _check_connection(context, conn)
+            if on_version_apply is not None and on_version_apply not in context.on_version_apply_callbacks:
+                # env.py did not pass it on: the change log still commits inside the step.
+                context.on_version_apply_callbacks = (*context.on_version_apply_callbacks, on_version_apply)
+            if step.direction == "up":
                 return self.script._upgrade_revs(destination, rev)
-        else:
-            def fn(rev: Any, context: Any) -> Any:
-                return self.script._downgrade_revs(destination, rev)
+            return self.script._downgrade_revs(destination, rev)
 
         with EnvironmentContext(cfg, self.script, fn=fn, destination_rev=destination):
             self.script.run_env()
         if conn.in_transaction():
             conn.commit()
+
+    def check_environment(self, conn: Connection) -> None:
+        """Run env.py online on conn with nothing to migrate: ForeignConnection if it configures Alembic with a
+        connection of its own; committed. What ``env validate`` and every writer check before the first step."""
+        cfg = self._config()
+        cfg.attributes["connection"] = conn
+
+        def fn(rev: Any, context: Any) -> Any:
+            _check_connection(context, conn)
+            return []
+
+        try:
+            with EnvironmentContext(cfg, self.script, fn=fn, dont_mutate=True):
+                self.script.run_env()
+        finally:
+            if conn.in_transaction():
+                conn.rollback()
 
     def offline_sql_many(self, steps: list[Step]) -> dict[Step, str]:
         """The offline SQL of consecutive steps (one direction), rendered in one pass and split per step.
@@ -221,7 +324,9 @@ class Migrator:
         buffer = io.StringIO()
         cfg = self._config(buffer)
         if step.direction == "up":
-            start, destination = step.down_revision, step.revision
+            # A merge starts from all of its parents: from one alone, the other branch would render with it.
+            start: Any = step.parents if len(step.parents) > 1 else step.down_revision
+            destination = step.revision
 
             def fn(rev: Any, context: Any) -> Any:
                 return self.script._upgrade_revs(destination, rev)
@@ -236,3 +341,22 @@ class Migrator:
         ):
             self.script.run_env()
         return buffer.getvalue()
+
+
+def _check_connection(context: Any, conn: Connection) -> None:
+    """Refuse, before any migration runs, an env.py that migrates on a connection other than dbagent's."""
+    theirs = getattr(context, "connection", None)
+    if theirs is conn:
+        return
+    same = False
+    try:
+        same = theirs is not None and theirs.connection.dbapi_connection is conn.connection.dbapi_connection
+    except Exception:  # noqa: BLE001 - not a SQLAlchemy connection at all
+        same = False
+    if not same:
+        raise ForeignConnection(
+            "env.py ran the migrations on a connection of its own, not on the one dbagent passes in"
+            ' config.attributes["connection"] (which holds the database\'s advisory lock, lock_timeout and'
+            " statement_timeout): nothing was migrated. In env.py's run_migrations_online(), use it when it"
+            " is there:\n" + ENV_CONTRACT
+        )

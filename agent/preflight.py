@@ -83,12 +83,14 @@ def checksum_findings(migrator: Migrator, current: str | None, recorded: dict[st
 STRUCTURAL_RULES = frozenset({
     "syntax", "naming", "revision-id", "downgrade", "duplicate-revision", "sequence", "chain", "single-head", "empty",
 })
+# Errors that leave no revision graph to walk: no rehearsal then.
+GRAPH_RULES = frozenset({"syntax", "duplicate-revision", "chain", "single-head", "lint-skipped"})
 
 
 def known_rules() -> set[str]:
     from agent.lint import RULES
 
-    return set(RULES) | STRUCTURAL_RULES | {CHANGED}
+    return set(RULES) | STRUCTURAL_RULES | {CHANGED, "lint-skipped"}
 
 
 def check_allow(rules: Iterable[str]) -> list[str]:
@@ -103,6 +105,7 @@ def check_allow(rules: Iterable[str]) -> list[str]:
 def findings(
     location: str | Path,
     *,
+    naming: str = "auto",
     migrator: Migrator | None = None,
     current: str | None = None,
     recorded: dict[str, dict[str, Any]] | None = None,
@@ -117,16 +120,32 @@ def findings(
     gives a step's offline SQL (a caller that needs it too renders it once).
     """
     from agent.lint import lint_migrations
-    from agent.validate import check_sources, load_sources, status_of
+    from agent.validate import check_sources, load_sources
 
-    structural = check_sources(load_sources(location))
+    structural = check_sources(load_sources(location), naming)
     out = [finding(f.revision, f.rule, str(f.severity), f.message, file=f.file) for f in structural]
-    if status_of(structural) != "passed":
-        return out  # the lint and the checksums need one sound chain
-    out += [f.to_json() for f in lint_migrations(location, only=lint_only, migrator=migrator, render=render)]
+    # Each part on its own: a structural error in one script hides neither the lint of the others
+    # nor its own; only what cannot be read at all (a graph Alembic refuses) stops a part, said so.
+    try:
+        migrator = migrator or Migrator(location, "postgresql://validate@localhost/validate")
+    except Exception as exc:  # noqa: BLE001 - Alembic refuses the scripts: nothing more can be rendered
+        out.append(finding(None, "lint-skipped", "error", f"the scripts cannot be loaded by Alembic: {_described(exc)}"))
+        return out
+    try:
+        out += [f.to_json() for f in lint_migrations(location, only=lint_only, migrator=migrator, render=render)]
+    except Exception as exc:  # noqa: BLE001 - a graph the plan cannot walk (several heads)
+        out.append(finding(None, "lint-skipped", "error", f"the SQL of the scripts was not linted: {_described(exc)}"))
     if recorded is not None:
-        out += checksum_findings(migrator or Migrator(location, "postgresql://validate@localhost/validate"), current, recorded)
+        try:
+            out += checksum_findings(migrator, current, recorded)
+        except Exception as exc:  # noqa: BLE001
+            out.append(finding(None, "checksums-unchecked", "warning", f"checksums not checked: {_described(exc)}"))
     return out
+
+
+def _described(exc: BaseException) -> str:
+    message = getattr(exc, "message", None) or str(exc)
+    return f"{type(exc).__name__}: {message}" if not isinstance(exc, DbAgentError) else message
 
 
 def status_of(found: list[dict[str, Any]]) -> str:

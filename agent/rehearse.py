@@ -288,8 +288,8 @@ _CATALOG_QUERIES = [
 ]
 
 
-def take_snapshot(conn: Connection) -> dict[str, SchemaObject]:
-    """The schema of the database conn is on (without dbagent's schema and alembic_version), committed."""
+def take_snapshot(conn: Connection, version_table: str = "alembic_version") -> dict[str, SchemaObject]:
+    """The schema of the database conn is on (without dbagent's schema and Alembic's version table), committed."""
     if conn.in_transaction():
         conn.commit()
     objects = []
@@ -298,8 +298,9 @@ def take_snapshot(conn: Connection) -> dict[str, SchemaObject]:
     # The raw cursor takes the queries verbatim (their '%' are format()'s, not placeholders).
     cursor = conn.connection.cursor()
     try:
+        literal = "'" + version_table.replace("'", "''") + "'"
         for query in _CATALOG_QUERIES:
-            cursor.execute(query)
+            cursor.execute(query.replace("'alembic_version'", literal))
             for kind, name, definition, parent in cursor.fetchall():
                 objects.append(SchemaObject(kind, name, definition or "", parent))
     finally:
@@ -393,7 +394,11 @@ def _rehearse_in(
     with pg_connection(scratch, application_name="dbagent rehearse") as conn:
         apply_timeouts(conn, scratch)
         if rehearsal.revision_from is not None:
-            conn.exec_driver_sql("INSERT INTO alembic_version (version_num) VALUES (%(rev)s)", {"rev": rehearsal.revision_from})
+            facts = steps_migrator.environment()
+            table = ".".join(
+                '"' + part.replace('"', '""') + '"' for part in (facts.version_table_schema, facts.version_table) if part
+            )
+            conn.exec_driver_sql(f"INSERT INTO {table} (version_num) VALUES (%(rev)s)", {"rev": rehearsal.revision_from})
             conn.commit()
         plan = steps_migrator.upgrade_plan(steps_migrator.current(conn))
         if not plan:
@@ -464,7 +469,8 @@ def _rehearse_step(
         outcome.duration_ms = round((time.monotonic() - started) * 1000)
         return outcome
 
-    before = take_snapshot(conn)
+    version_table = migrator.environment().version_table
+    before = take_snapshot(conn, version_table)
     baseline = capture_baseline(conn, scratch)
     error = _apply(conn, migrator, step)
     if error:
@@ -480,7 +486,7 @@ def _rehearse_step(
         finding("rehearsal-downgrade-failed", f"downgrade of {step.revision} failed: {error}",
                 "downgrade() must reverse upgrade() on the schema upgrade() leaves")
         return done()
-    differences = compare(before, take_snapshot(conn))
+    differences = compare(before, take_snapshot(conn, version_table))
     when = f"after downgrade of {step.revision}"
     for difference in differences[:MAX_DIFFERENCES_SHOWN]:
         finding("rehearsal-downgrade-mismatch", difference.describe(when), difference.fix())

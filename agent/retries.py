@@ -141,7 +141,7 @@ def _alter_table_mode(stmt: ast.AlterTableStmt) -> tuple[str, list[str]]:
     return mode or ACCESS_EXCLUSIVE, referenced
 
 
-def lock_targets(sql: str) -> dict[str, str]:
+def lock_targets(sql: str, version_table: str = "alembic_version") -> dict[str, str]:
     """The existing tables a step's SQL locks, each with the strongest mode asked for.
 
     Tables the same SQL creates are left out (nobody else can hold them), and so
@@ -157,7 +157,7 @@ def lock_targets(sql: str) -> dict[str, str]:
     targets: dict[str, str] = {}
 
     def want(name: str | None, mode: str) -> None:
-        if name and name not in created and name.rsplit(".", 1)[-1] != "alembic_version":
+        if name and name not in created and name.rsplit(".", 1)[-1] != version_table:
             targets[name] = _stronger(targets.get(name), mode)
 
     for raw in statements:

@@ -146,8 +146,10 @@ _migrators_lock = threading.Lock()
 
 def cached_migrator(location: str, url: str) -> Migrator:
     """The scripts of a directory, parsed again only when a file in it changed."""
-    versions = Path(location) / "versions"
-    stamp = tuple(sorted((p.name, p.stat().st_mtime_ns, p.stat().st_size) for p in versions.glob("*.py")))
+    root = Path(location)
+    # The scripts, and what configures them (env.py's version table, the project's alembic.ini).
+    files = [*(root / "versions").glob("*.py"), *(f for f in (root / "env.py", root / "alembic.ini") if f.is_file())]
+    stamp = tuple(sorted((str(p), p.stat().st_mtime_ns, p.stat().st_size) for p in files))
     with _migrators_lock:
         cached = _migrators.get((location, url))
         if cached is None or cached[0] != stamp:
@@ -477,13 +479,13 @@ def _report(
     eventlog = EventLog(client, settings.redis.prefix)
     journal = Journal(eventlog, settings.redis.prefix, db_name, command, db)
     journal.conn = conn
-    try:
-        current, known = Migrator.current(conn), True
-    except Exception:  # noqa: BLE001 - a version table that cannot be read: said so in the report
-        rollback_quietly(conn)
-        current, known = None, False
-    if not (Path(db.migrations) / "env.py").is_file():
-        current, known = None, False
+    current, known = None, False
+    if (Path(db.migrations) / "env.py").is_file():
+        try:
+            current, known = cached_migrator(db.migrations, db.url).current(conn), True
+        except Exception:  # noqa: BLE001 - a version table that cannot be read: said so in the report
+            rollback_quietly(conn)
+            current, known = None, False
     kept = _remove_unfinished_backup(db, row.get("plan") or {})
     report = lifecycle.interrupted_report(
         row["type"], row["status"], row.get("plan"), revision_now=current, revision_now_known=known, reason=reason,
@@ -821,6 +823,8 @@ def migrate(run: Run) -> dict[str, Any]:
     plan = migrator.upgrade_plan(before, args.to)
     target = plan[-1].revision if plan else before
     run.phase(Phase.VALIDATION, target=target, steps=[s.to_json() for s in plan])
+    if plan:
+        _check_environment(run, before)
     run.render_offline(plan)
     validation = _preflight(run, before, plan, args)
     if args.dry_run:
@@ -884,6 +888,20 @@ def migrate(run: Run) -> dict[str, Any]:
     return {**facts, **verified, "validation": validation}
 
 
+def _check_environment(run: Run, before: str | None) -> None:
+    """Refuse, before anything changes, an env.py that would migrate outside the lock (its own connection)."""
+    try:
+        run.migrations().check_environment(run.conn)
+    except DbAgentError as exc:
+        exc.details.update(revision_before=before, revision_after=before, revision_before_known=True)
+        raise
+    except Exception as exc:  # noqa: BLE001 - env.py is the project's code
+        raise OperationFailed(
+            f"env.py failed before any migration ran: {type(exc).__name__}: {redact(exc)}",
+            revision_before=before, revision_after=before, revision_before_known=True,
+        ) from None
+
+
 def _preflight(run: Run, before: str | None, plan: list[Step], args: MigrateArgs) -> dict[str, Any] | None:
     """Validate the scripts before touching anything; an error stops the run unless --allow names its rule.
 
@@ -897,7 +915,7 @@ def _preflight(run: Run, before: str | None, plan: list[Step], args: MigrateArgs
     recorded = store.applied_checksums(run.conn)
     run.conn.commit()
     found = preflight.findings(
-        run.db.migrations, migrator=run.migrations(), current=before, recorded=recorded,
+        run.db.migrations, naming=run.db.naming, migrator=run.migrations(), current=before, recorded=recorded,
         lint_only={s.revision for s in plan}, render=run.offline_sql,
     )
     verdict = preflight.Verdict(found, allow)
@@ -935,6 +953,8 @@ def rollback(run: Run) -> dict[str, Any]:
     if args.cause is not None:
         _check_automatic_rollback(run, cause, target, before)
     run.phase(target=target, steps=[s.to_json() for s in plan])
+    if plan:
+        _check_environment(run, before)
     run.render_offline(plan)
     run.emit(EventType.ROLLBACK_STARTED, revision_before=before, target=target, steps=[s.to_json() for s in plan],
              cause=args.cause)
@@ -1116,7 +1136,7 @@ def _set_lock_timeout(conn: Connection, seconds: float) -> None:
 def _lock_targets(run: Run, step: Step) -> dict[str, str]:
     """The tables a step will lock, from its offline SQL; empty when that cannot be told."""
     try:
-        return retries.lock_targets(run.offline_sql(step))
+        return retries.lock_targets(run.offline_sql(step), run.migrations().environment().version_table)
     except Exception as exc:  # noqa: BLE001 - a script's own code may raise anything offline
         log.info("step %s: cannot tell which tables it locks (%s); retrying on lock timeouts only", step.revision, redact(exc))
         return {}

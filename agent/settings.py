@@ -97,6 +97,11 @@ class ScheduleSettings(_Section):
 class DatabaseSettings(_Section):
     url: str
     migrations: str = "migrations"
+    naming: Literal["auto", "sequential", "alembic"] = Field(
+        "auto",
+        description="sequential: NNN_description.py, the id is the number, one linear chain; alembic: any file name and"
+        " revision id, Alembic's graph rules (branches and merges); auto: detected from the scripts",
+    )
     backup_dir: str | None = None
     pre_migration_backup: bool | None = Field(
         None, description="default: true unless the database's name looks like dev or test"

@@ -1,4 +1,11 @@
-"""Static checks of migration scripts: naming, revision ids, the chain, a real downgrade().
+"""Static checks of migration scripts: naming, revision ids, the graph, a real downgrade().
+
+Two conventions (``naming``): ``sequential`` (dbagent's own: ``NNN_description.py``,
+the revision id is the number, one linear chain) and ``alembic`` (any file name,
+any revision id, Alembic's own rules: no duplicate ids, every ``down_revision``
+known, one head unless the project declares branches, a downgrade that does
+something except in a merge revision). ``detect_naming`` picks one from the
+scripts when the configuration says ``auto``.
 
 Pure: it reads the scripts' source as text and parses it with ``ast``; nothing
 is imported or run, so a broken script cannot hurt the checker.
@@ -16,6 +23,12 @@ from typing import Any
 from agent.errors import BadInput
 
 FILE_NAME = re.compile(r"^(?P<number>\d{3})_(?P<description>[a-z0-9]+(?:_[a-z0-9]+)*)\.py$")
+_NUMBERED = re.compile(r"^\d{3}_")
+
+SEQUENTIAL = "sequential"
+ALEMBIC = "alembic"
+AUTO = "auto"
+NAMINGS = (SEQUENTIAL, ALEMBIC)
 
 
 class Severity(StrEnum):
@@ -45,6 +58,13 @@ class ScriptInfo:
     down_revision: str | None
     has_down_revision: bool
     downgrade: str  # "missing" | "empty" | "raises" | "ok"
+    parents: tuple[str, ...] = ()  # every down_revision (two or more: a merge)
+    upgrade: str = "missing"
+    branch_labels: bool = False
+
+    @property
+    def is_merge(self) -> bool:
+        return len(self.parents) > 1
 
 
 def load_sources(script_location: str | Path) -> list[tuple[str, str]]:
@@ -80,7 +100,7 @@ def inspect_script(file: str, source: str) -> ScriptInfo:
     """What a script declares; raises SyntaxError for one that does not parse."""
     tree = ast.parse(source, filename=file)
     values: dict[str, Any] = {}
-    downgrade = "missing"
+    downgrade = upgrade = "missing"
     for node in tree.body:
         if isinstance(node, ast.Assign | ast.AnnAssign):
             targets = node.targets if isinstance(node, ast.Assign) else [node.target]
@@ -89,9 +109,17 @@ def inspect_script(file: str, source: str) -> ScriptInfo:
                     values[target.id] = _literal(node.value)
         elif isinstance(node, ast.FunctionDef) and node.name == "downgrade":
             downgrade = _downgrade_kind(node.body)
+        elif isinstance(node, ast.FunctionDef) and node.name == "upgrade":
+            upgrade = _downgrade_kind(node.body)
     match = FILE_NAME.match(file)
     revision = values.get("revision")
     down = values.get("down_revision")
+    if isinstance(down, str):
+        parents: tuple[str, ...] = (down,)
+    elif isinstance(down, tuple | list):
+        parents = tuple(d for d in down if isinstance(d, str))
+    else:
+        parents = ()
     return ScriptInfo(
         file=file,
         number=match["number"] if match else None,
@@ -99,11 +127,27 @@ def inspect_script(file: str, source: str) -> ScriptInfo:
         down_revision=down if isinstance(down, str) else None,
         has_down_revision="down_revision" in values,
         downgrade=downgrade,
+        parents=parents,
+        upgrade=upgrade,
+        branch_labels=bool(values.get("branch_labels")) and values.get("branch_labels") is not ...,
     )
 
 
-def check_sources(sources: list[tuple[str, str]]) -> list[Finding]:
-    """Every finding about a set of migration scripts, in file order."""
+def detect_naming(sources: list[tuple[str, str]]) -> str:
+    """``sequential`` when most scripts are named ``NNN_…``, else ``alembic``."""
+    if not sources:
+        return SEQUENTIAL
+    numbered = sum(1 for file, _ in sources if _NUMBERED.match(file))
+    return SEQUENTIAL if numbered * 2 > len(sources) else ALEMBIC
+
+
+def check_sources(sources: list[tuple[str, str]], naming: str = SEQUENTIAL) -> list[Finding]:
+    """Every finding about a set of migration scripts, in file order, under the ``naming`` convention."""
+    if naming == AUTO:
+        naming = detect_naming(sources)
+    if naming not in NAMINGS:
+        raise BadInput(f"naming must be one of {', '.join(NAMINGS)} or auto, not {naming!r}")
+    sequential = naming == SEQUENTIAL
     findings: list[Finding] = []
     scripts: list[ScriptInfo] = []
 
@@ -119,13 +163,15 @@ def check_sources(sources: list[tuple[str, str]]) -> list[Finding]:
             findings.append(Finding(None, "syntax", Severity.ERROR, f"{file}: does not parse: {exc.msg} (line {exc.lineno})", file))
             continue
         scripts.append(script)
-        if script.number is None:
+        if sequential and script.number is None:
             error(script, "naming", f"{file}: name it NNN_snake_case_description.py (three digits, then a description)")
         if script.revision is None:
             error(script, "revision-id", f"{file}: no literal `revision = \"...\"` found")
-        elif script.number is not None and script.revision != script.number:
+        elif sequential and script.number is not None and script.revision != script.number:
             error(script, "revision-id", f"{file}: revision id is {script.revision!r}, expected {script.number!r} from the file name")
-        if script.downgrade == "missing":
+        if script.is_merge and script.downgrade == "empty" and script.upgrade in ("empty", "missing"):
+            pass  # what `alembic merge` writes: joining two branches changes nothing, undoing it neither
+        elif script.downgrade == "missing":
             error(script, "downgrade", f"{file}: has no downgrade(): every migration must be reversible")
         elif script.downgrade == "empty":
             error(script, "downgrade", f"{file}: downgrade() does nothing: it must reverse upgrade()")
@@ -140,6 +186,9 @@ def check_sources(sources: list[tuple[str, str]]) -> list[Finding]:
         if script.revision in seen:
             error(script, "duplicate-revision", f"{script.file}: revision {script.revision} is also declared by {seen[script.revision]}")
         seen[script.revision] = script.file
+
+    if not sequential:
+        return findings + _graph_findings(scripts, seen)
 
     expected_number = 1
     previous: ScriptInfo | None = None
@@ -159,7 +208,7 @@ def check_sources(sources: list[tuple[str, str]]) -> list[Finding]:
             )
         previous = script
 
-    referenced = {s.down_revision for s in scripts if s.down_revision}
+    referenced = {parent for s in scripts for parent in s.parents}
     heads = sorted(s.revision for s in scripts if s.revision and s.revision not in referenced)
     if len(heads) > 1:
         findings.append(
@@ -168,6 +217,34 @@ def check_sources(sources: list[tuple[str, str]]) -> list[Finding]:
     if not scripts and not findings:
         findings.append(Finding(None, "empty", Severity.WARNING, "no migration scripts found"))
     return findings
+
+
+def _graph_findings(scripts: list[ScriptInfo], files: dict[str, str]) -> list[Finding]:
+    """Alembic's rules for its revision graph: every parent known, one head unless branches are declared."""
+    found: list[Finding] = []
+    for script in scripts:
+        for parent in script.parents:
+            if parent not in files:
+                found.append(Finding(
+                    script.revision, "chain", Severity.ERROR,
+                    f"{script.file}: down_revision {parent!r} is no revision of these scripts", script.file,
+                ))
+    referenced = {parent for s in scripts for parent in s.parents}
+    heads = sorted(s.revision for s in scripts if s.revision and s.revision not in referenced)
+    if len(heads) > 1 and not any(s.branch_labels for s in scripts):
+        found.append(Finding(
+            None, "single-head", Severity.ERROR,
+            f"several heads: {', '.join(heads)}; join them with `alembic merge heads`, or declare the branches"
+            " (branch_labels) if they are meant to stay apart",
+        ))
+    roots = [s for s in scripts if s.revision and not s.parents and s.has_down_revision]
+    if len(roots) > 1 and not any(s.branch_labels for s in scripts):
+        found.append(Finding(
+            None, "chain", Severity.ERROR,
+            f"several revisions start from base ({', '.join(s.revision or '' for s in roots)}): one history must have one root"
+            " unless its branches are declared",
+        ))
+    return found
 
 
 def status_of(findings: list[Finding]) -> str:

@@ -220,3 +220,24 @@ def test_a_plan_rendered_in_one_pass_splits_into_exactly_each_steps_own_sql(migr
 def test_one_step_or_mixed_directions_render_step_by_step(migrator):
     up = migrator.upgrade_plan(None)[:1]
     assert migrator.offline_sql_many(up) == {up[0]: migrator.offline_sql(up[0])}
+
+
+def test_the_projects_alembic_ini_and_env_py_settings_are_honoured_offline():
+    """The fixture made by `alembic init`: its ini is read, its url never used, its version table honoured."""
+    import logging
+
+    from agent.migrator import Migrator
+    from tests.alembic_projects import FIXTURE
+
+    ours = logging.getLogger("dbagent.test")
+    migrator = Migrator(FIXTURE, "postgresql://dbagent@db.example/app")
+    assert migrator.ini == FIXTURE / "alembic.ini"
+    facts = migrator.environment()
+    assert facts.version_table == "app_versions" and facts.error is None
+    # env.py's fileConfig() did not run: the worker's loggers stay enabled.
+    assert not ours.disabled
+    plan = migrator.upgrade_plan(None)
+    [merge] = [s for s in plan if len(s.parents) > 1]
+    sql = migrator.offline_sql(merge)
+    # Rendered from both parents: the other branch's tables are not in the merge's SQL.
+    assert "CREATE TABLE" not in sql and "app_versions" in sql

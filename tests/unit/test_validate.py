@@ -281,3 +281,76 @@ def test_shipped_migrations_pass():
     assert [f for f in findings if f.severity == Severity.ERROR] == []
     assert status_of(findings) == "passed"
 
+
+
+# -- the alembic convention ------------------------------------------------------------------
+
+MERGE = '''"""merge"""
+revision = "m1"
+down_revision = ("a2", "b1")
+branch_labels = None
+
+
+def upgrade() -> None:
+    """Upgrade schema."""
+    pass
+
+
+def downgrade() -> None:
+    """Downgrade schema."""
+    pass
+'''
+
+
+def hashed() -> list[tuple[str, str]]:
+    """A root, a branch point, two branches and their merge, as ``alembic revision`` / ``merge`` name them."""
+    return [
+        ("3f1c0a9e7b21_root.py", script("r0", None)),
+        ("a1a1a1a1a1a1_a1.py", script("a1", "r0")),
+        ("a2a2a2a2a2a2_a2.py", script("a2", "a1")),
+        ("b1b1b1b1b1b1_b1.py", script("b1", "r0")),
+        ("9e9e9e9e9e9e_merge.py", MERGE),
+    ]
+
+
+def test_the_naming_is_detected_from_the_file_names():
+    from agent.validate import detect_naming
+
+    assert detect_naming(clean_chain()) == "sequential"
+    assert detect_naming(hashed()) == "alembic"
+    assert detect_naming(load_sources(MIGRATIONS)) == "sequential"
+
+
+def test_under_the_alembic_convention_hash_ids_branches_and_their_merge_are_sound():
+    assert check_sources(hashed(), "alembic") == []
+    assert check_sources(hashed(), "auto") == []
+    # Under dbagent's own convention the same scripts are wrong, file by file.
+    assert len(only(check_sources(hashed(), "sequential"), "naming")) == len(hashed())
+
+
+def test_a_merge_is_one_head_and_its_empty_bodies_are_not_a_missing_downgrade():
+    info = inspect_script("9e9e9e9e9e9e_merge.py", MERGE)
+    assert info.parents == ("a2", "b1") and info.is_merge
+    assert "downgrade" not in rules(check_sources(hashed(), "alembic"))
+    # A revision that is no merge still needs a downgrade that does something.
+    empty = script("c1", "m1", "def downgrade() -> None:\n    pass\n")
+    assert rules(check_sources([*hashed(), ("c1c1c1c1c1c1_c1.py", empty)], "alembic")) == {"downgrade"}
+
+
+def test_two_heads_unmerged_are_an_error_unless_the_project_declares_its_branches():
+    unmerged = hashed()[:-1]
+    [head] = only(check_sources(unmerged, "alembic"), "single-head")
+    assert "a2, b1" in head.message and "alembic merge heads" in head.message
+    labelled = [*unmerged[:3], ("b1b1b1b1b1b1_b1.py", script("b1", "r0").replace("down_revision", 'branch_labels = ("b",)\ndown_revision'))]
+    assert only(check_sources(labelled, "alembic"), "single-head") == []
+
+
+def test_a_parent_that_is_no_revision_breaks_the_graph():
+    broken = [*hashed(), ("c1c1c1c1c1c1_c1.py", script("c1", "nope"))]
+    [chain] = only(check_sources(broken, "alembic"), "chain")
+    assert "'nope' is no revision of these scripts" in chain.message
+
+
+def test_an_unknown_naming_is_refused():
+    with pytest.raises(BadInput, match="naming must be one of"):
+        check_sources(clean_chain(), "numbers")

@@ -1,0 +1,94 @@
+"""A team's own Alembic project, made with Alembic's own commands: hash ids, its alembic.ini, its env.py and
+version table (real PostgreSQL, a real worker)."""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+
+from tests.alembic_projects import FIXTURE, linear_project
+from tests.servers import MIGRATIONS
+
+pytestmark = pytest.mark.integration
+
+
+def test_validate_detects_alembic_naming_and_a_sound_project_with_hash_ids_passes(env, tmp_path):
+    env.migrations = tmp_path / "project"
+    linear_project(env.migrations)
+    result = env.cli("validate", "--json")
+    assert result.code == 0, result.stdout + result.stderr
+    body = result.json()
+    assert body["status"] == "passed" and body["naming"] == "alembic" and body["naming_detected"] is True
+    assert [f for f in body["findings"] if f["severity"] == "error"] == []
+    assert "naming: alembic (detected)" in env.cli("validate").stdout
+
+
+def test_the_branched_and_merged_fixture_validates_clean_and_the_shipped_migrations_as_sequential(env, tmp_path):
+    env.migrations = tmp_path / "fixture"
+    shutil.copytree(FIXTURE, env.migrations)
+    body = env.cli("validate", "--json").json()
+    assert body["naming"] == "alembic", body
+    assert [f for f in body["findings"] if f["severity"] == "error"] == [], body["findings"]
+    # The lint read the scripts (rendered offline with the project's env.py): its one data change is reported.
+    assert {f["rule"] for f in body["findings"]} == {"data-change"}
+
+    env.migrations = MIGRATIONS
+    shipped = env.cli("validate", "--json").json()
+    assert shipped["status"] == "passed" and shipped["naming"] == "sequential"
+
+
+def test_a_structural_error_hides_neither_the_lint_of_other_scripts_nor_its_own(env, tmp_path):
+    env.migrations = tmp_path / "project"
+    ids = linear_project(env.migrations, steps=[
+        ("create accounts table", 'op.execute("CREATE TABLE accounts (id int)")', 'op.execute("DROP TABLE accounts")'),
+        ("index accounts", 'op.execute("CREATE INDEX ix_accounts_id ON accounts (id)")', "pass"),
+        ("drop a column", 'op.execute("ALTER TABLE accounts DROP COLUMN id")', 'op.execute("ALTER TABLE accounts ADD COLUMN id int")'),
+    ])
+    findings = env.cli("validate", "--json").json()["findings"]
+    by_revision = {(f["revision"], f["rule"]) for f in findings}
+    assert (ids[1], "downgrade") in by_revision  # the structural error…
+    assert (ids[1], "index-not-concurrently") in by_revision  # …its own lint…
+    assert (ids[2], "drop-column") in by_revision  # …and the others'
+    allowed = env.cli("validate", "--allow", "downgrade", "--allow", "index-not-concurrently", "--allow", "drop-column", "--json")
+    assert allowed.code == 0 and allowed.json()["status"] == "passed", allowed.stdout
+
+
+def test_migrate_status_and_rollback_use_the_projects_version_table(env, tmp_path, redis_client):
+    env.migrations = tmp_path / "project"
+    ids = linear_project(env.migrations)
+    env.start_worker()
+    status = env.cli("status", "--json")
+    assert status.code == 0 and status.json()["current"] is None, status.stdout + status.stderr
+    run = env.cli("migrate", "--json")
+    assert run.code == 0, run.stdout + run.stderr
+    assert run.json()["revision_after"] == ids[-1]
+    assert env.sql("SELECT version_num FROM app_versions") == [(ids[-1],)]
+    assert env.sql("SELECT to_regclass('public.alembic_version')") == [(None,)]
+    assert env.cli("status", "--json").json()["current"] == ids[-1]
+    # Nothing is applied twice: a second migrate has nothing to do.
+    again = env.cli("migrate", "--json")
+    assert again.code == 0 and again.json()["revision_after"] == ids[-1]
+    assert env.sql("SELECT count(*) FROM dbagent.changelog WHERE direction = 'up'") == [(len(ids),)]
+
+    back = env.cli("rollback", "2", "--json")
+    assert back.code == 0, back.stdout + back.stderr
+    assert back.json()["revision_after"] == ids[-3]
+    assert env.sql("SELECT version_num FROM app_versions") == [(ids[-3],)]
+    assert env.sql("SELECT revision FROM dbagent.changelog WHERE direction = 'down' ORDER BY id") == [(ids[-1],), (ids[-2],)]
+    assert env.sql("SELECT to_regclass('public.tasks')") == [(None,)]
+
+
+@pytest.mark.parametrize("variant", ["stock", "env_own_engine.py"])
+def test_an_env_py_that_migrates_on_its_own_connection_is_refused_before_anything_changes(env, tmp_path, variant):
+    env.migrations = tmp_path / "project"
+    linear_project(env.migrations, env=variant)
+    env.start_worker()
+    run = env.cli("migrate", "--json")
+    assert run.code == 2, run.stdout
+    error = run.json()["error"]
+    assert "env.py ran the migrations on a connection of its own" in error
+    assert 'config.attributes.get("connection", None)' in error  # the change it needs, spelled out
+    # Nothing ran, on any connection: no table, no version table of either name.
+    assert env.sql("SELECT count(*) FROM pg_tables WHERE schemaname = 'public'") == [(0,)]
+    assert not env.sql("SELECT 1 FROM dbagent.changelog")
