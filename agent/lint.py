@@ -150,6 +150,15 @@ _RULE_LIST = [
         "a failed concurrent build leaves an INVALID index: drop it and retry",
     ),
     Rule(
+        "transaction-control",
+        _ERROR,
+        "a COMMIT, ROLLBACK or BEGIN inside a migration ends the step's transaction half-way: what ran before "
+        "it is committed even if the rest fails, the version table no longer says where the database is, and "
+        "a retry (after a lock timeout) applies the committed part twice",
+        "let the step's own transaction hold all of it; for what cannot run in a transaction (CREATE INDEX "
+        "CONCURRENTLY), use `with op.get_context().autocommit_block(): ...`, alone and idempotent",
+    ),
+    Rule(
         "concurrently-in-transaction",
         _ERROR,
         "CREATE INDEX CONCURRENTLY, DROP INDEX CONCURRENTLY and REINDEX CONCURRENTLY cannot run inside "
@@ -255,6 +264,62 @@ HAZARD_RULES = (
     "data-change",
     "missing-lock-timeout",
 )
+# Hazards found in a script's Python source rather than its SQL (an allow directive switches them off too).
+SOURCE_RULES = ("transaction-control",)
+
+_TRANSACTION_KINDS = frozenset({
+    TransactionStmtKind.TRANS_STMT_BEGIN, TransactionStmtKind.TRANS_STMT_START, TransactionStmtKind.TRANS_STMT_COMMIT,
+    TransactionStmtKind.TRANS_STMT_ROLLBACK, TransactionStmtKind.TRANS_STMT_PREPARE,
+    TransactionStmtKind.TRANS_STMT_COMMIT_PREPARED, TransactionStmtKind.TRANS_STMT_ROLLBACK_PREPARED,
+})
+# Calls on a connection that end or open its transaction.
+_TRANSACTION_CALLS = {"commit": "commit()", "rollback": "rollback()", "begin": "begin()"}
+_EXECUTE_CALLS = {"execute", "exec_driver_sql"}
+
+
+def transaction_control(source: str) -> list[tuple[int, str]]:
+    """(line, what) of each place a migration script controls its own transaction: an executed COMMIT,
+    ROLLBACK, BEGIN, START TRANSACTION, END or PREPARE TRANSACTION literal, or ``.commit()`` / ``.rollback()``
+    / ``.begin()`` on a connection. Pure: the source is parsed with ``ast``, its SQL literals with pglast."""
+    import ast as pyast
+
+    try:
+        tree = pyast.parse(source)
+    except SyntaxError:
+        return []
+    found: list[tuple[int, str]] = []
+    for node in pyast.walk(tree):
+        if not isinstance(node, pyast.Call) or not isinstance(node.func, pyast.Attribute):
+            continue
+        name = node.func.attr
+        if name in _TRANSACTION_CALLS and not node.args and not node.keywords:
+            found.append((node.lineno, _TRANSACTION_CALLS[name]))
+        elif name in _EXECUTE_CALLS and node.args:
+            sql = _literal_sql(node.args[0])
+            if sql is None:
+                continue
+            try:
+                statements = parse_statements(sql)
+            except ParseError:
+                continue
+            for raw in statements:
+                if isinstance(raw.stmt, ast.TransactionStmt) and raw.stmt.kind in _TRANSACTION_KINDS:
+                    found.append((node.lineno, sql.strip().split()[0].upper()))
+    return sorted(found)
+
+
+def _literal_sql(node: Any) -> str | None:
+    """The SQL text of ``"…"``, ``text("…")`` or ``sa.text("…")``."""
+    import ast as pyast
+
+    if isinstance(node, pyast.Constant) and isinstance(node.value, str):
+        return node.value
+    if isinstance(node, pyast.Call) and node.args and isinstance(node.args[0], pyast.Constant):
+        func = node.func
+        called = func.attr if isinstance(func, pyast.Attribute) else getattr(func, "id", None)
+        if called == "text" and isinstance(node.args[0].value, str):
+            return node.args[0].value
+    return None
 
 
 @dataclass(frozen=True)
@@ -795,7 +860,7 @@ def _directive_findings(
     findings = []
     for name, reason in disabled.items():
         statement = f"# dbagent: allow {name}" + (f" -- {reason}" if reason else "")
-        if name not in HAZARD_RULES:
+        if name not in HAZARD_RULES and name not in SOURCE_RULES:
             rule = RULES["allow-unknown-rule"]
             message = f"allow directive names unknown rule {name!r}: {rule.why}"
         elif not reason.strip():
@@ -907,4 +972,11 @@ def lint_migrations(
                 version_table=version_table,
             )
         )
+        if "transaction-control" not in {name for name, reason in disabled.items() if reason.strip()}:
+            rule = RULES["transaction-control"]
+            findings.extend(
+                LintFinding(step.revision, rule.name, rule.severity, f"{what} at line {line}: {rule.why}", what, rule.fix,
+                            path.name)
+                for line, what in transaction_control(path.read_text(encoding="utf-8"))
+            )
     return findings

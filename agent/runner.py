@@ -1075,7 +1075,7 @@ def _apply_steps(run: Run, plan: list[Step], facts: dict[str, Any], failed: Even
             except Exception as exc:
                 run.journal.discard_staged()
                 _rollback_quietly(conn)
-                error = describe_error(exc)
+                error = describe_error(exc, migrator.revision(step.revision).path)
                 if isinstance(exc, LocksUnavailable | Stopped):
                     error = exc.message
                 step_facts = dict(facts)
@@ -1133,6 +1133,18 @@ def _set_lock_timeout(conn: Connection, seconds: float) -> None:
     conn.commit()
 
 
+def _commits_in_script(migrator: Migrator, step: Step) -> str | None:
+    """Where the step's script ends or opens a transaction itself (COMMIT, ROLLBACK, BEGIN), if anywhere."""
+    from agent.lint import transaction_control
+
+    try:
+        source = Path(migrator.revision(step.revision).path).read_text(encoding="utf-8")
+    except OSError:
+        return None
+    found = transaction_control(source)
+    return ", ".join(f"{what} at line {line}" for line, what in found[:3]) or None
+
+
 def _lock_targets(run: Run, step: Step) -> dict[str, str]:
     """The tables a step will lock, from its offline SQL; empty when that cannot be told."""
     try:
@@ -1174,6 +1186,14 @@ def _apply_politely(run: Run, step: Step, on_version_apply: Callable[..., None])
                 except Exception as exc:
                     if not retries.is_lock_timeout(exc):
                         raise
+                    committed = _commits_in_script(migrator, step)
+                    if committed:
+                        # Part of its work may have committed before the timeout: running it again would apply it twice.
+                        raise OperationFailed(
+                            f"timed out on a lock, and its script controls its own transactions ({committed}):"
+                            " part of it may have committed, so it is not retried; look at the database before"
+                            " running it again"
+                        ) from exc
                     run.journal.discard_staged()
                     _rollback_quietly(conn)
                     in_the_way = retries.blockers(conn, targets) if targets else []
@@ -1274,8 +1294,9 @@ def _drop_invalid_indexes(run: Run, before: set[str]) -> list[str]:
     return dropped
 
 
-def describe_error(exc: BaseException) -> str:
-    """A driver error as an operator reads it: the server's message and the statement, secrets masked."""
+def describe_error(exc: BaseException, script: str | None = None) -> str:
+    """An error as an operator reads it, secrets masked: a driver error's server message and statement; any
+    other error with its type and, when it was raised in the migration ``script``, the file and line."""
     import sqlalchemy.exc
 
     if isinstance(exc, sqlalchemy.exc.DBAPIError) and exc.orig is not None:
@@ -1283,7 +1304,23 @@ def describe_error(exc: BaseException) -> str:
         if exc.statement:
             message += f" (statement: {exc.statement.strip()[:300]})"
         return redact(message)
-    return redact(exc).strip()
+    if isinstance(exc, DbAgentError):
+        return redact(exc.message).strip()
+    text = f"{type(exc).__name__}: {redact(exc).strip()}" if str(exc).strip() else type(exc).__name__
+    frame = _script_frame(exc, script) if script else None
+    return f"{text} (at {frame})" if frame else text
+
+
+def _script_frame(exc: BaseException, script: str) -> str | None:
+    """``file:line`` of the deepest frame of ``exc``'s traceback inside ``script``."""
+    import traceback
+
+    target = Path(script).resolve()
+    where = None
+    for frame in traceback.extract_tb(exc.__traceback__):
+        if Path(frame.filename).resolve() == target:
+            where = f"{target.name}:{frame.lineno}"
+    return where
 
 
 def _json_row(row: dict[str, Any]) -> dict[str, Any]:

@@ -92,3 +92,32 @@ def test_an_env_py_that_migrates_on_its_own_connection_is_refused_before_anythin
     # Nothing ran, on any connection: no table, no version table of either name.
     assert env.sql("SELECT count(*) FROM pg_tables WHERE schemaname = 'public'") == [(0,)]
     assert not env.sql("SELECT 1 FROM dbagent.changelog")
+
+
+def test_a_script_with_an_explicit_commit_is_flagged_and_not_retried_blindly(env, tmp_path):
+    env.migrations = tmp_path / "project"
+    ids = linear_project(env.migrations, steps=[
+        ("create a", 'op.execute("CREATE TABLE a (id int)")\n    op.execute("COMMIT")\n    op.execute("CREATE TABLE b (id int)")',
+         'op.execute("DROP TABLE b")\n    op.execute("DROP TABLE a")'),
+    ])
+    findings = env.cli("validate", "--json").json()["findings"]
+    [flagged] = [f for f in findings if f["rule"] == "transaction-control"]
+    assert flagged["severity"] == "error" and flagged["revision"] == ids[0] and "COMMIT at line" in flagged["message"]
+    assert "autocommit_block" in flagged["fix"]
+
+
+def test_an_error_raised_by_a_script_names_its_type_file_and_line(env, tmp_path):
+    env.migrations = tmp_path / "project"
+    ids = linear_project(env.migrations, steps=[
+        ("reads the environment", 'import os\n    op.execute("CREATE TABLE a (id int)")\n    os.environ["DATABASE_URL"]',
+         'op.execute("DROP TABLE a")'),
+    ])
+    env.start_worker()
+    run = env.cli("migrate", "--allow", "data-change", "--json")
+    assert run.code == 1, run.stdout + run.stderr
+    error = run.json()["error"]
+    assert "KeyError: 'DATABASE_URL'" in error
+    [script] = list((env.migrations / "versions").glob(f"{ids[0]}_*.py"))
+    line = next(n for n, text in enumerate(script.read_text().splitlines(), 1) if "DATABASE_URL" in text)
+    assert f"(at {script.name}:{line})" in error
+    assert env.sql("SELECT to_regclass('public.a')") == [(None,)]  # the step rolled back

@@ -217,3 +217,42 @@ def test_a_failed_create_index_concurrently_leaves_no_invalid_index(env, tmp_pat
     env.sql("DELETE FROM tags WHERE ctid = (SELECT max(ctid) FROM tags WHERE v = 2)")
     assert env.cli("migrate", "--json").code == 0
     assert env.sql("SELECT indisvalid FROM pg_index WHERE indexrelid = 'tags_v_unique'::regclass") == [(True,)]
+
+
+COMMITS_HALF_WAY = '''"""Creates a table, commits, then alters users: the first half is committed before the lock wait."""
+from alembic import op
+
+revision = "012"
+down_revision = "011"
+branch_labels = None
+depends_on = None
+
+
+def upgrade() -> None:
+    op.execute("CREATE TABLE half_done (id int)")
+    op.execute("COMMIT")  # dbagent: allow transaction-control -- this test is about what follows such a script
+    op.execute("ALTER TABLE users ADD COLUMN nickname text")
+
+
+def downgrade() -> None:
+    op.execute("ALTER TABLE users DROP COLUMN nickname")
+    op.execute("DROP TABLE half_done")
+'''
+
+
+def test_a_step_that_committed_part_of_its_work_is_not_retried_after_a_lock_timeout(env, tmp_path, redis_client):
+    env.lock_timeout = "200ms"
+    env.extra_config = 'lock_holder_grace = "1h"\nlock_retry_pause = "100ms"\nlock_retries = 5'
+    env.migrations = copy_migrations(tmp_path, {"012_commits_half_way.py": COMMITS_HALF_WAY})
+    env.start_worker()
+    assert env.cli("migrate", "--to", "011", "--json").code == 0
+    with psycopg.connect(env.url, application_name="report") as holder:
+        holder.execute("SELECT count(*) FROM users")
+        result = env.cli("migrate", "--json")
+        holder.rollback()
+    assert result.code == 1, result.stdout + result.stderr
+    assert "part of it may have committed, so it is not retried" in result.json()["error"]
+    assert "COMMIT at line" in result.json()["error"]
+    assert table_lock_waits(env, redis_client) == []  # not one retry
+    # What the script committed before the wait is there; it was not applied a second time.
+    assert env.sql("SELECT count(*) FROM pg_tables WHERE tablename = 'half_done'") == [(1,)]

@@ -564,3 +564,28 @@ def test_lint_migrations_renders_each_upgrade_and_honours_its_directives(tmp_pat
     assert [(f.rule, f.file, f.statement) for f in findings] == [
         ("truncate", "012_drop_phone.py", "TRUNCATE user_sessions")
     ]
+
+
+def test_a_script_that_controls_its_own_transaction_is_found_in_its_source():
+    from agent.lint import transaction_control
+
+    source = '''
+from alembic import op
+import sqlalchemy as sa
+
+
+def upgrade():
+    op.execute("CREATE TABLE a (id int)")
+    op.execute("COMMIT")
+    op.execute(sa.text("begin"))
+    op.get_bind().commit()
+    with op.get_context().autocommit_block():
+        op.execute("CREATE INDEX CONCURRENTLY ix ON a (id)")
+    op.execute("SELECT 'COMMIT'")
+
+
+def downgrade():
+    op.execute("ROLLBACK")
+'''
+    assert transaction_control(source) == [(8, "COMMIT"), (9, "BEGIN"), (10, "commit()"), (17, "ROLLBACK")]
+    assert transaction_control("def upgrade():\n    op.execute('SELECT 1')\n") == []
