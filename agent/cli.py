@@ -595,8 +595,12 @@ def _applied_checksums(database: DatabaseSettings) -> tuple[str | None, dict[str
     from agent.migrator import Migrator
 
     try:
+        migrator = Migrator(database.migrations, database.url)
+    except Exception as exc:  # noqa: BLE001 - scripts Alembic cannot load: the structure check says why
+        return None, None, f"checksums of applied migrations not checked: Alembic cannot load the scripts ({type(exc).__name__})"
+    try:
         with pg_connection(database, application_name="dbagent validate") as conn:
-            current = Migrator(database.migrations, database.url).current(conn)
+            current = migrator.current(conn)
             recorded = store.applied_checksums(conn)
             conn.rollback()
             return current, recorded, None

@@ -113,9 +113,42 @@ def check_postgres(name: str, db: DatabaseSettings) -> tuple[list[EnvCheck], int
             except SQLAlchemyError as exc:
                 checks.append(EnvCheck("roles", FAIL, f"the role checks could not run as {user}: {redact(exc).splitlines()[0]}"))
             conn.rollback()
+            if (Path(db.migrations) / "env.py").is_file():
+                checks += check_alembic_environment(conn, db)
     except Unavailable as exc:
         return [EnvCheck("postgres", FAIL, exc.message, unreachable=True)], None
     return checks, major
+
+
+def check_alembic_environment(conn: Connection, db: DatabaseSettings) -> list[EnvCheck]:
+    """The project's Alembic settings as dbagent reads them, and env.py's contract: it migrates on the
+    connection dbagent passes (checked by running it with nothing to migrate, as every migrate does)."""
+    from agent.migrator import ForeignConnection, Migrator
+
+    checks: list[EnvCheck] = []
+    try:
+        migrator = Migrator(db.migrations, db.url)
+    except Exception as exc:  # noqa: BLE001 - the project's scripts or ini
+        return [EnvCheck("alembic", FAIL, f"Alembic cannot load {db.migrations}: {type(exc).__name__}: {redact(exc)}")]
+    if migrator.ini is not None:
+        configured = migrator.ini.read_text(encoding="utf-8", errors="replace")
+        url_note = (" its sqlalchemy.url is not used: dbagent connects with the database's url from its own config"
+                    if any(line.strip().startswith("sqlalchemy.url") for line in configured.splitlines()) else "")
+        checks.append(EnvCheck("alembic_ini", OK, f"{migrator.ini} read;{url_note}" if url_note else f"{migrator.ini} read"))
+    facts = migrator.environment()
+    if facts.error:
+        checks.append(EnvCheck("version_table", WARN, f"env.py does not run offline ({facts.error}): the lint cannot"
+                               f" render the scripts, and the version table is taken as {facts.qualified_version_table}"))
+    else:
+        checks.append(EnvCheck("version_table", OK, f"{facts.qualified_version_table} (from env.py)"))
+    try:
+        migrator.check_environment(conn)
+        checks.append(EnvCheck("env_py", OK, "env.py runs the migrations on dbagent's connection (its lock and timeouts)"))
+    except ForeignConnection as exc:
+        checks.append(EnvCheck("env_py", FAIL, exc.message))
+    except Exception as exc:  # noqa: BLE001 - env.py is the project's code
+        checks.append(EnvCheck("env_py", FAIL, f"env.py failed with nothing to migrate: {type(exc).__name__}: {redact(exc)}"))
+    return checks
 
 
 def check_roles(conn: Connection, name: str, db: DatabaseSettings) -> list[EnvCheck]:

@@ -121,3 +121,21 @@ def test_an_error_raised_by_a_script_names_its_type_file_and_line(env, tmp_path)
     line = next(n for n, text in enumerate(script.read_text().splitlines(), 1) if "DATABASE_URL" in text)
     assert f"(at {script.name}:{line})" in error
     assert env.sql("SELECT to_regclass('public.a')") == [(None,)]  # the step rolled back
+
+
+@pytest.mark.parametrize(("variant", "status"), [("env.py", "ok"), ("stock", "fail"), ("env_own_engine.py", "fail")])
+def test_env_validate_checks_env_py_against_the_contract(env, tmp_path, variant, status):
+    env.migrations = tmp_path / "project"
+    linear_project(env.migrations, env=variant)
+    (env.migrations / "alembic.ini").write_text(
+        (env.migrations / "alembic.ini").read_text().replace("driver://user:pass@localhost/dbname", "postgresql://nobody@nowhere/x")
+    )
+    result = env.cli("env", "validate", "--json")
+    checks = {c["name"]: c for c in result.json()["checks"]}
+    assert checks["env_py"]["status"] == status, checks["env_py"]
+    assert "sqlalchemy.url is not used" in checks["alembic_ini"]["detail"]
+    expected_table = "alembic_version" if variant == "stock" else "app_versions"
+    assert checks["version_table"]["detail"].startswith(expected_table)
+    if status == "fail":
+        assert result.code == 1 and 'config.attributes.get("connection", None)' in checks["env_py"]["detail"]
+    assert env.sql("SELECT count(*) FROM pg_tables WHERE schemaname = 'public'") == [(0,)]
