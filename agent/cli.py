@@ -9,6 +9,7 @@ import re
 import sys
 import traceback
 from datetime import datetime
+from pathlib import Path
 from typing import Annotated, Any, NoReturn
 
 import typer
@@ -608,6 +609,39 @@ def _applied_checksums(database: DatabaseSettings) -> tuple[str | None, dict[str
         return None, None, f"checksums of applied migrations not checked: {exc.message}"
     except SQLAlchemyError as exc:
         return None, None, f"checksums of applied migrations not checked: {redact(exc).splitlines()[0]}"
+
+
+@app.command()
+def init(
+    databases: Annotated[list[str], typer.Option("--db", metavar="NAME=URL", help="A database to manage (repeatable).")],
+    migrations: Annotated[str | None, typer.Option("--migrations", help="The script directory (default: from ./alembic.ini, else ./alembic or ./migrations).")] = None,
+    output: Annotated[Path, typer.Option("--output", help="Where to write the configuration.")] = Path("config/dbagent.toml"),
+    redis_url: Annotated[str, typer.Option("--redis", help="Redis URL for queues and events.")] = "redis://127.0.0.1:6379/0",
+    prefix: Annotated[str, typer.Option("--prefix", help="Prefix of every Redis key and queue.")] = "dbagent",
+    force: Annotated[bool, typer.Option("--force", help="Replace an existing configuration file.")] = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """Adopt an existing Alembic project: write a configuration for it, check env.py, validate. Changes no database."""
+    from agent.onboard import onboard, parse_databases
+
+    try:
+        done = onboard(Path.cwd(), output, parse_databases(databases), migrations=migrations, redis_url=redis_url,
+                       prefix=prefix, force=force)
+    except BadInput as exc:
+        err.print(f"error: {exc.message}")
+        raise typer.Exit(2) from None
+    body = done.to_json()
+    if as_json:
+        _print_json(body)
+    else:
+        out.print(f"wrote {done.config} for {done.migrations} (naming: {done.naming}, detected)")
+        mark = {"ok": "[green]ok[/green]", "refused": "[red]needs a change[/red]", "unchecked": "[yellow]unchecked[/yellow]"}
+        out.print(f"env.py: {mark[done.env_py]}: {_escape(done.env_detail)}")
+        _render_findings(done.findings)
+        out.print(f"validate: {'failed' if done.errors else 'passed'} ({len(done.findings)} finding(s))")
+        if body["status"] == "ok":
+            out.print(f"next: DBAGENT_CONFIG={done.config} dbagent env validate, then dbagent worker --db NAME")
+    raise typer.Exit(0 if body["status"] == "ok" else 1)
 
 
 @env_app.command("validate")

@@ -139,3 +139,52 @@ def test_env_validate_checks_env_py_against_the_contract(env, tmp_path, variant,
     if status == "fail":
         assert result.code == 1 and 'config.attributes.get("connection", None)' in checks["env_py"]["detail"]
     assert env.sql("SELECT count(*) FROM pg_tables WHERE schemaname = 'public'") == [(0,)]
+
+
+def init(env, project, output, *extra):
+    import subprocess
+    import sys
+
+    from tests.servers import ROOT
+
+    done = subprocess.run(
+        [sys.executable, "-m", "agent.cli", "init", "--db", f"app={env.url}", "--redis", env.redis_url,
+         "--prefix", env.prefix, "--output", str(output), "--json", *extra],
+        # Run from the project's directory, as a user would; this checkout's dbagent first on the path.
+        capture_output=True, text=True, cwd=project, env=env.environ(PYTHONPATH=str(ROOT)), timeout=60,
+    )
+    return done
+
+
+def test_init_adopts_a_project_writes_a_config_that_works_and_names_the_env_py_change(env, tmp_path, redis_client):
+    import json
+
+    from agent.settings import load_settings
+
+    stock = tmp_path / "stock"
+    linear_project(stock / "alembic", env="stock")
+    (stock / "alembic.ini").write_text((stock / "alembic" / "alembic.ini").read_text().replace(
+        "script_location = %(here)s", "script_location = %(here)s/alembic"))
+    (stock / "alembic" / "alembic.ini").unlink()
+    done = init(env, stock, tmp_path / "stock.toml")
+    assert done.returncode == 1, done.stdout + done.stderr
+    body = json.loads(done.stdout)
+    assert body["env_py"] == "refused" and 'config.attributes.get("connection", None)' in body["env_detail"]
+    assert body["naming"] == "alembic" and body["migrations"] == str((stock / "alembic").resolve())
+
+    good = tmp_path / "good"
+    ids = linear_project(good)
+    config = tmp_path / "good.toml"
+    done = init(env, good, config)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert json.loads(done.stdout)["status"] == "ok"
+    settings = load_settings(config)
+    assert settings.databases["app"].naming == "alembic" and settings.redis.prefix == env.prefix
+    # Nothing was changed in the database, and a second init does not overwrite the file.
+    assert env.sql("SELECT count(*) FROM pg_tables WHERE schemaname = 'public'") == [(0,)]
+    again = init(env, good, config)
+    assert again.returncode == 2 and "exists" in again.stderr
+    # The written configuration runs the loop as it is.
+    env.migrations = good
+    del ids
+    assert env.cli("--config", str(config), "validate").code == 0
