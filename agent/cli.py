@@ -220,7 +220,16 @@ def status(db: DbOpt = None, as_json: JsonOpt = False, actor: ActorOpt = None, t
 
     def render(r: dict[str, Any]) -> None:
         out.print(f"database  {r['db']}")
-        out.print(f"revision  {r.get('current') or 'base'} (head {r.get('head') or 'base'})")
+        current = r.get("current_heads") or ([r["current"]] if r.get("current") else [])
+        heads = r.get("heads") or ([r["head"]] if r.get("head") else [])
+        if len(current) > 1 or len(heads) > 1:  # between a branch point and its merge
+            out.print(f"revision  {', '.join(current) or 'base'} ({len(current)} heads)" if len(current) > 1
+                      else f"revision  {current[0] if current else 'base'}")
+            out.print(f"heads     {', '.join(heads) or 'base'} (of the scripts)")
+        else:
+            out.print(f"revision  {r.get('current') or 'base'} (head {r.get('head') or 'base'})")
+        if r.get("branch_points"):
+            out.print(f"branches  from {', '.join(r['branch_points'])}")
         pending = r.get("pending") or []
         out.print(f"pending   {len(pending)}" + ("" if pending else " (up to date)"))
         for step in pending:
@@ -775,7 +784,7 @@ def demo(
 
 def _check_revision_locally(db: str | None, rev: str | None, *, allow_base: bool) -> None:
     """Fail fast on a revision the local scripts do not know (the worker checks again)."""
-    if rev is None or rev == "head" or (allow_base and rev == "base"):
+    if rev is None or rev in ("head", "heads") or (allow_base and rev == "base"):
         return
     from pathlib import Path
 
@@ -784,7 +793,7 @@ def _check_revision_locally(db: str | None, rev: str | None, *, allow_base: bool
         return
     from agent.migrator import Migrator
 
-    Migrator(database.migrations, database.url).revision(rev)
+    Migrator(database.migrations, database.url).resolve(rev)
 
 
 def _render_findings(findings: list[dict[str, Any]]) -> None:

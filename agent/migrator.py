@@ -16,8 +16,9 @@ from typing import Any
 
 from alembic.config import Config
 from alembic.runtime.environment import EnvironmentContext
-from alembic.runtime.migration import MigrationContext
+from alembic.runtime.migration import MigrationContext, MigrationStep
 from alembic.script import Script, ScriptDirectory
+from alembic.script.revision import RevisionError
 from alembic.util import CommandError
 from sqlalchemy import Connection
 
@@ -26,11 +27,19 @@ from agent.errors import BadInput
 
 BASE = "base"
 HEAD = "head"
+HEADS = "heads"
+SEPARATOR = ","  # between the heads of a database that is at several revisions
+
+
+def state_text(heads: Any) -> str | None:
+    """A set of heads as text: None for none (base), one id, or several sorted and joined by a comma."""
+    return SEPARATOR.join(sorted(heads)) if heads else None
 
 OnVersionApply = Callable[..., None]
 
 # Alembic's offline output opens each migration with this comment.
-_RUNNING = re.compile(r"^-- Running (?P<direction>upgrade|downgrade) (?P<from>\S*) -> (?P<to>\S*)\s*$")
+# A merge runs "from a, b"; undoing one runs "to a, b".
+_RUNNING = re.compile(r"^-- Running (?P<direction>upgrade|downgrade) (?P<from>.*?) -> (?P<to>.*?)\s*$")
 
 
 @dataclass(frozen=True)
@@ -117,6 +126,7 @@ class Migrator:
         self.ini = find_ini(location)
         self.script = ScriptDirectory.from_config(self._config())
         self._facts: EnvFacts | None = None
+        self._order: list[str] | None = None
 
     def _config(self, output_buffer: io.StringIO | None = None) -> Config:
         cfg = Config(file_=str(self.ini) if self.ini else None, output_buffer=output_buffer)
@@ -150,93 +160,203 @@ class Migrator:
         return self._facts
 
     # -- the revision graph -------------------------------------------------
+    #
+    # A database's state is the set of its current heads: one revision, or
+    # several between a branch point and its merge. As text (events, results,
+    # ``--to``) several heads are their ids, sorted, joined by a comma.
+
+    def heads(self) -> tuple[str, ...]:
+        """The scripts' heads, sorted."""
+        return tuple(sorted(self.script.get_heads()))
 
     def head(self) -> str | None:
-        heads = self.script.get_heads()
-        if len(heads) > 1:
-            raise BadInput(f"the migrations have several heads ({', '.join(sorted(heads))}): merge them first")
-        return heads[0] if heads else None
+        """Where ``migrate`` goes by default: the one head, or every head joined (``state_text``)."""
+        return state_text(self.heads())
+
+    def branch_points(self) -> list[str]:
+        """Revisions with more than one child, oldest first."""
+        return [r for r in self.order() if len(self._node(r).nextrev) > 1]
+
+    def order(self) -> list[str]:
+        """Every revision, oldest first, in the order ``alembic upgrade heads`` applies them from base."""
+        if self._order is None:
+            self._order = [step.revision.revision for step in self.script._upgrade_revs("heads", None)]
+        return self._order
 
     def chain(self) -> list[Script]:
-        """Every revision, oldest first."""
-        return list(reversed(list(self.script.walk_revisions(BASE, HEAD))))
+        """Every revision, oldest first (``order``)."""
+        return [self.revision(rev) for rev in self.order()]
+
+    def _node(self, rev: str) -> Script:
+        return self.script.revision_map.get_revision(rev)  # type: ignore[return-value]
 
     def revision(self, rev: str) -> Script:
         try:
             script = self.script.get_revision(rev)
-        except CommandError:
+        except (CommandError, RevisionError, ValueError):
             script = None
-        if script is None or rev in (BASE, HEAD):
-            known = [s.revision for s in self.chain()]
+        if script is None or rev in (BASE, HEAD, HEADS):
+            known = self.order()
             span = f"{known[0]} … {known[-1]}" if known else "none"
             raise BadInput(f"unknown revision {rev!r} (known: {span})")
         return script
+
+    def resolve(self, target: str | None) -> tuple[str, ...]:
+        """The heads a target names: ``base``; ``head``/``heads``; a revision (a unique prefix of one, or
+        ``label@head``); several revisions joined by commas. An ancestor of another named revision adds nothing."""
+        if target in (None, BASE, ""):
+            return ()
+        if target in (HEAD, HEADS):
+            return self.heads()
+        named: list[str] = []
+        for part in (p.strip() for p in target.split(SEPARATOR)):
+            if re.fullmatch(r"[+-]\d+", part):
+                raise BadInput(
+                    f"{part!r}: a relative target is not a revision; name the revision (rollback N counts steps)"
+                )
+            if part.endswith(("@head", "@heads")):
+                try:
+                    found = self.script.revision_map.get_revisions(part)
+                except (CommandError, RevisionError, ValueError) as exc:
+                    raise BadInput(f"unknown target {part!r}: {exc}") from None
+                named += [r.revision for r in found if r is not None]
+            else:
+                named.append(self.revision(part).revision)
+        return self.heads_of(self.ancestors(named))
+
+    def _known_id(self, part: str) -> bool:
+        return part in self.script.revision_map._revision_map  # type: ignore[operator]
+
+    def state(self, current: str | None) -> tuple[str, ...]:
+        """The heads of a state read from the database, each checked against these migrations."""
+        heads = tuple(p for p in (current or "").split(SEPARATOR) if p)
+        unknown = [h for h in heads if not self._known_id(h)]
+        if unknown:
+            raise BadInput(
+                f"the database is at revision {', '.join(repr(u) for u in unknown)}, which these migrations do not contain"
+            )
+        return heads
+
+    def ancestors(self, revisions: Any) -> set[str]:
+        """The revisions given and every revision they need (down_revision and depends_on), as ids."""
+        found: set[str] = set()
+        todo = [r for r in revisions if r]
+        while todo:
+            rev = todo.pop()
+            if rev in found:
+                continue
+            found.add(rev)
+            todo.extend(self._node(rev)._all_down_revisions)
+        return found
+
+    def heads_of(self, applied: set[str]) -> tuple[str, ...]:
+        """The revisions of an applied set that no other applied revision builds on: what the version table holds."""
+        return tuple(sorted(r for r in applied if not (self._node(r).nextrev & applied)))
+
+    def applied(self, current: str | None) -> list[str]:
+        """The revisions a database at ``current`` has applied, oldest first."""
+        done = self.ancestors(self.state(current))
+        return [r for r in self.order() if r in done]
+
+    def state_after(self, current: str | None, plan: list[Step]) -> str | None:
+        """The state (``state_text``) a database at ``current`` is in once ``plan`` ran."""
+        done = self.ancestors(self.state(current))
+        for step in plan:
+            if step.direction == "up":
+                done.add(step.revision)
+            else:
+                done.discard(step.revision)
+        return state_text(self.heads_of(done))
+
+    def describe_state(self, current: str | None) -> str:
+        return current.replace(SEPARATOR, ", ") if current else BASE
 
     @staticmethod
     def describe(script: Script) -> str:
         return (script.doc or "").strip().splitlines()[0] if script.doc else ""
 
-    def _step(self, script: Script, direction: str) -> Step:
+    def _step(self, rev: str, direction: str) -> Step:
+        script = self.revision(rev)
         down = script.down_revision
         parents = tuple(down) if isinstance(down, tuple | list) else ((down,) if down else ())
         return Step(script.revision, parents[0] if parents else None, self.describe(script), direction, parents)
 
     def upgrade_plan(self, current: str | None, target: str | None = None) -> list[Step]:
-        """The steps from current up to target (default: head), oldest first."""
-        target = self.head() if target in (None, HEAD) else self.revision(target).revision
-        if target is None:
+        """The steps from current up to target (default: every head), oldest first, as ``alembic upgrade`` orders them.
+
+        ``target`` is a revision on any branch, or several (``resolve``): what it
+        needs and the database lacks is applied; what else is applied stays.
+        """
+        applied = self.ancestors(self.state(current))
+        wanted = self.heads() if target in (None, HEAD, HEADS) else self.resolve(target)
+        todo = self.ancestors(wanted) - applied
+        if not todo:
+            below = [w for w in wanted if w not in self.heads_of(applied)]
+            if below:
+                raise BadInput(
+                    f"target {target} is older than the current revision {self.describe_state(current)}:"
+                    f" use rollback --to {target}"
+                )
             return []
-        order = [s.revision for s in self.chain()]
-        if current is not None and current not in order:
-            raise BadInput(f"the database is at revision {current!r}, which these migrations do not contain")
-        at = order.index(current) + 1 if current is not None else 0
-        end = order.index(target) + 1
-        if end < at:
-            raise BadInput(
-                f"target {target} is older than the current revision {current}: use rollback --to {target}"
-            )
-        return [self._step(self.revision(rev), "up") for rev in order[at:end]]
+        return [self._step(rev, "up") for rev in self.order() if rev in todo]
 
     def downgrade_plan(self, current: str | None, *, steps: int | None = None, to: str | None = None) -> list[Step]:
-        """The steps from current down to a target, newest first."""
-        order = [s.revision for s in self.chain()]
-        if current is None:
-            applied: list[str] = []
-        elif current not in order:
-            raise BadInput(f"the database is at revision {current!r}, which these migrations do not contain")
-        else:
-            applied = order[: order.index(current) + 1]
+        """The steps from current down, newest first.
+
+        ``steps``: the N most recently applied revisions, walking down from the
+        one current head (across a merge: undoing a merge leaves its parents);
+        refused where the walk would have to choose between several heads.
+        ``to``: the database ends at exactly that state (``resolve``): what
+        the target does not need is undone, other branches included.
+        """
+        applied = self.ancestors(self.state(current))
         if steps is not None:
             if steps > len(applied):
-                raise BadInput(
-                    f"cannot roll back {steps} step(s): only {len(applied)} migration(s) are applied"
-                )
-            undo = applied[len(applied) - steps :]
-        else:
-            if to in (None, BASE):
-                undo = applied
-            else:
-                target = self.revision(to).revision
-                if target not in applied:
+                raise BadInput(f"cannot roll back {steps} step(s): only {len(applied)} migration(s) are applied")
+            left, undo = set(applied), []
+            for _ in range(steps):
+                heads = self.heads_of(left)
+                if len(heads) > 1:
                     raise BadInput(
-                        f"target {target} is not below the current revision {current}: use migrate --to {target}"
+                        f"rollback {steps} is ambiguous: after {len(undo)} step(s) the database would be at"
+                        f" {len(heads)} revisions ({', '.join(heads)}) and dbagent does not pick the branch to undo"
+                        " next; name where to go: rollback --to REV (REV1,REV2 keeps several branches)"
                     )
-                undo = applied[applied.index(target) + 1 :]
-        return [self._step(self.revision(rev), "down") for rev in reversed(undo)]
+                undo.append(heads[0])
+                left.discard(heads[0])
+        else:
+            wanted = self.resolve(to)
+            below = [w for w in wanted if w not in applied]
+            if below:
+                raise BadInput(
+                    f"target {', '.join(below)} is not below the current revision {self.describe_state(current)}:"
+                    f" use migrate --to {to}"
+                )
+            keep = self.ancestors(wanted)
+            # In the order Alembic undoes them on its way to base from this state.
+            everything = self.script._downgrade_revs(BASE, self.state(current) or None)
+            undo = [s.revision.revision for s in everything if s.revision.revision not in keep]
+        return [self._step(rev, "down") for rev in undo]
+
+    def _migration_step(self, step: Step) -> Any:
+        """Alembic's own step object for one revision: the version table is kept by Alembic, branches included."""
+        script = self.revision(step.revision)
+        if step.direction == "up":
+            return MigrationStep.upgrade_from_script(self.script.revision_map, script)
+        return MigrationStep.downgrade_from_script(self.script.revision_map, script)
 
     # -- the database -------------------------------------------------------
 
     def current(self, conn: Connection) -> str | None:
-        """The revision the database is at (None: base), read on conn from env.py's version table, committed."""
+        """The state the database is at (``state_text``; None: base), read on conn from env.py's version table,
+        committed."""
         facts = self.environment()
         context = MigrationContext.configure(
             conn, opts={"version_table": facts.version_table, "version_table_schema": facts.version_table_schema}
         )
         heads = context.get_current_heads()
         conn.commit()
-        if len(heads) > 1:
-            raise BadInput(f"the database has several current revisions: {', '.join(heads)}")
-        return heads[0] if heads else None
+        return state_text(heads)
 
     def apply(
         self,
@@ -262,10 +382,9 @@ class Migrator:
             if on_version_apply is not None and on_version_apply not in context.on_version_apply_callbacks:
                 # env.py did not pass it on: the change log still commits inside the step.
                 context.on_version_apply_callbacks = (*context.on_version_apply_callbacks, on_version_apply)
-            if step.direction == "up":
-                return self.script._upgrade_revs(destination, rev)
-            return self.script._downgrade_revs(destination, rev)
+            return [migration]
 
+        migration = self._migration_step(step)
         with EnvironmentContext(cfg, self.script, fn=fn, destination_rev=destination):
             self.script.run_env()
         if conn.in_transaction():
@@ -288,56 +407,58 @@ class Migrator:
             if conn.in_transaction():
                 conn.rollback()
 
-    def offline_sql_many(self, steps: list[Step]) -> dict[Step, str]:
-        """The offline SQL of consecutive steps (one direction), rendered in one pass and split per step.
+    def offline_sql_many(self, steps: list[Step], start: str | None | bool = False) -> dict[Step, str]:
+        """The offline SQL of steps of one direction, rendered in one pass and split per step.
 
         Rendering step by step loads the environment once per step; a plan of
         many steps renders once. Each part reads as ``offline_sql`` of its step.
+        ``start``: the state the plan starts from (default: what the steps need).
         """
         if len(steps) < 2 or len({s.direction for s in steps}) > 1:
             return {s: self.offline_sql(s) for s in steps}
-        first, last = steps[0], steps[-1]
-        combined = Step(last.revision, first.down_revision, "", "up") if first.direction == "up" else Step(
-            first.revision, last.down_revision, "", "down"
-        )
-        lines = self.offline_sql(combined).splitlines(keepends=True)
+        lines = self._render(steps, start).splitlines(keepends=True)
         starts: list[tuple[int, str]] = []
         for i, line in enumerate(lines):
             match = _RUNNING.match(line)
             if match:
-                start = i
+                begin = i
                 j = i - 1
                 while j >= 0 and not lines[j].strip():
                     j -= 1
                 if j >= 0 and lines[j].strip() == "BEGIN;":
-                    start = j
+                    begin = j
                 revision = match["to"] if match["direction"] == "upgrade" else match["from"]
-                starts.append((start, revision))
-        by_revision = {rev: "".join(lines[(0 if k == 0 else start) : (starts[k + 1][0] if k + 1 < len(starts) else len(lines))])
-                       for k, (start, rev) in enumerate(starts)}
+                starts.append((begin, revision))
+        by_revision = {rev: "".join(lines[(0 if k == 0 else begin) : (starts[k + 1][0] if k + 1 < len(starts) else len(lines))])
+                       for k, (begin, rev) in enumerate(starts)}
         if sorted(by_revision) != sorted(s.revision for s in steps):  # not the shape expected: render one by one
             return {s: self.offline_sql(s) for s in steps}
         return {s: by_revision[s.revision] for s in steps}
 
     def offline_sql(self, step: Step) -> str:
         """The SQL one step would run, rendered without touching the database."""
-        buffer = io.StringIO()
-        cfg = self._config(buffer)
-        if step.direction == "up":
-            # A merge starts from all of its parents: from one alone, the other branch would render with it.
-            start: Any = step.parents if len(step.parents) > 1 else step.down_revision
-            destination = step.revision
+        return self._render([step], False)
 
-            def fn(rev: Any, context: Any) -> Any:
-                return self.script._upgrade_revs(destination, rev)
+    def _render(self, steps: list[Step], start: str | None | bool) -> str:
+        """Alembic's offline SQL of exactly these steps, from ``start`` (False: the heads the steps need)."""
+        if start is False:
+            if steps[0].direction == "up":
+                # A merge starts from all of its parents: from one alone, the other branch would render with it.
+                before = self.ancestors(p for s in steps for p in s.parents) - {s.revision for s in steps}
+            else:
+                before = self.ancestors(s.revision for s in steps)
+            heads: Any = self.heads_of(before)
         else:
-            start, destination = step.revision, step.destination
+            heads = self.state(start)  # type: ignore[arg-type]
+        migrations = [self._migration_step(s) for s in steps]
+        buffer = io.StringIO()
 
-            def fn(rev: Any, context: Any) -> Any:
-                return self.script._downgrade_revs(destination, rev)
+        def fn(rev: Any, context: Any) -> Any:
+            return migrations
 
         with EnvironmentContext(
-            cfg, self.script, fn=fn, as_sql=True, starting_rev=start, destination_rev=destination
+            self._config(buffer), self.script, fn=fn, as_sql=True, starting_rev=heads or None,
+            destination_rev=steps[-1].revision,
         ):
             self.script.run_env()
         return buffer.getvalue()

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from agent.connections import create_scratch_database, drop_scratch_database
-from agent.errors import OperationFailed
+from agent.errors import BadInput, OperationFailed
 from agent.validate import Finding, Severity
 
 if TYPE_CHECKING:
@@ -366,7 +366,7 @@ def rehearse(
 
     say = on_progress or (lambda line: None)
     migrator = Migrator(db.migrations, db.url)
-    migrator.head()  # several heads: BadInput before anything is created
+    migrator.order()  # a graph Alembic cannot walk: its error before anything is created
     name = scratch_name(db_name)
     with _sigterm_interrupts():
         scratch = create_scratch_database(db, name, "rehearsal")
@@ -398,7 +398,8 @@ def _rehearse_in(
             table = ".".join(
                 '"' + part.replace('"', '""') + '"' for part in (facts.version_table_schema, facts.version_table) if part
             )
-            conn.exec_driver_sql(f"INSERT INTO {table} (version_num) VALUES (%(rev)s)", {"rev": rehearsal.revision_from})
+            for head in steps_migrator.state(rehearsal.revision_from):  # several rows between a branch point and its merge
+                conn.exec_driver_sql(f"INSERT INTO {table} (version_num) VALUES (%(rev)s)", {"rev": head})
             conn.commit()
         plan = steps_migrator.upgrade_plan(steps_migrator.current(conn))
         if not plan:
@@ -430,10 +431,11 @@ def _populate_from_backup(db: DatabaseSettings, name: str, migrator: Migrator, r
     if manifest is None:
         return
     path = manifest.path(db.backup_dir or "")
-    known = {s.revision for s in migrator.chain()}
     try:
-        if manifest.revision is not None and manifest.revision not in known:
-            raise OperationFailed(f"it is at revision {manifest.revision!r}, which these migrations do not contain")
+        try:
+            migrator.state(manifest.revision)
+        except BadInput as exc:
+            raise OperationFailed(f"it is at revision {manifest.revision!r}, which these migrations do not contain") from exc
         bk.check_integrity(path, manifest)
         with bk.libpq_env(db.url, dbname=name, appname="dbagent rehearse") as env:
             argv = bk.restore_argv(path, manifest, 1)
@@ -470,13 +472,16 @@ def _rehearse_step(
         return outcome
 
     version_table = migrator.environment().version_table
+    before_state = migrator.current(conn)
     before = take_snapshot(conn, version_table)
     baseline = capture_baseline(conn, scratch)
     error = _apply(conn, migrator, step)
     if error:
         finding("rehearsal-upgrade-failed", f"upgrade to {step.revision} failed: {error}")
         return done()
-    failed_checks = [c for c in run_checks(conn, migrator.current(conn), step.revision, scratch, baseline) if not c.ok]
+    current = migrator.current(conn)
+    expected = migrator.state_after(before_state, [step])
+    failed_checks = [c for c in run_checks(conn, current, expected, scratch, baseline) if not c.ok]
     for check in failed_checks:
         finding("rehearsal-verify-failed", f"after upgrade to {step.revision}, check {check.name} failed: {check.detail}")
 

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import redis
+from alembic.util import CommandError
 from sqlalchemy import Connection
 
 from agent import backup_operations, keys, lifecycle, preflight, retries, store
@@ -49,7 +50,7 @@ from agent.events import HOST, Event, EventType
 from agent.journal import Journal, Presence, publish_result, rollback_quietly
 from agent.lifecycle import STOP, Phase, StopRequest, pause_point
 from agent.locks import AdvisoryLock, RedisLease, holder_backend, read_lease
-from agent.migrator import Migrator, Step
+from agent.migrator import SEPARATOR, Migrator, Step, state_text
 from agent.monitoring import alert
 from agent.redact import redact
 from agent.settings import DatabaseSettings, Settings
@@ -761,12 +762,13 @@ def writer_lock(run: Run) -> Iterator[int]:
 def status(run: Run) -> dict[str, Any]:
     migrator = run.migrations()
     current = migrator.current(run.conn)
-    head = migrator.head()
     try:
+        head, heads, branch_points = migrator.head(), list(migrator.heads()), migrator.branch_points()
         pending = [s.to_json() for s in migrator.upgrade_plan(current)]
         problem = None
-    except BadInput as exc:
-        pending, problem = [], exc.message
+    except (BadInput, CommandError) as exc:  # the database's state, or the scripts, are not what Alembic can plan
+        head, heads, branch_points, pending = None, [], [], []
+        problem = exc.message if isinstance(exc, BadInput) else f"Alembic cannot plan these migrations: {exc}"
     lease = read_lease(run.redis, keys.lease(run.settings.redis.prefix, run.db_name))
     session = holder_backend(run.conn)
     last_backups = {}
@@ -776,7 +778,10 @@ def status(run: Run) -> dict[str, Any]:
     return {
         "last_backups": last_backups,
         "current": current,
+        "current_heads": current.split(SEPARATOR) if current else [],
         "head": head,
+        "heads": heads,
+        "branch_points": branch_points,
         "pending": pending,
         "lock": {"lease": lease, "session": session} if lease or session else None,
         "problem": problem,
@@ -795,9 +800,7 @@ def verify(run: Run) -> dict[str, Any]:
     args = run.command.parsed_args()
     assert isinstance(args, VerifyArgs)
     migrator = run.migrations()
-    expected = migrator.revision(args.expect).revision if args.expect not in (None, "head", "base") else (
-        None if args.expect == "base" else migrator.head()
-    )
+    expected = migrator.head() if args.expect in (None, "head", "heads") else state_text(migrator.resolve(args.expect))
     return _verify(run, expected)
 
 
@@ -821,7 +824,7 @@ def migrate(run: Run) -> dict[str, Any]:
     migrator = run.migrations()
     before = _current(run)
     plan = migrator.upgrade_plan(before, args.to)
-    target = plan[-1].revision if plan else before
+    target = migrator.state_after(before, plan)  # every head it leaves: the other branch's too
     run.phase(Phase.VALIDATION, target=target, steps=[s.to_json() for s in plan])
     if plan:
         _check_environment(run, before)
@@ -949,7 +952,7 @@ def rollback(run: Run) -> dict[str, Any]:
             revision_after=before,
         )
     plan = migrator.downgrade_plan(before, steps=args.steps, to=args.to)
-    target = plan[-1].destination if plan else (before or "base")
+    target = migrator.state_after(before, plan) or "base"
     if args.cause is not None:
         _check_automatic_rollback(run, cause, target, before)
     run.phase(target=target, steps=[s.to_json() for s in plan])

@@ -43,15 +43,16 @@ def linear_project(directory: Path, env: str = "env.py", steps: list[tuple[str, 
     command.init(Config(str(ini)), str(directory), template="generic")
     if env != "stock":
         shutil.copy(FIXTURE / env, directory / "env.py")
-    cfg = Config(str(ini))
-    ids = []
-    for message, upgrade, downgrade in steps or LINEAR:
-        script = command.revision(cfg, message=message)
-        path = Path(script.path)
-        text = path.read_text()
-        text = text.replace('    """Upgrade schema."""\n    pass', f'    """Upgrade schema."""\n    {upgrade}', 1)
-        text = text.replace('    """Downgrade schema."""\n    pass', f'    """Downgrade schema."""\n    {downgrade}', 1)
-        assert upgrade in text and downgrade in text, f"Alembic's template changed: {path}"
-        path.write_text(text)
-        ids.append(script.revision)
-    return ids
+    return [add_revision(directory, *step) for step in steps or LINEAR]
+
+
+def add_revision(directory: Path, message: str, upgrade: str, downgrade: str, head: str = "head") -> str:
+    """``alembic revision -m MESSAGE --head HEAD`` in the project at ``directory``, with these bodies; its id."""
+    script = command.revision(Config(str(directory / "alembic.ini")), message=message, head=head)
+    path = Path(script.path)
+    text = path.read_text()
+    text = text.replace('    """Upgrade schema."""\n    pass', f'    """Upgrade schema."""\n    {upgrade}', 1)
+    text = text.replace('    """Downgrade schema."""\n    pass', f'    """Downgrade schema."""\n    {downgrade}', 1)
+    assert upgrade in text and downgrade in text, f"Alembic's template changed: {path}"
+    path.write_text(text)
+    return script.revision

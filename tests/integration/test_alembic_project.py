@@ -7,6 +7,7 @@ import shutil
 
 import pytest
 
+from agent.migrator import Migrator
 from tests.alembic_projects import FIXTURE, linear_project
 from tests.servers import MIGRATIONS
 
@@ -188,3 +189,128 @@ def test_init_adopts_a_project_writes_a_config_that_works_and_names_the_env_py_c
     env.migrations = good
     del ids
     assert env.cli("--config", str(config), "validate").code == 0
+
+
+# -- branches and merges: the fixture's graph is 00b6 → 38df → fb02 (a branch point); 6c76 → 826e on one branch,
+# 1372 → e2cd on the other; the merge 5b39 of 826e and e2cd; then 8ebd → bdb2.
+
+
+def _branched(env, tmp_path) -> dict[str, str]:
+    env.migrations = tmp_path / "fixture"
+    shutil.copytree(FIXTURE, env.migrations)
+    return {p.name[:4]: p.name.split("_", 1)[0] for p in (env.migrations / "versions").glob("*.py")}
+
+
+def _versions(env) -> list[str]:
+    return sorted(r[0] for r in env.sql("SELECT version_num FROM app_versions"))
+
+
+def _tables(env, *names) -> list[str | None]:
+    return [env.sql(f"SELECT to_regclass('public.{n}')::text")[0][0] for n in names]
+
+
+def test_a_branched_project_through_the_whole_loop(env, tmp_path):
+    rev = _branched(env, tmp_path)
+    env.start_worker()
+    # --to a revision on one branch: only what it needs.
+    first = env.cli("migrate", "--to", rev["826e"], "--json")
+    assert first.code == 0, first.stdout + first.stderr
+    assert first.json()["revision_after"] == rev["826e"] and _versions(env) == [rev["826e"]]
+    assert _tables(env, "tasks", "labels") == ["tasks", None]
+    # --to the other branch: the database is at two heads, and dbagent still operates on it.
+    second = env.cli("migrate", "--to", rev["e2cd"], "--json")
+    assert second.code == 0, second.stdout + second.stderr
+    both = ",".join(sorted([rev["826e"], rev["e2cd"]]))
+    assert second.json()["revision_before"] == rev["826e"] and second.json()["revision_after"] == both
+    assert _versions(env) == sorted([rev["826e"], rev["e2cd"]])
+    status = env.cli("status", "--json")
+    assert status.code == 0, status.stdout + status.stderr
+    body = status.json()
+    assert body["current_heads"] == sorted([rev["826e"], rev["e2cd"]]) and body["heads"] == [rev["bdb2"]]
+    assert body["branch_points"] == [rev["fb02"]] and body["problem"] is None
+    assert [s["revision"] for s in body["pending"]] == [rev["5b39"], rev["8ebd"], rev["bdb2"]]
+    text = env.cli("status").stdout
+    assert "(2 heads)" in text and f"branches  from {rev['fb02']}" in text
+    assert env.cli("verify", "--expect", both).code == 0
+    # Up across the merge, to 8ebd.
+    third = env.cli("migrate", "--to", rev["8ebd"], "--json")
+    assert third.code == 0 and third.json()["revision_after"] == rev["8ebd"], third.stdout + third.stderr
+    assert _versions(env) == [rev["8ebd"]]
+    # rollback 2 undoes exactly two revisions, across the merge: both branches' heads are back.
+    back = env.cli("rollback", "2", "--json")
+    assert back.code == 0, back.stdout + back.stderr
+    assert back.json()["revision_after"] == both and _versions(env) == sorted([rev["826e"], rev["e2cd"]])
+    assert [s["revision"] for s in back.json()["steps"]] == [rev["8ebd"], rev["5b39"]]
+    # From two heads, a count cannot say which branch to undo: refused, nothing changed.
+    refused = env.cli("rollback", "1", "--json")
+    assert refused.code == 2 and "ambiguous" in refused.json()["error"], refused.stdout
+    assert _versions(env) == sorted([rev["826e"], rev["e2cd"]])
+    # migrate goes to the heads by default; then rollback --to a branch revision ends exactly there.
+    done = env.cli("migrate", "--json")
+    assert done.code == 0 and done.json()["revision_after"] == rev["bdb2"], done.stdout + done.stderr
+    assert env.cli("verify").code == 0
+    to_branch = env.cli("rollback", "--to", rev["826e"], "--json")
+    assert to_branch.code == 0, to_branch.stdout + to_branch.stderr
+    assert to_branch.json()["revision_after"] == rev["826e"] and _versions(env) == [rev["826e"]]
+    assert _tables(env, "task_comments", "task_labels", "labels", "tasks") == [None, None, None, "tasks"]
+    # The change log: one row per revision applied or reverted, in order, with its direction.
+    log = env.sql("SELECT direction, revision FROM dbagent.changelog WHERE outcome <> 'failed' ORDER BY id")
+    short = {v: k for k, v in rev.items()}
+    assert [f"{'+' if d == 'up' else '-'}{short[r]}" for d, r in log] == [
+        "+00b6", "+38df", "+fb02", "+6c76", "+826e",  # --to 826e
+        "+1372", "+e2cd",  # --to e2cd
+        "+5b39", "+8ebd",  # --to 8ebd, across the merge
+        "-8ebd", "-5b39",  # rollback 2
+        "+5b39", "+8ebd", "+bdb2",  # migrate
+        "-bdb2", "-8ebd", "-5b39", "-e2cd", "-1372",  # rollback --to 826e
+    ]
+    # Plain Alembic agrees with what dbagent left: it reads the same version table and has the same plan.
+    from alembic import command
+    from alembic.config import Config
+
+    cfg = Config(str(env.migrations / "alembic.ini"))
+    cfg.set_main_option("script_location", str(env.migrations))
+    cfg.set_main_option("sqlalchemy.url", env.url.replace("postgresql://", "postgresql+psycopg://"))
+    command.upgrade(cfg, "heads")
+    assert _versions(env) == [rev["bdb2"]]
+    assert env.cli("status", "--json").json()["pending"] == []
+
+
+def test_a_branched_project_rehearses_along_its_graph(env, tmp_path):
+    _branched(env, tmp_path)
+    result = env.cli("validate", "--rehearse", "--json", timeout=300)
+    assert result.code == 0, result.stdout + result.stderr
+    rehearsal = result.json()["rehearsal"]
+    assert [s["status"] for s in rehearsal["steps"]] == ["ok"] * 10, rehearsal
+    assert rehearsal["status"] == "passed" and rehearsal["source"] == "empty"
+    assert [s["revision"] for s in rehearsal["steps"]] == [s for s in Migrator(env.migrations, env.url).order()]
+    assert not [f for f in result.json()["findings"] if f["rule"].startswith("rehearsal")], result.json()["findings"]
+
+
+def test_the_agent_rolls_a_failed_run_back_to_exactly_the_two_heads_it_started_from(env, tmp_path, redis_client):
+    from tests.alembic_projects import add_revision
+    from tests.faults.test_faults import wait_for
+
+    rev = _branched(env, tmp_path)
+    failing = add_revision(env.migrations, "doomed", 'op.execute("CREATE TABLE doomed (id int); SELECT 1/0")',
+                           'op.execute("DROP TABLE IF EXISTS doomed")')
+    env.start_worker()
+    env.start_agent()
+    assert env.cli("migrate", "--to", f"{rev['826e']},{rev['e2cd']}", "--json").code == 0
+    both = sorted([rev["826e"], rev["e2cd"]])
+    assert _versions(env) == both
+    run = env.cli("migrate", "--json")
+    assert run.code == 1, run.stdout + run.stderr
+    assert run.json()["revision_before"] == ",".join(both) and run.json()["revision_after"] == rev["bdb2"]
+    assert f"step {failing} (doomed) failed" in run.json()["error"], run.json()["error"]
+
+    def rolled_back():
+        return [e for e in env.stream_events(redis_client) if e["type"] in ("rollback.completed", "rollback.failed")]
+
+    wait_for(rolled_back, 60, "the agent's rollback")
+    assert rolled_back()[0]["type"] == "rollback.completed", rolled_back()
+    # Exactly where the run started: both branches' heads, the merge and what followed it undone, nothing more.
+    assert _versions(env) == both
+    assert _tables(env, "task_comments", "labels", "task_labels", "doomed") == [None, "labels", "task_labels", None]
+    down = env.sql("SELECT revision FROM dbagent.changelog WHERE direction = 'down' ORDER BY id")
+    assert [r for (r,) in down] == [rev["bdb2"], rev["8ebd"], rev["5b39"]]
