@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: install demo test quick unit bench bench-backup bench-agent bench-lock bench-lint bench-recovery clean
+.PHONY: install demo test quick unit bench bench-alembic bench-backup bench-agent bench-lock bench-lint bench-recovery clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -46,3 +46,6 @@ bench-recovery: install
 
 clean:
 	rm -rf $(VENV) .dbagent .pytest_cache
+
+bench-alembic: install
+	$(PY) bench/bench_alembic_project.py
