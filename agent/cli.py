@@ -549,6 +549,7 @@ def validate(
     as_json: JsonOpt = False,
     rehearse: Annotated[bool, typer.Option("--rehearse", help="Then apply each pending migration up, down and up again on a scratch database, comparing schemas.")] = False,
     from_empty: Annotated[bool, typer.Option("--from-empty", help="With --rehearse: start from an empty database, not the newest schema backup.")] = False,
+    lint_all: Annotated[bool, typer.Option("--all", help="Lint every revision, those up to the database's lint_from baseline included.")] = False,
     allow: Annotated[list[str] | None, typer.Option(
         "--allow", metavar="RULE", help="Report errors of this rule without failing (repeatable), as migrate --allow.",
     )] = None,
@@ -565,7 +566,13 @@ def validate(
         raise typer.Exit(2) from None
     naming = database.naming if database.naming != AUTO else detect_naming(load_sources(database.migrations))
     current, recorded, unchecked = _applied_checksums(database)
-    findings = preflight.findings(database.migrations, naming=naming, current=current, recorded=recorded)
+    lint_from = None if lint_all else database.lint_from
+    try:
+        findings = preflight.findings(database.migrations, naming=naming, current=current, recorded=recorded,
+                                      lint_from=lint_from)
+    except BadInput as exc:  # lint_from names no revision of these scripts
+        err.print(f"error: {exc.message}")
+        raise typer.Exit(2) from None
     if unchecked:
         findings.append(preflight.finding(None, "checksums-unchecked", "warning", unchecked))
     rehearsal: dict[str, Any] | None = None
@@ -587,12 +594,15 @@ def validate(
     detected = " (detected)" if database.naming == AUTO else ""
     if as_json:
         _print_json({
-            "status": status, "naming": naming, "naming_detected": database.naming == AUTO, "findings": findings,
+            "status": status, "naming": naming, "naming_detected": database.naming == AUTO,
+            "lint_from": lint_from, "findings": findings,
             "allowed": verdict.to_json()["allowed"], **({"rehearsal": rehearsal} if rehearse else {}),
         })
     else:
         _render_findings(findings)
         out.print(f"validate: {status} ({len(findings)} finding(s)) in {database.migrations}; naming: {naming}{detected}")
+        if lint_from:
+            out.print(f"baseline: {lint_from} and its ancestors taken as reviewed (lint_from); --all lints them too")
     raise typer.Exit(1 if status == "failed" else 0)
 
 

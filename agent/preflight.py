@@ -112,6 +112,7 @@ def findings(
     recorded: dict[str, dict[str, Any]] | None = None,
     lint_only: Collection[str] | None = None,
     render: Callable[[Step], str] | None = None,
+    lint_from: str | None = None,
 ) -> list[dict[str, Any]]:
     """Every finding about the scripts in ``location``.
 
@@ -119,6 +120,9 @@ def findings(
     checksum check; ``lint_only`` restricts the lint to those revisions (a
     migrate lints what it is about to apply: the rest ran already); ``render``
     gives a step's offline SQL (a caller that needs it too renders it once).
+    ``lint_from`` (a baseline, ``reviewed``): that revision and its ancestors
+    are not linted and their per-script rules are not applied; the graph rules
+    and the checksums still cover them.
     """
     from agent.lint import lint_migrations
     from agent.validate import check_sources, load_sources
@@ -132,6 +136,10 @@ def findings(
     except Exception as exc:  # noqa: BLE001 - Alembic refuses the scripts: nothing more can be rendered
         out.append(finding(None, "lint-skipped", "error", f"the scripts cannot be loaded by Alembic: {_described(exc)}"))
         return out
+    if lint_from is not None:
+        baseline = reviewed(migrator, lint_from)
+        out = [f for f in out if f["rule"] in GRAPH_RULES or f["revision"] not in baseline]
+        lint_only = [r for r in (migrator.order() if lint_only is None else lint_only) if r not in baseline]
     try:
         out += [f.to_json() for f in lint_migrations(location, only=lint_only, migrator=migrator, render=render)]
     except Exception as exc:  # noqa: BLE001 - a graph the plan cannot walk (several heads)
@@ -142,6 +150,14 @@ def findings(
         except Exception as exc:  # noqa: BLE001
             out.append(finding(None, "checksums-unchecked", "warning", f"checksums not checked: {_described(exc)}"))
     return out
+
+
+def reviewed(migrator: Migrator, lint_from: str) -> set[str]:
+    """The revisions a ``lint_from`` baseline takes as reviewed: it and its ancestors. BadInput if unknown."""
+    try:
+        return migrator.ancestors(migrator.resolve(lint_from))
+    except BadInput as exc:
+        raise BadInput(f"lint_from = {lint_from!r}: {exc.message}") from None
 
 
 def _described(exc: BaseException) -> str:

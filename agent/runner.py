@@ -919,7 +919,7 @@ def _preflight(run: Run, before: str | None, plan: list[Step], args: MigrateArgs
     run.conn.commit()
     found = preflight.findings(
         run.db.migrations, naming=run.db.naming, migrator=run.migrations(), current=before, recorded=recorded,
-        lint_only={s.revision for s in plan}, render=run.offline_sql,
+        lint_only={s.revision for s in plan}, render=run.offline_sql, lint_from=run.db.lint_from,
     )
     verdict = preflight.Verdict(found, allow)
     enforced = run.db.enforces_validation(run.db_name)

@@ -102,6 +102,11 @@ class DatabaseSettings(_Section):
         description="sequential: NNN_description.py, the id is the number, one linear chain; alembic: any file name and"
         " revision id, Alembic's graph rules (branches and merges); auto: detected from the scripts",
     )
+    lint_from: str | None = Field(
+        None,
+        description="a baseline for an old history: this revision and its ancestors are taken as reviewed (not linted,"
+        " their per-script rules not applied; graph rules and checksums still are); validate --all lints them anyway",
+    )
     backup_dir: str | None = None
     pre_migration_backup: bool | None = Field(
         None, description="default: true unless the database's name looks like dev or test"

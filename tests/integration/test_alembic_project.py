@@ -314,3 +314,35 @@ def test_the_agent_rolls_a_failed_run_back_to_exactly_the_two_heads_it_started_f
     assert _tables(env, "task_comments", "labels", "task_labels", "doomed") == [None, "labels", "task_labels", None]
     down = env.sql("SELECT revision FROM dbagent.changelog WHERE direction = 'down' ORDER BY id")
     assert [r for (r,) in down] == [rev["bdb2"], rev["8ebd"], rev["5b39"]]
+
+
+def test_lint_from_takes_an_old_history_as_reviewed_and_validate_all_lints_it_anyway(env, tmp_path):
+    env.migrations = tmp_path / "project"
+    ids = linear_project(env.migrations, steps=[
+        ("create accounts table", 'op.execute("CREATE TABLE accounts (id int, email text)")', 'op.execute("DROP TABLE accounts")'),
+        ("drop accounts email", 'op.execute("ALTER TABLE accounts DROP COLUMN email")', "pass"),  # old, reviewed
+        ("index accounts", 'op.execute("CREATE INDEX ix_accounts_id ON accounts (id)")', 'op.execute("DROP INDEX ix_accounts_id")'),
+    ])
+    env.extra_config = 'validate_before_migrate = "enforce"'
+    full = {(f["revision"], f["rule"]) for f in env.cli("validate", "--json").json()["findings"]}
+    assert {(ids[1], "drop-column"), (ids[1], "downgrade"), (ids[2], "index-not-concurrently")} <= full
+
+    env.extra_config += f'\nlint_from = "{ids[1][:6]}"'  # a prefix, as Alembic accepts
+    result = env.cli("validate", "--json")
+    body = result.json()
+    found = {(f["revision"], f["rule"]) for f in body["findings"]}
+    assert body["lint_from"] == ids[1][:6]
+    assert not {(ids[1], "drop-column"), (ids[1], "downgrade")} & found, found
+    assert (ids[2], "index-not-concurrently") in found and result.code == 1  # after the baseline: linted
+    assert "taken as reviewed" in env.cli("validate").stdout
+    everything = env.cli("validate", "--all", "--json").json()
+    assert everything["lint_from"] is None
+    assert {(ids[1], "drop-column"), (ids[1], "downgrade")} <= {(f["revision"], f["rule"]) for f in everything["findings"]}
+
+    # A migrate judges what it applies the same way: the baseline's findings do not stop it.
+    env.start_worker()
+    run = env.cli("migrate", "--allow", "index-not-concurrently", "--json")
+    assert run.code == 0, run.stdout + run.stderr
+    env.extra_config = 'validate_before_migrate = "enforce"\nlint_from = "feedbeef"'
+    unknown = env.cli("validate")
+    assert unknown.code == 2 and "lint_from = 'feedbeef': unknown revision" in unknown.stderr, unknown.stderr
