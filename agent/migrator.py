@@ -107,10 +107,44 @@ def find_ini(location: Path) -> Path | None:
     return None
 
 
+def find_pyproject(location: Path) -> Path | None:
+    """The project's pyproject.toml (``alembic init -t pyproject``): beside env.py or one level up, if its
+    ``[tool.alembic]`` script_location is this directory."""
+    for candidate in (location / "pyproject.toml", location.parent / "pyproject.toml"):
+        if not candidate.is_file():
+            continue
+        try:
+            configured = Config(toml_file=str(candidate)).get_alembic_option("script_location")
+        except Exception:  # noqa: BLE001 - a pyproject.toml that does not parse, or has no [tool.alembic]
+            continue
+        if configured and (candidate.parent / configured).resolve() == location.resolve():
+            return candidate
+    return None
+
+
+def version_directories(location: str | Path) -> tuple[list[Path], bool]:
+    """Where the project keeps its revision files: ``version_locations`` from its alembic.ini or pyproject.toml
+    (default ``versions/``), and whether subdirectories count (``recursive_version_locations``). Loads no script."""
+    location = Path(location)
+    pyproject = find_pyproject(location)
+    ini = find_ini(location)
+    if ini is None and pyproject is not None and (pyproject.parent / "alembic.ini").is_file():
+        ini = pyproject.parent / "alembic.ini"
+    try:
+        cfg = Config(file_=str(ini) if ini else None, toml_file=str(pyproject) if pyproject else None)
+        cfg.set_main_option("script_location", str(location))
+        listed = cfg.get_version_locations_list()
+        recursive = bool(cfg.get_alembic_boolean_option("recursive_version_locations"))
+    except Exception:  # noqa: BLE001 - settings that do not parse: Alembic's loading says why
+        return [location / "versions"], False
+    return ([Path(p) for p in listed] if listed else [location / "versions"]), recursive
+
+
 class Migrator:
     """The migration scripts of one database and the operations on them.
 
-    The project's own alembic.ini (``find_ini``) is read for its settings
+    The project's own alembic.ini (``find_ini``) and pyproject.toml
+    ``[tool.alembic]`` (``find_pyproject``) are read for its settings
     (``file_template``, ``version_locations``, ``path_separator``…), with
     dbagent's URL as ``sqlalchemy.url``: the URL in the ini is never used.
     What env.py configures (the version table) is read by running it offline
@@ -123,13 +157,20 @@ class Migrator:
             raise BadInput(f"{location}: not an Alembic script directory (no env.py)")
         self.location = location
         self.url = url
+        self.pyproject = find_pyproject(location)
         self.ini = find_ini(location)
+        if self.ini is None and self.pyproject is not None and (self.pyproject.parent / "alembic.ini").is_file():
+            self.ini = self.pyproject.parent / "alembic.ini"  # beside [tool.alembic]: logging and the (unused) URL
         self.script = ScriptDirectory.from_config(self._config())
         self._facts: EnvFacts | None = None
         self._order: list[str] | None = None
 
     def _config(self, output_buffer: io.StringIO | None = None) -> Config:
-        cfg = Config(file_=str(self.ini) if self.ini else None, output_buffer=output_buffer)
+        cfg = Config(
+            file_=str(self.ini) if self.ini else None,
+            toml_file=str(self.pyproject) if self.pyproject else None,
+            output_buffer=output_buffer,
+        )
         if self.ini is not None:
             cfg.file_config  # noqa: B018 - the project's settings are read now…
             cfg.config_file_name = None  # …and env.py's fileConfig() then leaves the worker's logging alone

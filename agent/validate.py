@@ -68,11 +68,16 @@ class ScriptInfo:
 
 
 def load_sources(script_location: str | Path) -> list[tuple[str, str]]:
-    """(file name, source) of every script in ``versions/``, sorted by name."""
-    versions = Path(script_location) / "versions"
-    if not versions.is_dir():
-        raise BadInput(f"{versions}: no such directory (is 'migrations' set right in the config?)")
-    return [(p.name, p.read_text(encoding="utf-8")) for p in sorted(versions.glob("*.py")) if p.name != "__init__.py"]
+    """(file name, source) of every script in the project's version directories (``versions/``, or its
+    ``version_locations``), sorted by name."""
+    from agent.migrator import version_directories
+
+    directories, recursive = version_directories(script_location)
+    missing = [d for d in directories if not d.is_dir()]
+    if missing:
+        raise BadInput(f"{missing[0]}: no such directory (is 'migrations' set right in the config?)")
+    files = [p for d in directories for p in (d.rglob("*.py") if recursive else d.glob("*.py"))]
+    return [(p.name, p.read_text(encoding="utf-8")) for p in sorted(files, key=lambda p: p.name) if p.name != "__init__.py"]
 
 
 def _literal(node: ast.expr) -> Any:

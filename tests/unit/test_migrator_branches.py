@@ -159,3 +159,36 @@ def test_a_branched_plan_rendered_in_one_pass_splits_into_each_steps_own_sql(mig
         assert sum(line.startswith("-- Running") for line in together[step].splitlines()) == 1, step
     merge = next(s for s in plan if len(s.parents) > 1)
     assert ("CREATE" in together[merge] or "DROP" in together[merge]) is False  # the merge runs no DDL of a parent
+
+
+def test_a_pyproject_toml_project_is_read_with_its_tool_alembic_settings(tmp_path):
+    """``alembic init -t pyproject``: script_location, version_locations and file_template live in pyproject.toml."""
+    from pathlib import Path
+
+    from alembic import command
+    from alembic.config import Config
+
+    command.init(Config(str(tmp_path / "alembic.ini"), toml_file=str(tmp_path / "pyproject.toml")),
+                 str(tmp_path / "alembic"), template="pyproject")
+    pyproject = tmp_path / "pyproject.toml"
+    (tmp_path / "revs").mkdir()
+    pyproject.write_text(pyproject.read_text().replace(
+        "[tool.alembic]\n",
+        '[tool.alembic]\nversion_locations = ["%(here)s/revs"]\nfile_template = "%%(rev)s_rev_%%(slug)s"\n', 1))
+    cfg = Config(str(tmp_path / "alembic.ini"), toml_file=str(pyproject))
+    first = command.revision(cfg, message="one").revision
+    second = command.revision(cfg, message="two").revision
+    assert sorted(p.name for p in (tmp_path / "revs").glob("*.py")) == sorted([f"{first}_rev_one.py", f"{second}_rev_two.py"])
+
+    migrator = Migrator(tmp_path / "alembic", UNREACHABLE)
+    assert migrator.pyproject == pyproject
+    assert migrator.order() == [first, second]  # found only through [tool.alembic] version_locations
+    assert Path(migrator.revision(second).path).parent == tmp_path / "revs"
+    # The structure checks read the same files (they are where [tool.alembic] says), and find the chain sound.
+    from agent import preflight
+    from agent.validate import load_sources
+
+    assert sorted(name for name, _ in load_sources(tmp_path / "alembic")) == sorted(
+        [f"{first}_rev_one.py", f"{second}_rev_two.py"])
+    errors = {(f["revision"], f["rule"]) for f in preflight.findings(tmp_path / "alembic") if f["severity"] == "error"}
+    assert errors == {(first, "downgrade"), (second, "downgrade")}, errors  # Alembic's empty template bodies: nothing else
