@@ -253,7 +253,7 @@ def status(db: DbOpt = None, as_json: JsonOpt = False, actor: ActorOpt = None, t
 @app.command()
 def migrate(
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Print pending steps and their SQL; change nothing.")] = False,
-    to: Annotated[str | None, typer.Option("--to", help="Target revision (default: head).")] = None,
+    to: Annotated[str | None, typer.Option("--to", help="Target revision on any branch, or several joined by commas (default: every head).")] = None,
     no_backup: Annotated[bool, typer.Option("--no-backup", help="Skip the pre-migration backup (recorded in the audit trail).")] = False,
     allow: Annotated[list[str] | None, typer.Option(
         "--allow", metavar="RULE",
@@ -302,8 +302,8 @@ def migrate(
 
 @app.command(context_settings={"ignore_unknown_options": True})
 def rollback(
-    steps: Annotated[str | None, typer.Argument(help="How many migrations to undo.", show_default=False)] = None,
-    to: Annotated[str | None, typer.Option("--to", help="Revision to go back to, or 'base'.")] = None,
+    steps: Annotated[str | None, typer.Argument(help="How many migrations to undo, walking down from the one head (across a merge too).", show_default=False)] = None,
+    to: Annotated[str | None, typer.Option("--to", help="Where to end, exactly: a revision, several joined by commas (to keep several branches), or 'base'.")] = None,
     db: DbOpt = None, as_json: JsonOpt = False, actor: ActorOpt = None, ticket: TicketOpt = None,
     no_wait: NoWaitOpt = False, timeout: TimeoutOpt = 3600.0,
 ) -> None:
