@@ -453,3 +453,60 @@ def test_sigterm_during_a_backup_finishes_it_or_leaves_nothing(env, tmp_path):
     assert env.sql("SELECT status FROM dbagent.commands WHERE id = %s", result["command_id"])[0][0] in (
         "succeeded", "interrupted")
     assert not env.sql("SELECT 1 FROM pg_locks WHERE locktype = 'advisory' AND granted")
+
+
+# -- a branched project: a run that starts at two heads --------------------------------
+
+SLOW_BODY = ('op.execute("CREATE TABLE crash_tail (id int)"); __import__("os").environ.get("SLOW_STEP") == "tail"'
+             ' and op.execute("SELECT pg_sleep(600)")')
+
+FROM_TWO_HEADS = [
+    # (case, whether the agent rolls back: then to exactly the two heads the run started from)
+    pytest.param(Crash(["migrate"], pause="phase:validation"), False, id="validation"),
+    pytest.param(Crash(["migrate"], pause="phase:between_steps:1"), True, id="after-the-merge"),
+    pytest.param(Crash(["migrate"], pause="phase:step:3"), True, id="step-3-of-4-begun"),
+    pytest.param(Crash(["migrate"], slow="tail"), True, id="in-step-4-of-4"),
+    pytest.param(Crash(["migrate"], pause="phase:verify"), True, id="verify"),
+]
+
+
+@pytest.mark.parametrize(("crash", "rollback"), FROM_TWO_HEADS)
+def test_migrate_from_two_heads_killed_at_each_phase(env, tmp_path, crash, rollback):
+    """The branched fixture at 826e + e2cd (between its branch point and its merge); the run applies the merge,
+    two more revisions and a slow one. Whatever the phase, the database ends at exactly the two heads it started
+    from (never below either), the marker survives, and every command ends."""
+    import shutil
+
+    from tests.alembic_projects import FIXTURE, add_revision
+
+    env.migrations = tmp_path / "fixture"
+    shutil.copytree(FIXTURE, env.migrations)
+    ids = {p.name[:4]: p.name.split("_", 1)[0] for p in (env.migrations / "versions").glob("*.py")}
+    tail = add_revision(env.migrations, "crash tail", SLOW_BODY, 'op.execute("DROP TABLE crash_tail")')
+    env.extra_config = '\n[worker]\nrelay_interval = "1s"\nstop_grace = "3s"\nreconnect_timeout = "30s"\n'
+    env.start_agent()
+    setup = env.start_worker(log_name="setup-worker")
+    start = sorted([ids["826e"], ids["e2cd"]])
+    assert env.cli("migrate", "--to", ",".join(start), "--json").code == 0
+    env.sql("INSERT INTO accounts (email) VALUES ('marker@example.com')")
+    env.kill_worker(setup, signal.SIGTERM)
+
+    result, answered, _ = crash_and_restart(env, crash)
+
+    assert result["status"] == "failed" and result.get("interrupted") is True, result
+    assert result["revision_before"] == ",".join(start)
+    assert answered < ANSWER_WITHIN_S, f"the CLI waited {answered:.1f}s after the restart"
+    settle(env, rollback_expected=rollback)
+    versions = sorted(r[0] for r in env.sql("SELECT version_num FROM app_versions"))
+    assert versions == start, versions
+    assert env.sql("SELECT count(*) FROM accounts WHERE email = 'marker@example.com'") == [(1,)]
+    assert env.sql("SELECT to_regclass('public.labels')::text, to_regclass('public.crash_tail')") == [("labels", None)]
+    rollbacks = automatic_rollbacks(env)
+    assert len(rollbacks) == (1 if rollback else 0), rollbacks
+    for data in rollbacks:
+        assert data["target"] == ",".join(start), data
+    assert not env.sql("SELECT id, status FROM dbagent.commands WHERE status IN ('accepted', 'claimed', 'running')")
+    # And the database is usable: the next migrate goes to the head.
+    again = env.cli("migrate", "--json")
+    assert again.code == 0, again.stdout + again.stderr
+    assert [r[0] for r in env.sql("SELECT version_num FROM app_versions")] == [tail]
