@@ -54,8 +54,9 @@ class Step:
 
     @property
     def destination(self) -> str:
-        """The revision the database is at once the step is done."""
-        return self.revision if self.direction == "up" else (self.down_revision or BASE)
+        """Where this revision's line is once the step is done: the revision (up), its parents (down; a merge's
+        both, joined). The database's whole state after a plan is ``Migrator.state_after``."""
+        return self.revision if self.direction == "up" else (state_text(self.parents) or BASE)
 
     def to_json(self) -> dict[str, Any]:
         return {"revision": self.revision, "description": self.description, "direction": self.direction}
@@ -415,7 +416,7 @@ class Migrator:
         cfg.attributes.update(attributes or {})
         cfg.attributes["connection"] = conn
         cfg.attributes["on_version_apply"] = on_version_apply
-        destination = step.destination
+        destination = step.revision if step.direction == "up" else (step.down_revision or BASE)  # one id, for env.py
 
         def fn(rev: Any, context: Any) -> Any:
             # Called by env.py's run_migrations(), before any migration runs.
