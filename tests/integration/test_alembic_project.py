@@ -269,6 +269,8 @@ def test_a_branched_project_through_the_whole_loop(env, tmp_path):
     from alembic.config import Config
 
     cfg = Config(str(env.migrations / "alembic.ini"))
+    cfg.file_config  # noqa: B018 - read the ini now; without the file name, the stock env.py's fileConfig()
+    cfg.config_file_name = None  # does not disable the loggers of this test process (caplog in later tests)
     cfg.set_main_option("script_location", str(env.migrations))
     cfg.set_main_option("sqlalchemy.url", env.url.replace("postgresql://", "postgresql+psycopg://"))
     command.upgrade(cfg, "heads")
