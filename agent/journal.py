@@ -148,10 +148,14 @@ class Journal:
 
     def stage(self, conn: Connection, type_: EventType | str, **data: Any) -> None:
         """Write an event inside the caller's open transaction; flush() publishes it after the commit."""
+        store.insert_event(conn, self.staged(type_, **data))
+
+    def staged(self, type_: EventType | str, **data: Any) -> Event:
+        """An event flush() publishes after the commit of the transaction the caller writes it in."""
         event = self.make(type_, data)
-        store.insert_event(conn, event)
         self.emitted.add(str(event.type))
         self._unpublished.append(event)
+        return event
 
     def emit_aside(self, type_: EventType | str, data: dict[str, Any]) -> None:
         """An event from beside the operation (another thread, or inside a step): never on its connection."""

@@ -1,8 +1,11 @@
-"""Alembic, driven through its API on one dedicated connection, one step at a time.
+"""Alembic, driven through its API on one dedicated connection.
 
-Each step runs in its own transaction (``transaction_per_migration``), so a
-failure leaves the database at the last completed revision. Running steps one
-by one lets dbagent publish a step's event only once its transaction committed.
+A plan runs in one Alembic run (env.py loaded once), each step in its own
+transaction (``transaction_per_migration``), so a failure leaves the database
+at the last completed revision. Between two steps, once the first has
+committed, dbagent gets control back (``apply_many``'s ``before_step``): it
+publishes the step's events, checks for a stop, and looks at the locks the
+next step needs.
 """
 
 from __future__ import annotations
@@ -407,16 +410,50 @@ class Migrator:
         on_version_apply: OnVersionApply | None = None,
         attributes: dict[str, Any] | None = None,
     ) -> None:
-        """Run one step on conn, in its own transaction, committed when this returns.
+        """Run one step on conn, in its own transaction, committed when this returns."""
+        self.apply_many(conn, [step], on_version_apply, attributes)
 
-        ``attributes`` are handed to the scripts as ``context.config.attributes``
-        (for instance ``"dbagent.backfill"``, read by ``agent.backfill``).
+    def apply_many(
+        self,
+        conn: Connection,
+        steps: list[Step],
+        on_version_apply: OnVersionApply | None = None,
+        attributes: dict[str, Any] | None = None,
+        before_step: Callable[[int], None] | None = None,
+    ) -> None:
+        """Run steps on conn in one Alembic run, each in its own transaction, all committed when this returns.
+
+        ``on_version_apply`` is called inside each step's transaction, after
+        its version-table update (its writes commit with the step).
+        ``before_step(k)`` is called once ``steps[:k]`` have committed and
+        before ``steps[k]`` starts, outside any transaction of Alembic's (it
+        may read and commit on conn); ``before_step(len(steps))`` once the
+        last has committed. Whatever it raises ends the run there, with
+        ``steps[:k]`` applied. ``attributes`` are handed to the scripts as
+        ``context.config.attributes`` (``"dbagent.backfill"``, read by
+        ``agent.backfill``).
         """
+        if not steps:
+            return
         cfg = self._config()
         cfg.attributes.update(attributes or {})
         cfg.attributes["connection"] = conn
         cfg.attributes["on_version_apply"] = on_version_apply
-        destination = step.revision if step.direction == "up" else (step.down_revision or BASE)  # one id, for env.py
+        last = steps[-1]
+        destination = last.revision if last.direction == "up" else (last.down_revision or BASE)  # one id, for env.py
+        migrations = [self._migration_step(s) for s in steps]
+
+        def each(context: Any) -> Any:
+            for k, migration in enumerate(migrations):
+                if k and context._transaction is None and conn.in_transaction():
+                    conn.commit()  # env.py began a transaction of its own, which Alembic leaves alone: the step ends
+                if before_step is not None:
+                    before_step(k)
+                yield migration
+            if context._transaction is None and conn.in_transaction():
+                conn.commit()
+            if before_step is not None:
+                before_step(len(migrations))
 
         def fn(rev: Any, context: Any) -> Any:
             # Called by env.py's run_migrations(), before any migration runs.
@@ -424,9 +461,11 @@ class Migrator:
             if on_version_apply is not None and on_version_apply not in context.on_version_apply_callbacks:
                 # env.py did not pass it on: the change log still commits inside the step.
                 context.on_version_apply_callbacks = (*context.on_version_apply_callbacks, on_version_apply)
-            return [migration]
+            # One transaction per step, whatever env.py configured: a step that fails undoes itself alone,
+            # and what the steps before it did stays committed (and recorded).
+            context._transaction_per_migration = True
+            return each(context)
 
-        migration = self._migration_step(step)
         with EnvironmentContext(cfg, self.script, fn=fn, destination_rev=destination):
             self.script.run_env()
         if conn.in_transaction():

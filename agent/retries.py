@@ -25,6 +25,7 @@ spirit of GitLab's ``with_lock_retries``, dbagent bounds that wait:
 from __future__ import annotations
 
 import random
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -253,6 +254,39 @@ def blockers(conn: Connection, targets: dict[str, str], *, older_than_s: float =
         })
         entry["locks"].append({"table": table, "mode": held, "conflicts_with": targets[table]})
     return sorted(found.values(), key=lambda b: -b["xact_age_s"])
+
+
+def contended(conn: Connection, needs: Iterable[dict[str, str]]) -> set[str]:
+    """The tables, of all those some steps will lock, that any other session holds in a conflicting mode now.
+
+    One query for a whole plan (``needs``: each step's ``lock_targets``).
+    A table not in the answer had no holder at all when this ran, so for the
+    next ``holder_grace`` seconds no transaction holding it can be older than
+    the grace: its steps need no ``blockers`` check of their own until then.
+    Reads on ``conn`` and commits.
+    """
+    conflicting: dict[str, set[str]] = {}
+    for targets in needs:
+        for table, mode in targets.items():
+            conflicting.setdefault(table, set()).update(CONFLICTS[mode])
+    if not conflicting:
+        return set()
+    tables = list(conflicting)
+    rows = conn.exec_driver_sql(_CONTENDED, {"tables": tables, "modes": [",".join(sorted(conflicting[t])) for t in tables]}).all()
+    conn.commit()
+    return {row[0] for row in rows}
+
+
+# _HOLDERS without pg_stat_activity, whose snapshot costs more than the rest.
+_CONTENDED = """
+WITH wanted AS MATERIALIZED (
+    SELECT t.name, to_regclass(t.name) AS relation, string_to_array(t.conflicting, ',') AS modes
+    FROM unnest(%(tables)s::text[], %(modes)s::text[]) AS t(name, conflicting)
+)
+SELECT DISTINCT w.name
+FROM wanted w JOIN pg_locks l ON l.locktype = 'relation' AND l.relation = w.relation AND l.mode = ANY(w.modes)
+WHERE l.granted AND l.pid <> pg_backend_pid()
+"""
 
 
 def describe(found: list[dict[str, Any]]) -> str:

@@ -20,7 +20,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import redis
 from alembic.util import CommandError
@@ -1018,106 +1018,300 @@ def _check_automatic_rollback(run: Run, cause: dict[str, Any], target: str, befo
 
 
 def _apply_steps(run: Run, plan: list[Step], facts: dict[str, Any], failed: EventType) -> None:
-    """Apply the steps one transaction each; on failure report where the database stands.
+    """Apply the plan, one transaction per step; on failure report where the database stands.
 
-    Each step's own transaction records it done (``steps_done``), with its
-    change-log row and event, so the plan never claims more than what
-    committed; which step runs now is shown live (presence). A worker told
-    to stop ends here between steps, or cancels the step in progress once the
-    stop grace is over.
+    The plan runs in one Alembic run (env.py loaded once) as long as nothing
+    is in its way. Each step's own transaction records it done
+    (``steps_done``), with its change-log row and event, so the plan never
+    claims more than what committed; its events are published once it has
+    committed, before the next step starts; which step runs now is shown live
+    (presence). A worker told to stop ends here between steps, or cancels the
+    step in progress once the stop grace is over. Locks: ``_PlanRun``.
     """
     if not plan:
         return
-    migrator, conn, command = run.migrations(), run.conn, run.command
+    conn = run.conn
     backend_pid = int(conn.exec_driver_sql("SELECT pg_backend_pid()").scalar() or 0)
     conn.commit()
     invalid_before = _invalid_indexes(conn)  # a step that succeeds leaves no invalid index; one that fails may
     monitor = BlockingMonitor(run.db.url, backend_pid, run.db.lock_blocking_threshold, lambda data: run.journal.emit_aside(EventType.LOCK_BLOCKING, data))
     run.phase(Phase.STEPS, steps_done=0)
     with monitor:
-        outcome = "applied"
-        for number, step in enumerate(plan, start=1):
-            if run.stop.is_set():
-                after = migrator.current(conn)
-                error = f"stopped before step {number}/{len(plan)} ({step.revision}): {run.stop.reason}"
-                run.emit(failed, **facts, revision_after=after, error=error, interrupted=True,
-                         phase=Phase.STEPS.value, steps_done=number - 1)
-                raise Stopped(f"{error}; the database is at revision {after or 'base'}", **facts,
-                              revision_after=after, interrupted=True)
-            outcome = "applied" if step.direction == "up" else "reverted"
-            where = {"number": number, "of": len(plan), "revision": step.revision, "direction": step.direction}
-            run.phase(Phase.STEP, persist=False, step=where)
-            step_started = utcnow()
-            clock = time.monotonic()
-            recorded: list[bool] = []
+        _PlanRun(run, plan, facts, failed, invalid_before).apply()
 
-            checksum = preflight.script_checksum(migrator, step.revision) if step.direction == "up" else None
 
-            def record(connection: Connection, step: Step = step, started: datetime = step_started, clock: float = clock,
-                       checksum: str | None = checksum, number: int = number) -> None:
-                finished = utcnow()
-                store.insert_changelog(
-                    connection, command=command, revision=step.revision, description=step.description,
-                    direction=step.direction, started_at=started, finished_at=finished, outcome=outcome,
-                    checksum=checksum,
-                )
-                if run.claimed:
-                    store.update_plan(connection, command.id, {"phase": Phase.STEPS.value, "steps_done": number})
-                run.journal.stage(
-                    connection, EventType.MIGRATION_STEP, **step.to_json(), number=number, of=len(plan),
-                    duration_ms=round((time.monotonic() - clock) * 1000),
-                )
-                recorded.append(True)
+class _InTheWay(Exception):
+    """Between two steps: an old transaction holds a lock the next step needs (the run ends there)."""
 
-            def on_version_apply(*, ctx: Any, **_: Any) -> None:
-                record(ctx.connection)
+    def __init__(self, sessions: list[dict[str, Any]]) -> None:
+        super().__init__("in the way")
+        self.sessions = sessions
 
-            try:
-                with run.stop.cancelling(lambda: _cancel_statement(conn)):
-                    _apply_politely(run, step, on_version_apply)
-            except Exception as exc:
-                run.journal.discard_staged()
-                _rollback_quietly(conn)
-                error = describe_error(exc, migrator.revision(step.revision).path)
-                if isinstance(exc, LocksUnavailable | Stopped):
-                    error = exc.message
-                step_facts = dict(facts)
-                if run.stop.is_set():
-                    step_facts["interrupted"] = True
-                    if run.stop.expired:
-                        error = (f"cancelled: {run.stop.reason}, and the step did not finish within"
-                                 f" stop_grace ({run.settings.worker.stop_grace:g}s): {error}")
-                dropped = _drop_invalid_indexes(run, invalid_before)
-                if dropped:
-                    step_facts["dropped_invalid_indexes"] = dropped
+
+class _StopBetweenSteps(Exception):
+    """Between two steps: the worker was told to stop (the run ends there)."""
+
+
+class LocksUnavailable(OperationFailed):
+    """A step kept timing out on its table locks, attempt after attempt."""
+
+
+class _PlanRun:
+    """One plan being applied: how far it got, and what happens before each step.
+
+    Each step runs under a short lock_timeout, retried with backoff while
+    sessions are in its way. Before a step, a transaction open longer than
+    ``lock_holder_grace`` that holds a conflicting lock on a table the step
+    needs means the step would only queue the application behind it: dbagent
+    waits without asking. One query (``retries.contended``) covers the tables
+    of the whole rest of the plan for ``lock_holder_grace`` seconds; only a
+    step on a table someone holds is checked on its own (``retries.blockers``).
+    An attempt that times out has rolled back entirely and is tried again,
+    and the plan goes on from there in a new Alembic run. Each wait is a
+    ``lock.waiting`` event naming the sessions in the way.
+    """
+
+    def __init__(self, run: Run, plan: list[Step], facts: dict[str, Any], failed: EventType, invalid_before: set[str]) -> None:
+        self.run, self.plan, self.facts, self.failed = run, plan, facts, failed
+        self.invalid_before = invalid_before
+        self.migrator = run.migrations()
+        self.policy = run.db.retry_policy()
+        self.attributes = _script_attributes(run)
+        self.outcome = "applied" if plan[0].direction == "up" else "reverted"
+        self.committed = 0  # plan[:committed] are applied, committed and recorded
+        self.batch_start = 0  # where the current Alembic run started
+        self.attempt = 1  # of plan[committed]
+        self.waiting_since = time.monotonic()
+        self.lock_timeout = run.db.lock_timeout  # the session's, as last set (and committed)
+        self.announced = -1
+        self.current: dict[str, Any] = {}
+        self.targets: dict[int, dict[str, str]] = {}
+        self.contended: set[str] = set()
+        self.contended_at: float | None = None
+
+    # -- the loop -------------------------------------------------------------
+
+    def apply(self) -> None:
+        try:
+            while self.committed < len(self.plan):
+                self._attempt()
+        finally:
+            if self.lock_timeout != self.run.db.lock_timeout:  # back to the session's own (apply_timeouts)
                 try:
-                    after = migrator.current(conn)
-                    store.insert_changelog(
-                        conn, command=command, revision=step.revision, description=step.description,
-                        direction=step.direction, started_at=step_started, finished_at=utcnow(),
-                        outcome="failed", error=error,
-                    )
-                    conn.commit()
-                except Exception as inner:  # the connection itself is gone: reported once it is back
-                    _rollback_quietly(conn)
-                    raise Unavailable(
-                        f"lost the database during step {number}/{len(plan)} ({step.revision}): {error or redact(inner)}",
-                        **step_facts,
-                    ) from None
-                run.emit(failed, **step_facts, revision_after=after, failed_step=step.to_json(), error=error,
-                         phase=Phase.STEP.value, step=where)
-                raise OperationFailed(
-                    f"step {step.revision} ({step.description}) failed: {error.splitlines()[0] if error else type(exc).__name__};"
-                    f" the database is at revision {after or 'base'}",
-                    **step_facts,
-                    revision_after=after,
-                ) from None
-            if not recorded:
-                # env.py did not pass on_version_apply: record after the commit instead of inside it.
-                record(conn)
-                conn.commit()
-            run.journal.flush()
-            pause_point(f"phase:between_steps:{number}")
+                    self._set_lock_timeout(self.run.db.lock_timeout)
+                except Exception:  # the connection is gone; the failure is reported already
+                    _rollback_quietly(self.run.conn)
+
+    def _attempt(self) -> None:
+        """One attempt at plan[committed], and the rest of the plan after it while nothing is in the way."""
+        run, conn = self.run, self.run.conn
+        try:
+            self._next(self.committed)
+        except _StopBetweenSteps:
+            self._stopped()
+        index = self.committed
+        step = self.plan[index]
+        targets = self._targets(index)
+        last = self.attempt == self.policy.attempts
+        timeout = self.policy.lock_timeout(self.attempt)
+        in_the_way = self._in_the_way(index) if targets and not last else []
+        tried = not in_the_way
+        if tried:
+            try:
+                if timeout != self.lock_timeout:
+                    self._set_lock_timeout(timeout)
+                self.batch_start = index
+                with run.stop.cancelling(lambda: _cancel_statement(conn)):
+                    self.migrator.apply_many(conn, self.plan[index:], self._on_version_apply, self.attributes, self._before_step)
+                return
+            except _InTheWay as blocked:  # plan[:committed] went through; the next step waits
+                in_the_way, tried = blocked.sessions, False
+            except _StopBetweenSteps:
+                self._stopped()
+            except Exception as exc:
+                if self.committed == len(self.plan):  # after the last step committed: not a step's failure
+                    raise
+                in_the_way = self._retry_or_fail(exc)
+            # The run may have gone further than the step it started at: the wait is for the one it ended on.
+            step, targets, timeout = self.plan[self.committed], self._targets(self.committed), self.policy.lock_timeout(self.attempt)
+        pause = self.policy.pause(self.attempt)
+        try:
+            run.check_stop(f"attempt {self.attempt + 1} of step {step.revision}")
+            run.emit(
+                EventType.LOCK_WAITING,
+                guard="table_locks",
+                revision=step.revision,
+                direction=step.direction,
+                attempt=self.attempt,
+                attempts=self.policy.attempts,
+                tried=tried,
+                lock_timeout_ms=round(timeout * 1000),
+                retry_in_ms=round(pause * 1000),
+                waited_ms=round((time.monotonic() - self.waiting_since) * 1000),
+                tables=targets,
+                blockers=in_the_way,
+            )
+            if run.stop.wait(pause):
+                run.check_stop(f"attempt {self.attempt + 1} of step {step.revision}")
+        except Stopped as exc:
+            self._fail(exc)
+        self.attempt += 1
+        self.contended_at = None  # the next attempt looks again
+
+    # -- between two steps ----------------------------------------------------
+
+    def _before_step(self, k: int) -> None:
+        """Called by the Alembic run once plan[:batch_start + k] have committed (``Migrator.apply_many``)."""
+        index = self.batch_start + k
+        if k:
+            self.committed = index
+            self.attempt = 1
+            self.waiting_since = time.monotonic()
+            self.run.journal.flush()  # the step committed: its events go out now
+            pause_point(f"phase:between_steps:{index}")
+            if index == len(self.plan):
+                return
+            self._next(index)
+            if self.lock_timeout != self.run.db.lock_timeout:
+                self._set_lock_timeout(self.run.db.lock_timeout)
+            if self._targets(index):
+                in_the_way = self._in_the_way(index)
+                if in_the_way:
+                    raise _InTheWay(in_the_way)
+        self.current = {"index": index, "started": utcnow(), "clock": time.monotonic(),
+                        "checksum": preflight.script_checksum(self.migrator, self.plan[index].revision)
+                        if self.plan[index].direction == "up" else None}
+
+    def _next(self, index: int) -> None:
+        """Before plan[index] (once, whatever its attempts): a stop ends the plan here; the step is shown live."""
+        if index == self.announced:
+            return
+        if self.run.stop.is_set():
+            raise _StopBetweenSteps()
+        step = self.plan[index]
+        self.run.phase(Phase.STEP, persist=False,
+                       step={"number": index + 1, "of": len(self.plan), "revision": step.revision, "direction": step.direction})
+        self.announced = index
+
+    def _targets(self, index: int) -> dict[str, str]:
+        if index not in self.targets:
+            self.targets[index] = _lock_targets(self.run, self.plan[index])
+        return self.targets[index]
+
+    def _in_the_way(self, index: int) -> list[dict[str, Any]]:
+        """Old transactions holding what plan[index] needs (committed reads on the run's connection)."""
+        conn, grace = self.run.conn, self.policy.holder_grace_s
+        targets = self._targets(index)
+        if self.attempt == 1:
+            now = time.monotonic()
+            if self.contended_at is None or now - self.contended_at >= grace:
+                self.contended = retries.contended(conn, (self._targets(i) for i in range(index, len(self.plan))))
+                self.contended_at = now
+            if not self.contended.intersection(targets):
+                return []
+        return retries.blockers(conn, targets, older_than_s=grace)
+
+    def _set_lock_timeout(self, seconds: float) -> None:
+        _set_lock_timeout(self.run.conn, seconds)
+        self.lock_timeout = seconds
+
+    # -- inside each step's transaction ----------------------------------------
+
+    def _on_version_apply(self, *, ctx: Any, **_: Any) -> None:
+        """Alembic has applied plan[current] and updated its version table: its records commit with it."""
+        run, index = self.run, self.current["index"]
+        step, number, command = self.plan[index], self.current["index"] + 1, run.command
+        event = run.journal.staged(
+            EventType.MIGRATION_STEP, **step.to_json(), number=number, of=len(self.plan),
+            duration_ms=round((time.monotonic() - self.current["clock"]) * 1000),
+        )
+        store.record_step(
+            ctx.connection, command=command, revision=step.revision, description=step.description,
+            direction=step.direction, started_at=self.current["started"], finished_at=utcnow(),
+            outcome=self.outcome, checksum=self.current["checksum"], steps_done=number if run.claimed else None,
+            event=event,
+        )
+
+    # -- when it goes wrong ---------------------------------------------------
+
+    def _stopped(self) -> NoReturn:
+        run, number = self.run, self.committed + 1
+        _rollback_quietly(run.conn)
+        after = self.migrator.current(run.conn)
+        error = f"stopped before step {number}/{len(self.plan)} ({self.plan[self.committed].revision}): {run.stop.reason}"
+        run.emit(self.failed, **self.facts, revision_after=after, error=error, interrupted=True,
+                 phase=Phase.STEPS.value, steps_done=number - 1)
+        raise Stopped(f"{error}; the database is at revision {after or 'base'}", **self.facts,
+                      revision_after=after, interrupted=True)
+
+    def _retry_or_fail(self, exc: Exception) -> list[dict[str, Any]]:
+        """plan[committed] failed: the sessions in its way when it timed out on a lock and is tried again;
+        otherwise (and on its last attempt) the plan fails here."""
+        migrator, conn, step = self.migrator, self.run.conn, self.plan[self.committed]
+        if not retries.is_lock_timeout(exc):
+            self._fail(exc)
+        committed = _commits_in_script(migrator, step)
+        if committed:
+            # Part of its work may have committed before the timeout: running it again would apply it twice.
+            self._fail(OperationFailed(
+                f"timed out on a lock, and its script controls its own transactions ({committed}):"
+                " part of it may have committed, so it is not retried; look at the database before"
+                " running it again"
+            ))
+        self.run.journal.discard_staged()
+        _rollback_quietly(conn)
+        targets = self._targets(self.committed)
+        in_the_way = retries.blockers(conn, targets) if targets else []
+        if self.attempt == self.policy.attempts:
+            self._fail(LocksUnavailable(
+                f"could not get the locks it needs in {self.attempt} attempt(s) over"
+                f" {time.monotonic() - self.waiting_since:.0f}s"
+                f" (lock_timeout up to {postgres_interval(self.policy.lock_timeout(self.attempt))}):"
+                f" blocked by {retries.describe(in_the_way)}"
+            ))
+        return in_the_way
+
+    def _fail(self, exc: BaseException) -> NoReturn:
+        """plan[committed] failed with exc: record it, report where the database stands, raise."""
+        run, migrator, conn, command = self.run, self.migrator, self.run.conn, self.run.command
+        index = self.committed
+        step, number = self.plan[index], index + 1
+        where = {"number": number, "of": len(self.plan), "revision": step.revision, "direction": step.direction}
+        run.journal.discard_staged()
+        _rollback_quietly(conn)
+        error = describe_error(exc, migrator.revision(step.revision).path)
+        step_facts = dict(self.facts)
+        if run.stop.is_set():
+            step_facts["interrupted"] = True
+            if run.stop.expired:
+                error = (f"cancelled: {run.stop.reason}, and the step did not finish within"
+                         f" stop_grace ({run.settings.worker.stop_grace:g}s): {error}")
+        dropped = _drop_invalid_indexes(run, self.invalid_before)
+        if dropped:
+            step_facts["dropped_invalid_indexes"] = dropped
+        started = self.current.get("started") if self.current.get("index") == index else None
+        try:
+            after = migrator.current(conn)
+            store.insert_changelog(
+                conn, command=command, revision=step.revision, description=step.description,
+                direction=step.direction, started_at=started or utcnow(), finished_at=utcnow(),
+                outcome="failed", error=error,
+            )
+            conn.commit()
+        except Exception as inner:  # the connection itself is gone: reported once it is back
+            _rollback_quietly(conn)
+            raise Unavailable(
+                f"lost the database during step {number}/{len(self.plan)} ({step.revision}): {error or redact(inner)}",
+                **step_facts,
+            ) from None
+        run.emit(self.failed, **step_facts, revision_after=after, failed_step=step.to_json(), error=error,
+                 phase=Phase.STEP.value, step=where)
+        raise OperationFailed(
+            f"step {step.revision} ({step.description}) failed: {error.splitlines()[0] if error else type(exc).__name__};"
+            f" the database is at revision {after or 'base'}",
+            **step_facts,
+            revision_after=after,
+        ) from None
 
 
 def _cancel_statement(conn: Connection) -> None:
@@ -1125,10 +1319,6 @@ def _cancel_statement(conn: Connection) -> None:
     driver = conn.connection.driver_connection
     cancel = getattr(driver, "cancel_safe", None) or driver.cancel
     cancel()
-
-
-class LocksUnavailable(OperationFailed):
-    """A step kept timing out on its table locks, attempt after attempt."""
 
 
 def _set_lock_timeout(conn: Connection, seconds: float) -> None:
@@ -1155,81 +1345,6 @@ def _lock_targets(run: Run, step: Step) -> dict[str, str]:
     except Exception as exc:  # noqa: BLE001 - a script's own code may raise anything offline
         log.info("step %s: cannot tell which tables it locks (%s); retrying on lock timeouts only", step.revision, redact(exc))
         return {}
-
-
-def _apply_politely(run: Run, step: Step, on_version_apply: Callable[..., None]) -> None:
-    """Apply one step under a short lock_timeout, retried with backoff while sessions are in its way.
-
-    Before each attempt, a transaction open longer than ``lock_holder_grace``
-    that holds a conflicting lock on a table the step needs means the attempt
-    would only queue the application behind it: dbagent waits without asking.
-    An attempt that times out has rolled back entirely and is tried again.
-    Each wait is a ``lock.waiting`` event naming the sessions in the way.
-    """
-    migrator, conn = run.migrations(), run.conn
-    policy = run.db.retry_policy()
-    targets = _lock_targets(run, step)
-    attributes = _script_attributes(run)
-    started = time.monotonic()
-    attempt = 0
-    try:
-        for attempt in range(1, policy.attempts + 1):
-            timeout = policy.lock_timeout(attempt)
-            last = attempt == policy.attempts
-            in_the_way = (
-                retries.blockers(conn, targets, older_than_s=policy.holder_grace_s) if targets and not last else []
-            )
-            tried = not in_the_way
-            if tried:
-                if timeout != run.db.lock_timeout:
-                    _set_lock_timeout(conn, timeout)
-                try:
-                    migrator.apply(conn, step, on_version_apply, attributes)
-                    return
-                except Exception as exc:
-                    if not retries.is_lock_timeout(exc):
-                        raise
-                    committed = _commits_in_script(migrator, step)
-                    if committed:
-                        # Part of its work may have committed before the timeout: running it again would apply it twice.
-                        raise OperationFailed(
-                            f"timed out on a lock, and its script controls its own transactions ({committed}):"
-                            " part of it may have committed, so it is not retried; look at the database before"
-                            " running it again"
-                        ) from exc
-                    run.journal.discard_staged()
-                    _rollback_quietly(conn)
-                    in_the_way = retries.blockers(conn, targets) if targets else []
-                    if last:
-                        raise LocksUnavailable(
-                            f"could not get the locks it needs in {attempt} attempt(s) over"
-                            f" {time.monotonic() - started:.0f}s"
-                            f" (lock_timeout up to {postgres_interval(timeout)}): blocked by {retries.describe(in_the_way)}"
-                        ) from exc
-            pause = policy.pause(attempt)
-            run.check_stop(f"attempt {attempt + 1} of step {step.revision}")
-            run.emit(
-                EventType.LOCK_WAITING,
-                guard="table_locks",
-                revision=step.revision,
-                direction=step.direction,
-                attempt=attempt,
-                attempts=policy.attempts,
-                tried=tried,
-                lock_timeout_ms=round(timeout * 1000),
-                retry_in_ms=round(pause * 1000),
-                waited_ms=round((time.monotonic() - started) * 1000),
-                tables=targets,
-                blockers=in_the_way,
-            )
-            if run.stop.wait(pause):
-                run.check_stop(f"attempt {attempt + 1} of step {step.revision}")
-    finally:
-        if attempt > 1:  # back to the session's own lock_timeout (apply_timeouts) for what follows
-            try:
-                _set_lock_timeout(conn, run.db.lock_timeout)
-            except Exception:  # the connection is gone; the failure is reported by the caller
-                _rollback_quietly(conn)
 
 
 # A backfill reports after every batch; the event log hears of it at most this often (and at the end).

@@ -23,7 +23,7 @@ from sqlalchemy import Connection, text
 
 from agent.commands import Command, CommandStatus
 from agent.events import Event
-from agent.lifecycle import TERMINAL, State, sources
+from agent.lifecycle import TERMINAL, Phase, State, sources
 
 SCHEMA = "dbagent"
 
@@ -340,6 +340,44 @@ def next_fencing_token(conn: Connection) -> int:
     return int(conn.exec_driver_sql(f"SELECT nextval('{SCHEMA}.fencing_token')").scalar() or 0)
 
 
+_CHANGELOG_INSERT = (
+    f"INSERT INTO {SCHEMA}.changelog (command_id, revision, description, direction, actor, ticket,"
+    " started_at, finished_at, duration_ms, outcome, error, checksum) VALUES (:command_id, :revision,"
+    " :description, :direction, :actor, :ticket, :started_at, :finished_at, :duration_ms,"
+    " :outcome, :error, :checksum)"
+)
+
+
+def _changelog_row(
+    command: Command,
+    revision: str,
+    description: str | None,
+    direction: str,
+    started_at: datetime,
+    finished_at: datetime | None,
+    outcome: str,
+    error: str | None,
+    checksum: str | None,
+) -> dict[str, Any]:
+    duration_ms = (
+        round((finished_at - started_at).total_seconds() * 1000) if finished_at is not None else None
+    )
+    return {
+        "command_id": command.id,
+        "revision": revision,
+        "description": description,
+        "direction": direction,
+        "actor": command.actor,
+        "ticket": command.ticket,
+        "started_at": started_at,
+        "finished_at": finished_at,
+        "checksum": checksum,
+        "duration_ms": duration_ms,
+        "outcome": outcome,
+        "error": error,
+    }
+
+
 def insert_changelog(
     conn: Connection,
     *,
@@ -353,29 +391,45 @@ def insert_changelog(
     error: str | None = None,
     checksum: str | None = None,
 ) -> None:
-    duration_ms = (
-        round((finished_at - started_at).total_seconds() * 1000) if finished_at is not None else None
+    conn.execute(
+        text(_CHANGELOG_INSERT),
+        _changelog_row(command, revision, description, direction, started_at, finished_at, outcome, error, checksum),
     )
+
+
+def record_step(
+    conn: Connection,
+    *,
+    command: Command,
+    revision: str,
+    description: str | None,
+    direction: str,
+    started_at: datetime,
+    finished_at: datetime,
+    outcome: str,
+    checksum: str | None,
+    steps_done: int | None,
+    event: Event,
+) -> None:
+    """What one applied step leaves, inside its own transaction, in one statement: its change-log row, the
+    claimed command's ``steps_done`` (None: not claimed) and its event in the audit log."""
+    row = _changelog_row(command, revision, description, direction, started_at, finished_at, outcome, None, checksum)
+    plan = {"phase": Phase.STEPS.value, "steps_done": steps_done}
     conn.execute(
         text(
-            f"INSERT INTO {SCHEMA}.changelog (command_id, revision, description, direction, actor, ticket,"
-            " started_at, finished_at, duration_ms, outcome, error, checksum) VALUES (:command_id, :revision,"
-            " :description, :direction, :actor, :ticket, :started_at, :finished_at, :duration_ms,"
-            " :outcome, :error, :checksum)"
+            f"WITH logged AS ({_CHANGELOG_INSERT}),"
+            f" planned AS (UPDATE {SCHEMA}.commands SET plan = coalesce(plan, '{{}}'::jsonb) || CAST(:plan AS jsonb),"
+            f" status = 'running' WHERE id = :plan_of AND status IN ({_states(State.RUNNING)}))"
+            f" INSERT INTO {SCHEMA}.audit_log (id, ts, type, db, command_id, actor, ticket, host, data)"
+            " VALUES (:event_id, :event_ts, :event_type, :event_db, :event_command_id, :event_actor, :event_ticket,"
+            " :event_host, CAST(:event_data AS jsonb)) ON CONFLICT (id) DO NOTHING"
         ),
         {
-            "command_id": command.id,
-            "revision": revision,
-            "description": description,
-            "direction": direction,
-            "actor": command.actor,
-            "ticket": command.ticket,
-            "started_at": started_at,
-            "finished_at": finished_at,
-            "checksum": checksum,
-            "duration_ms": duration_ms,
-            "outcome": outcome,
-            "error": error,
+            **row,
+            "plan": json.dumps(plan),
+            "plan_of": command.id if steps_done is not None else None,
+            **{f"event_{k}": v for k, v in event.model_dump(exclude={"data"}).items()},
+            "event_data": json.dumps(event.data, default=str),
         },
     )
 

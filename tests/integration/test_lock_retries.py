@@ -19,7 +19,7 @@ import psycopg
 import pytest
 
 from tests.faults.test_faults import wait_for
-from tests.servers import ADD_USERS_NICKNAME, ROOT, copy_migrations
+from tests.servers import ADD_USERS_NICKNAME, ROOT, copy_migrations, script
 
 pytestmark = pytest.mark.integration
 
@@ -256,3 +256,54 @@ def test_a_step_that_committed_part_of_its_work_is_not_retried_after_a_lock_time
     assert table_lock_waits(env, redis_client) == []  # not one retry
     # What the script committed before the wait is there; it was not applied a second time.
     assert env.sql("SELECT count(*) FROM pg_tables WHERE tablename = 'half_done'") == [(1,)]
+
+
+# A plan of three steps whose middle one needs users: the steps around it have nothing in anyone's way.
+AROUND_USERS = {
+    "012_add_notes.py": script("012", "011", "Add notes.", ["CREATE TABLE notes (id bigint PRIMARY KEY)"], ["DROP TABLE notes"]),
+    "013_add_users_nickname.py": script(
+        "013", "012", "Add users.nickname.", ["ALTER TABLE users ADD COLUMN nickname text"], ["ALTER TABLE users DROP COLUMN nickname"]
+    ),
+    "014_add_labels.py": script("014", "013", "Add labels.", ["CREATE TABLE labels (id bigint PRIMARY KEY)"], ["DROP TABLE labels"]),
+}
+
+
+@pytest.mark.parametrize("how", ["waited out", "timed out"])
+def test_a_step_in_the_middle_of_a_plan_waits_with_the_steps_before_it_committed(env, tmp_path, redis_client, how):
+    """The plan runs in one Alembic run until a step has a session in its way: what came before stays
+    committed and recorded while it waits (or while its timed-out attempts are retried), and the plan goes
+    on from that step once the session is gone, each step applied exactly once."""
+    if how == "waited out":  # the pre-check sees the long transaction: no attempt asks for the lock
+        env.extra_config = 'lock_retry_pause = "200ms"\nlock_retry_max_pause = "300ms"\nlock_retries = 60'
+    else:  # no grace: each attempt asks for the lock and times out
+        env.lock_timeout = "300ms"
+        env.extra_config = ('lock_holder_grace = "1h"\nlock_timeout_max = "500ms"\nlock_retry_pause = "200ms"\n'
+                            'lock_retry_max_pause = "300ms"\nlock_retries = 60')
+    env.migrations = copy_migrations(tmp_path, AROUND_USERS)
+    env.start_worker()
+    assert env.cli("migrate", "--to", "011", "--json").code == 0
+    holder = hold_users(env, "long report")
+    run = migrate_in_background(env)
+    try:
+        wait_for(lambda: len(table_lock_waits(env, redis_client)) >= 2, 60, "2 lock.waiting events")
+        # Waiting on 013: 012 is committed, recorded and announced, not held back in an open transaction.
+        assert env.revision() == "012"
+        assert env.sql("SELECT revision, outcome FROM dbagent.changelog WHERE revision > '011'") == [("012", "applied")]
+        steps = [e["data"] for e in env.stream_events(redis_client) if e["type"] == "migration.step"]
+        assert [(s["revision"], s["number"], s["of"]) for s in steps][-1:] == [("012", 1, 3)]
+    finally:
+        holder.rollback()
+        holder.close()
+    out, err = run.communicate(timeout=60)
+    assert run.returncode == 0, out + err
+
+    assert env.revision() == "014"
+    waits = [e["data"] for e in table_lock_waits(env, redis_client)]
+    assert {d["revision"] for d in waits} == {"013"}, waits
+    assert [d["attempt"] for d in waits] == list(range(1, len(waits) + 1))
+    assert all(d["tried"] is (how == "timed out") for d in waits)
+    assert env.sql("SELECT revision, outcome FROM dbagent.changelog WHERE revision > '011' ORDER BY id") == [
+        ("012", "applied"), ("013", "applied"), ("014", "applied")
+    ]
+    steps = [e["data"] for e in env.stream_events(redis_client) if e["type"] == "migration.step"]
+    assert [(s["revision"], s["number"]) for s in steps][-3:] == [("012", 1), ("013", 2), ("014", 3)]
