@@ -42,6 +42,10 @@ from pglast.parser import ParseError
 
 from agent.validate import Finding, Severity
 
+# Pure functions of a script's text or SQL, cached: a worker lints the same scripts migrate after migrate,
+# and a migrate parses each step's SQL twice (lint, then the locks it takes). Sized for plans of thousands.
+CACHE_SIZE = 4096
+
 # Alembic's bookkeeping (CREATE TABLE / INSERT / UPDATE / DELETE / DROP of the
 # version table) is never a finding.
 VERSION_TABLE = "alembic_version"
@@ -277,16 +281,27 @@ _TRANSACTION_CALLS = {"commit": "commit()", "rollback": "rollback()", "begin": "
 _EXECUTE_CALLS = {"execute", "exec_driver_sql"}
 
 
+# A script none of whose words is one of these has no transaction control to find.
+_TRANSACTION_WORDS = re.compile(r"\b(?:begin|start|commit|end|rollback|abort|prepare)\b", re.IGNORECASE)
+
+
 def transaction_control(source: str) -> list[tuple[int, str]]:
     """(line, what) of each place a migration script controls its own transaction: an executed COMMIT,
     ROLLBACK, BEGIN, START TRANSACTION, END or PREPARE TRANSACTION literal, or ``.commit()`` / ``.rollback()``
     / ``.begin()`` on a connection. Pure: the source is parsed with ``ast``, its SQL literals with pglast."""
+    return list(_transaction_control(source))
+
+
+@functools.lru_cache(maxsize=CACHE_SIZE)
+def _transaction_control(source: str) -> tuple[tuple[int, str], ...]:
     import ast as pyast
 
+    if not _TRANSACTION_WORDS.search(source):
+        return ()
     try:
         tree = pyast.parse(source)
     except SyntaxError:
-        return []
+        return ()
     found: list[tuple[int, str]] = []
     for node in pyast.walk(tree):
         if not isinstance(node, pyast.Call) or not isinstance(node.func, pyast.Attribute):
@@ -305,7 +320,7 @@ def transaction_control(source: str) -> list[tuple[int, str]]:
             for raw in statements:
                 if isinstance(raw.stmt, ast.TransactionStmt) and raw.stmt.kind in _TRANSACTION_KINDS:
                     found.append((node.lineno, sql.strip().split()[0].upper()))
-    return sorted(found)
+    return tuple(sorted(found))
 
 
 def _literal_sql(node: Any) -> str | None:
@@ -382,6 +397,13 @@ def disabled_rules(source: str) -> dict[str, str]:
     A directive without a reason maps its rules to "": ``lint_sql`` reports it
     as ``allow-without-reason`` and keeps the rule switched on.
     """
+    return dict(_disabled_rules(source))
+
+
+@functools.lru_cache(maxsize=CACHE_SIZE)
+def _disabled_rules(source: str) -> tuple[tuple[str, str], ...]:
+    if "dbagent" not in source:  # no directive without its name
+        return ()
     disabled: dict[str, str] = {}
     for comment in _comments(source):
         match = _DIRECTIVE.search(comment)
@@ -392,7 +414,7 @@ def disabled_rules(source: str) -> dict[str, str]:
         for name in re.split(r"[\s,]+", names.strip()):
             if name and (reason or name not in disabled):
                 disabled[name] = reason
-    return disabled
+    return tuple(disabled.items())
 
 
 # -- the statement walk -------------------------------------------------------
@@ -872,7 +894,7 @@ def _directive_findings(
     return findings
 
 
-@functools.lru_cache(maxsize=256)
+@functools.lru_cache(maxsize=CACHE_SIZE)
 def parse_statements(sql: str) -> tuple[ast.RawStmt, ...]:
     """pglast's parse of ``sql``, cached: a migrate lints each step's SQL and then reads the locks it takes.
 
@@ -897,7 +919,19 @@ def lint_sql(
     is reported. ``runner_sets_lock_timeout`` says whether the runner (dbagent)
     puts every statement under a lock_timeout, in which case the SQL need not.
     """
-    disabled = disabled or {}
+    return list(_lint_sql(sql, revision, runner_sets_lock_timeout, tuple((disabled or {}).items()), file, version_table))
+
+
+@functools.lru_cache(maxsize=CACHE_SIZE)
+def _lint_sql(
+    sql: str,
+    revision: str | None,
+    runner_sets_lock_timeout: bool,
+    disabled_items: tuple[tuple[str, str], ...],
+    file: str | None,
+    version_table: str,
+) -> tuple[LintFinding, ...]:
+    disabled = dict(disabled_items)
     findings = _directive_findings(disabled, revision, file)
     off = {name for name, reason in disabled.items() if reason.strip()}
     try:
@@ -915,10 +949,10 @@ def lint_sql(
                 file,
             )
         )
-        return findings
+        return tuple(findings)
     linter = _Linter(sql, revision, file, runner_sets_lock_timeout, version_table)
     findings.extend(f for f in linter.run(statements) if f.rule not in off)
-    return findings
+    return tuple(findings)
 
 
 def lint_migrations(
@@ -945,7 +979,8 @@ def lint_migrations(
         if only is not None and step.revision not in only:
             continue
         path = Path(migrator.revision(step.revision).path)
-        disabled = disabled_rules(path.read_text(encoding="utf-8"))
+        source = path.read_text(encoding="utf-8")
+        disabled = disabled_rules(source)
         try:
             sql = render(step)
         except Exception as exc:  # noqa: BLE001 - a script's own code may raise anything
@@ -977,6 +1012,6 @@ def lint_migrations(
             findings.extend(
                 LintFinding(step.revision, rule.name, rule.severity, f"{what} at line {line}: {rule.why}", what, rule.fix,
                             path.name)
-                for line, what in transaction_control(path.read_text(encoding="utf-8"))
+                for line, what in transaction_control(source)
             )
     return findings

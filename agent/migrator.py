@@ -168,6 +168,7 @@ class Migrator:
         self.script = ScriptDirectory.from_config(self._config())
         self._facts: EnvFacts | None = None
         self._order: list[str] | None = None
+        self._rendered: dict[tuple[Any, ...], dict[Step, str]] = {}
 
     def _config(self, output_buffer: io.StringIO | None = None) -> Config:
         cfg = Config(
@@ -495,6 +496,12 @@ class Migrator:
         many steps renders once. Each part reads as ``offline_sql`` of its step.
         ``start``: the state the plan starts from (default: what the steps need).
         """
+        key = (tuple(steps), start)
+        if key not in self._rendered:
+            self._rendered = {key: self._offline_sql_many(steps, start)}  # the last plan: a worker renders it again
+        return dict(self._rendered[key])
+
+    def _offline_sql_many(self, steps: list[Step], start: str | None | bool) -> dict[Step, str]:
         if len(steps) < 2 or len({s.direction for s in steps}) > 1:
             return {s: self.offline_sql(s) for s in steps}
         lines = self._render(steps, start).splitlines(keepends=True)

@@ -50,7 +50,7 @@ from agent.events import HOST, Event, EventType
 from agent.journal import Journal, Presence, publish_result, rollback_quietly
 from agent.lifecycle import STOP, Phase, StopRequest, pause_point
 from agent.locks import AdvisoryLock, RedisLease, holder_backend, read_lease
-from agent.migrator import SEPARATOR, Migrator, Step, state_text
+from agent.migrator import SEPARATOR, Migrator, Step, find_ini, find_pyproject, state_text, version_directories
 from agent.monitoring import alert
 from agent.redact import redact
 from agent.settings import DatabaseSettings, Settings
@@ -148,8 +148,12 @@ _migrators_lock = threading.Lock()
 def cached_migrator(location: str, url: str) -> Migrator:
     """The scripts of a directory, parsed again only when a file in it changed."""
     root = Path(location)
-    # The scripts, and what configures them (env.py's version table, the project's alembic.ini).
-    files = [*(root / "versions").glob("*.py"), *(f for f in (root / "env.py", root / "alembic.ini") if f.is_file())]
+    # The scripts where the project keeps them, and what configures them (env.py's version table, the
+    # project's alembic.ini or pyproject.toml).
+    directories, recursive = version_directories(root)
+    scripts = [p for d in directories for p in (d.rglob("*.py") if recursive else d.glob("*.py"))]
+    settings = (root / "env.py", find_ini(root), find_pyproject(root))
+    files = [*scripts, *(f for f in settings if f is not None and f.is_file())]
     stamp = tuple(sorted((str(p), p.stat().st_mtime_ns, p.stat().st_size) for p in files))
     with _migrators_lock:
         cached = _migrators.get((location, url))

@@ -192,3 +192,25 @@ def test_a_pyproject_toml_project_is_read_with_its_tool_alembic_settings(tmp_pat
         [f"{first}_rev_one.py", f"{second}_rev_two.py"])
     errors = {(f["revision"], f["rule"]) for f in preflight.findings(tmp_path / "alembic") if f["severity"] == "error"}
     assert errors == {(first, "downgrade"), (second, "downgrade")}, errors  # Alembic's empty template bodies: nothing else
+
+
+def test_a_worker_sees_a_new_revision_where_the_project_keeps_its_scripts(tmp_path):
+    """The worker's parsed scripts (runner.cached_migrator) are read again when a file changes in the project's
+    version_locations, not only in versions/: a revision added there is planned, not silently left out."""
+    from alembic import command
+    from alembic.config import Config
+
+    from agent.runner import cached_migrator
+
+    command.init(Config(str(tmp_path / "alembic.ini")), str(tmp_path / "alembic"), template="generic")
+    ini = tmp_path / "alembic.ini"
+    (tmp_path / "revs").mkdir()
+    text = ini.read_text()
+    assert "# version_locations = " in text
+    ini.write_text(text.replace("# version_locations = ", "version_locations = %(here)s/revs\n# ", 1))
+    cfg = Config(str(ini))
+    first = command.revision(cfg, message="one").revision
+    location = str(tmp_path / "alembic")
+    assert cached_migrator(location, UNREACHABLE).order() == [first]
+    second = command.revision(cfg, message="two").revision
+    assert cached_migrator(location, UNREACHABLE).order() == [first, second]
