@@ -31,7 +31,8 @@ from agent.errors import BadInput
 BASE = "base"
 HEAD = "head"
 HEADS = "heads"
-SEPARATOR = ","  # between the heads of a database that is at several revisions
+SEPARATOR = ","
+RENDERED_PLANS = 8  # offline SQL of the latest plans, kept by each Migrator  # between the heads of a database that is at several revisions
 
 
 def state_text(heads: Any) -> str | None:
@@ -497,9 +498,13 @@ class Migrator:
         ``start``: the state the plan starts from (default: what the steps need).
         """
         key = (tuple(steps), start)
-        if key not in self._rendered:
-            self._rendered = {key: self._offline_sql_many(steps, start)}  # the last plan: a worker renders it again
-        return dict(self._rendered[key])
+        rendered = self._rendered.pop(key, None)
+        if rendered is None:
+            rendered = self._offline_sql_many(steps, start)
+        self._rendered[key] = rendered  # the latest plans (migrate, rollback, migrate…): a worker renders them again
+        while len(self._rendered) > RENDERED_PLANS:
+            del self._rendered[next(iter(self._rendered))]
+        return dict(rendered)
 
     def _offline_sql_many(self, steps: list[Step], start: str | None | bool) -> dict[Step, str]:
         if len(steps) < 2 or len({s.direction for s in steps}) > 1:
