@@ -102,10 +102,11 @@ class Run:
     def emit(self, type_: EventType, **data: Any) -> Event:
         return self.journal.emit(type_, **data)
 
-    def phase(self, phase: Phase | None = None, *, persist: bool = True, **changes: Any) -> None:
+    def phase(self, phase: Phase | None = None, *, persist: bool = True, soon: bool = False, **changes: Any) -> None:
         """Persist where a claimed command is, before it does it, for whoever finds it after a crash.
 
-        ``persist=False``: only shown live (presence) and a pause point, not recorded.
+        ``persist=False``: only shown live (presence) and a pause point, not recorded; ``soon``: shown
+        within ``journal.PUBLISH_EVERY_S``, coalesced with the updates that follow (``Presence.update``).
         """
         if phase is not None:
             changes["phase"] = phase.value
@@ -118,7 +119,7 @@ class Run:
             ):
                 raise Unavailable(f"could not record the phase of command {command_id} in PostgreSQL")
         if self.presence is not None and phase is not None:
-            self.presence.update(phase=phase.value, step=changes.get("step"))
+            self.presence.update(soon=soon, phase=phase.value, step=changes.get("step"))
         if phase is not None:
             step = changes.get("step")
             pause_point(f"phase:{phase.value}" + (f":{step['number']}" if step else ""))
@@ -1171,7 +1172,7 @@ class _PlanRun:
             self.committed = index
             self.attempt = 1
             self.waiting_since = time.monotonic()
-            self.run.journal.flush()  # the step committed: its events go out now
+            self.run.journal.flush_soon()  # the step committed: its events go out with the next few
             pause_point(f"phase:between_steps:{index}")
             if index == len(self.plan):
                 return
@@ -1193,7 +1194,7 @@ class _PlanRun:
         if self.run.stop.is_set():
             raise _StopBetweenSteps()
         step = self.plan[index]
-        self.run.phase(Phase.STEP, persist=False,
+        self.run.phase(Phase.STEP, persist=False, soon=True,
                        step={"number": index + 1, "of": len(self.plan), "revision": step.revision, "direction": step.direction})
         self.announced = index
 

@@ -23,12 +23,12 @@ from sqlalchemy import Connection, text
 
 from agent.commands import Command, CommandStatus
 from agent.events import Event
-from agent.lifecycle import TERMINAL, Phase, State, sources
+from agent.lifecycle import TERMINAL, State, sources
 
 SCHEMA = "dbagent"
 
 # Bumped whenever DDL changes; kept as the schema's comment, so one catalog read tells whether to bootstrap.
-SCHEMA_VERSION = "dbagent schema 3"
+SCHEMA_VERSION = "dbagent schema 4"
 
 # A command's own advisory lock, held by the session executing it: free exactly when that session is gone.
 COMMAND_LOCK = "hashtextextended('dbagent:command:' || %s, 0)"
@@ -100,6 +100,10 @@ CREATE INDEX IF NOT EXISTS audit_log_unpublished ON {SCHEMA}.audit_log (seq) WHE
 
 CREATE SEQUENCE IF NOT EXISTS {SCHEMA}.fencing_token;
 
+-- how many steps of the plan have committed, beside the plan (whose list of steps it would rewrite
+-- at every step); read back as the plan's steps_done (_with_steps_done)
+ALTER TABLE {SCHEMA}.commands ADD COLUMN IF NOT EXISTS steps_done integer;
+
 COMMENT ON SCHEMA {SCHEMA} IS '{SCHEMA_VERSION}';
 """
 
@@ -170,7 +174,16 @@ def command_row(conn: Connection, command_id: str) -> dict[str, Any] | None:
     row = conn.execute(
         text(f"SELECT * FROM {SCHEMA}.commands WHERE id = :id"), {"id": command_id}
     ).mappings().first()
-    return dict(row) if row else None
+    return _with_steps_done(row) if row else None
+
+
+def _with_steps_done(row: Any) -> dict[str, Any]:
+    """A commands row as callers know it: its ``steps_done`` column is the plan's ``steps_done``."""
+    found = dict(row)
+    done = found.pop("steps_done", None)
+    if done is not None and found.get("plan") is not None:
+        found["plan"] = {**found["plan"], "steps_done": done}
+    return found
 
 
 def _states(target: State) -> str:
@@ -206,10 +219,12 @@ def update_plan(conn: Connection, command_id: str, changes: dict[str, Any], *, d
     conn.execute(
         text(
             f"UPDATE {SCHEMA}.commands SET plan = coalesce(plan, '{{}}'::jsonb) || CAST(:changes AS jsonb),"
-            f" status = CASE WHEN :running THEN 'running' ELSE status END"
+            f" status = CASE WHEN :running THEN 'running' ELSE status END,"
+            f" steps_done = CASE WHEN :counted THEN CAST(:steps_done AS integer) ELSE steps_done END"
             f" WHERE id = :id AND status IN ({_states(State.RUNNING)})"
         ),
-        {"id": command_id, "changes": json.dumps(changes, default=str), "running": running},
+        {"id": command_id, "changes": json.dumps(changes, default=str), "running": running,
+         "counted": "steps_done" in changes, "steps_done": changes.get("steps_done")},
     )
 
 
@@ -254,7 +269,7 @@ def unpublished_results(conn: Connection, newer_than_s: float, limit: int = 100)
         ),
         {"age": newer_than_s, "limit": limit},
     ).mappings()
-    return [dict(row) for row in rows]
+    return [_with_steps_done(row) for row in rows]
 
 
 def open_commands(conn: Connection) -> list[dict[str, Any]]:
@@ -264,7 +279,7 @@ def open_commands(conn: Connection) -> list[dict[str, Any]]:
             f"SELECT * FROM {SCHEMA}.commands WHERE status IN ('accepted', 'claimed', 'running') ORDER BY received_at"
         )
     ).mappings()
-    return [dict(row) for row in rows]
+    return [_with_steps_done(row) for row in rows]
 
 
 def recorded_start(conn: Connection, command_id: str) -> tuple[bool, str | None]:
@@ -397,6 +412,16 @@ def insert_changelog(
     )
 
 
+_RECORD_STEP = text(  # built once: a plan of many steps runs it once per step
+    f"WITH logged AS ({_CHANGELOG_INSERT}),"
+    f" planned AS (UPDATE {SCHEMA}.commands SET steps_done = CAST(:steps_done AS integer), status = 'running'"
+    f" WHERE id = :plan_of AND status IN ({_states(State.RUNNING)}))"
+    f" INSERT INTO {SCHEMA}.audit_log (id, ts, type, db, command_id, actor, ticket, host, data)"
+    " VALUES (:event_id, :event_ts, :event_type, :event_db, :event_command_id, :event_actor, :event_ticket,"
+    " :event_host, CAST(:event_data AS jsonb)) ON CONFLICT (id) DO NOTHING"
+)
+
+
 def record_step(
     conn: Connection,
     *,
@@ -414,19 +439,11 @@ def record_step(
     """What one applied step leaves, inside its own transaction, in one statement: its change-log row, the
     claimed command's ``steps_done`` (None: not claimed) and its event in the audit log."""
     row = _changelog_row(command, revision, description, direction, started_at, finished_at, outcome, None, checksum)
-    plan = {"phase": Phase.STEPS.value, "steps_done": steps_done}
     conn.execute(
-        text(
-            f"WITH logged AS ({_CHANGELOG_INSERT}),"
-            f" planned AS (UPDATE {SCHEMA}.commands SET plan = coalesce(plan, '{{}}'::jsonb) || CAST(:plan AS jsonb),"
-            f" status = 'running' WHERE id = :plan_of AND status IN ({_states(State.RUNNING)}))"
-            f" INSERT INTO {SCHEMA}.audit_log (id, ts, type, db, command_id, actor, ticket, host, data)"
-            " VALUES (:event_id, :event_ts, :event_type, :event_db, :event_command_id, :event_actor, :event_ticket,"
-            " :event_host, CAST(:event_data AS jsonb)) ON CONFLICT (id) DO NOTHING"
-        ),
+        _RECORD_STEP,
         {
             **row,
-            "plan": json.dumps(plan),
+            "steps_done": steps_done,
             "plan_of": command.id if steps_done is not None else None,
             **{f"event_{k}": v for k, v in event.model_dump(exclude={"data"}).items()},
             "event_data": json.dumps(event.data, default=str),
@@ -456,4 +473,4 @@ def changelog(conn: Connection, limit: int) -> list[dict[str, Any]]:
         ),
         {"limit": limit},
     ).mappings()
-    return [dict(row) for row in rows]
+    return [_with_steps_done(row) for row in rows]
