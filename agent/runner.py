@@ -1029,8 +1029,8 @@ def _apply_steps(run: Run, plan: list[Step], facts: dict[str, Any], failed: Even
     is in its way. Each step's own transaction records it done
     (``steps_done``), with its change-log row and event, so the plan never
     claims more than what committed; its events are published once it has
-    committed, before the next step starts; which step runs now is shown live
-    (presence). A worker told to stop ends here between steps, or cancels the
+    committed, in batches of at most 0.1 s (``Journal.flush_soon``); which
+    step runs now is shown live (presence, coalesced the same way). A worker told to stop ends here between steps, or cancels the
     step in progress once the stop grace is over. Locks: ``_PlanRun``.
     """
     if not plan:
