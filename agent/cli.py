@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import getpass
 import json
 import os
@@ -851,6 +852,10 @@ def main() -> None:
     except KeyboardInterrupt:
         err.print("interrupted", markup=False)
         sys.exit(130)
+    finally:
+        # The command is done and its output flushed: what its imports built is left to the process's end,
+        # not to a last full garbage collection (about 70 ms of every short command's wall time).
+        gc.freeze()
 
 
 if __name__ == "__main__":

@@ -61,10 +61,23 @@ class EventLog:
 
     def wait(self, after: str, block_ms: int) -> list[tuple[str, Event]]:
         """Entries after ``after``, blocking up to block_ms for the first one."""
-        response = self.client.xread({self.stream: after}, block=block_ms, count=500)
-        if not response:
-            return []
-        return list(_decode(response[0][1]))
+        return self.wait_or_wake(after, block_ms)[0]
+
+    def wait_or_wake(self, after: str, block_ms: int, wake: tuple[str, str] | None = None) -> tuple[list[tuple[str, Event]], str | None]:
+        """Like ``wait``, and also woken by a new entry after ``wake = (key, id)`` in another stream
+        (``keys.outcome_ready``): the entries, and the id of the newest wake-up seen (None if none)."""
+        streams = {self.stream: after}
+        if wake is not None:
+            streams[wake[0]] = wake[1]
+        response = self.client.xread(streams, block=block_ms, count=500)
+        entries: list[tuple[str, Event]] = []
+        woken: str | None = None
+        for name, found in response or []:
+            if _text(name) == self.stream:
+                entries = list(_decode(found))
+            elif found:
+                woken = _text(found[-1][0])
+        return entries, woken
 
     def follow(self, after: str, db: str | None = None, block_ms: int = 1000) -> Iterator[tuple[str, Event]]:
         while True:

@@ -255,9 +255,7 @@ class Journal:
         command_id = result.get("command_id")
         if command_id:
             try:
-                self.eventlog.client.set(
-                    keys.rejection(self.prefix, command_id, digest), json.dumps(result, default=str), ex=keys.RESULT_TTL_S
-                )
+                _set_outcome(self.eventlog.client, self.prefix, keys.rejection(self.prefix, command_id, digest), command_id, result)
             except redis.RedisError as exc:
                 log.error("could not publish the rejection of %s: %s", command_id, redact(exc))
         self.close()
@@ -277,11 +275,21 @@ class Journal:
 def publish_result(client: redis.Redis, prefix: str, command_id: str, result: dict[str, Any]) -> bool:
     """SET the outcome a producer waits for; False (logged) when Redis is unreachable."""
     try:
-        client.set(keys.result(prefix, command_id), json.dumps(result, default=str), ex=keys.RESULT_TTL_S)
+        _set_outcome(client, prefix, keys.result(prefix, command_id), command_id, result)
         return True
     except redis.RedisError as exc:
         log.error("could not publish the outcome of %s (the relay retries): %s", command_id, redact(exc))
         return False
+
+
+def _set_outcome(client: redis.Redis, prefix: str, key: str, command_id: str, result: dict[str, Any]) -> None:
+    """SET an outcome and, in the same transaction, wake the producers waiting for it (``keys.outcome_ready``)."""
+    ready = keys.outcome_ready(prefix, command_id)
+    pipe = client.pipeline(transaction=True)
+    pipe.set(key, json.dumps(result, default=str), ex=keys.RESULT_TTL_S)
+    pipe.xadd(ready, {"key": key}, maxlen=1)
+    pipe.expire(ready, keys.OUTCOME_READY_TTL_S)
+    pipe.execute()
 
 
 class Presence:

@@ -40,6 +40,18 @@ def rejection(prefix: str, command_id: str, digest: str) -> str:
     return f"{prefix}:rejection:{command_id}:{digest}"
 
 
+def outcome_ready(prefix: str, command_id: str) -> str:
+    """A stream of one entry, added with the command's outcome or a refusal under its id: a producer
+    blocked on the event stream (``XREAD``) listens on it too, so it wakes the moment the outcome is
+    there rather than at its next timeout. It carries no data (the outcome is read from ``result`` or
+    ``rejection``); expires after OUTCOME_READY_TTL_S."""
+    return f"{prefix}:outcome-ready:{command_id}"
+
+
+# Only a producer already waiting needs the wake-up: one that comes later reads the outcome at once.
+OUTCOME_READY_TTL_S = 3600
+
+
 def dead_commands(prefix: str, db: str) -> str:
     """Messages a worker of ``db`` took off its queue and refused unread (malformed, unsigned,
     oversized): a bounded record of each (reason, size, digest, excerpt), newest first, the last

@@ -10,6 +10,7 @@ next step needs.
 
 from __future__ import annotations
 
+import hashlib
 import io
 import re
 from collections.abc import Callable
@@ -170,6 +171,7 @@ class Migrator:
         self._facts: EnvFacts | None = None
         self._order: list[str] | None = None
         self._rendered: dict[tuple[Any, ...], dict[Step, str]] = {}
+        self._checksums: dict[str, str] = {}
 
     def _config(self, output_buffer: io.StringIO | None = None) -> Config:
         cfg = Config(
@@ -247,6 +249,14 @@ class Migrator:
             span = f"{known[0]} … {known[-1]}" if known else "none"
             raise BadInput(f"unknown revision {rev!r} (known: {span})")
         return script
+
+    def checksum(self, rev: str) -> str:
+        """The sha256 of the file defining ``rev``, read once per Migrator (what a step records as applied; a
+        worker builds a new Migrator when a file changes where the project keeps its scripts)."""
+        digest = self._checksums.get(rev)
+        if digest is None:
+            digest = self._checksums[rev] = hashlib.sha256(Path(self.revision(rev).path).read_bytes()).hexdigest()
+        return digest
 
     def resolve(self, target: str | None) -> tuple[str, ...]:
         """The heads a target names: ``base``; ``head``/``heads``; a revision (a unique prefix of one, or

@@ -38,8 +38,8 @@ def file_checksum(path: str | Path) -> str:
 
 
 def script_checksum(migrator: Migrator, revision: str) -> str:
-    """The sha256 of the file that defines ``revision``."""
-    return file_checksum(migrator.revision(revision).path)
+    """The sha256 of the file that defines ``revision`` (``Migrator.checksum``: read once per Migrator)."""
+    return migrator.checksum(revision)
 
 
 def finding(revision: str | None, rule: str, severity: str, message: str, *, statement: str | None = None,

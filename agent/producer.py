@@ -175,6 +175,7 @@ class Producer:
         command_id = command.id
         digest = message_digest(command.to_message())
         queue = keys.queue(self.prefix, command.db)
+        ready, ready_after = keys.outcome_ready(self.prefix, command_id), "0-0"  # wakes the XREAD once the outcome is set
         progress = Progress(command, queue, command.expiry(self.settings.security.max_command_age))
         started = time.monotonic()
         deadline = started + timeout_s
@@ -187,7 +188,9 @@ class Producer:
                     after = self._resume_after(after)
                     redis_lost = False
                     progress.state = "running" if progress.seen_running else "queued"
-                for entry_id, event in self.events.wait(after, POLL_MS):
+                entries, woken = self.events.wait_or_wake(after, POLL_MS, wake=(ready, ready_after))
+                ready_after = woken or ready_after  # a refusal of another message under this id wakes once
+                for entry_id, event in entries:
                     after = entry_id
                     if event.command_id == command_id and on_event is not None:
                         on_event(event)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import logging
 from typing import Any
 
@@ -66,6 +67,9 @@ def create_app(settings: Settings, db_name: str) -> Celery:
         if counts and counts["reaped"]:
             log.warning("%d command(s) interrupted by a dead worker were reported as failed", counts["reaped"])
         relay.start()
+        # What start-up built (Celery, the settings, the imports) lives as long as the worker: out of the
+        # garbage collector's full passes, which otherwise walk it again and again during a long plan.
+        gc.freeze()
 
     @worker_shutting_down.connect(weak=False)
     def stopping(sig: str = "SIGTERM", how: str = "Warm", **_: Any) -> None:
