@@ -65,7 +65,9 @@ class Journal:
         self._committed: list[Event] = []  # of committed work, published within PUBLISH_EVERY_S (flush_soon)
         self._publish_lock = threading.RLock()  # one publisher at a time: the stream keeps the order of events
         self._published_at = float("-inf")
-        self._timer: threading.Timer | None = None
+        self._due = threading.Condition(self._publish_lock)  # wakes the publisher thread (flush_soon)
+        self._publisher: threading.Thread | None = None  # started by the first deferred batch, ends at close()
+        self._closing = False
         self.emitted: set[str] = set()
         self._aside: Connection | None = None
         self._aside_engine: Engine | None = None
@@ -196,19 +198,30 @@ class Journal:
             if not self._committed:
                 return
             wait = self._published_at + PUBLISH_EVERY_S - time.monotonic()
-            if wait <= 0:
+            if wait <= 0 or self._closing:
                 events, self._committed = self._committed, []
                 self._publish(events)
-            elif self._timer is None:
-                self._timer = threading.Timer(wait, self._flush_committed)
-                self._timer.daemon = True
-                self._timer.start()
+            else:
+                if self._publisher is None and not self._closing:
+                    # One thread for the command's batches (not one per batch: a plan of many steps would start
+                    # ten a second, each waiting for the GIL to say it started).
+                    self._publisher = threading.Thread(target=self._publish_later, name="events publisher", daemon=True)
+                    self._publisher.start()
+                self._due.notify()
 
-    def _flush_committed(self) -> None:
+    def _publish_later(self) -> None:
+        """The publisher thread: each batch of committed events PUBLISH_EVERY_S after the last publication."""
         with self._publish_lock:
-            self._timer = None
-            events, self._committed = self._committed, []
-            self._publish(events)
+            while not self._closing:
+                if not self._committed:
+                    self._due.wait()
+                    continue
+                wait = self._published_at + PUBLISH_EVERY_S - time.monotonic()
+                if wait > 0:
+                    self._due.wait(wait)
+                    continue
+                events, self._committed = self._committed, []
+                self._publish(events)
 
     def _publish(self, events: list[Event]) -> None:
         if not events:
@@ -263,9 +276,8 @@ class Journal:
 
     def close(self) -> None:
         with self._publish_lock:
-            if self._timer is not None:
-                self._timer.cancel()
-            self._timer = None
+            self._closing = True
+            self._due.notify_all()  # the publisher thread ends
             events, self._committed = self._committed, []
             self._publish(events)
         with self._aside_lock:

@@ -6,6 +6,10 @@ Alembic on the same project and database. Interleaved runs, median of BENCH_RUNS
 - `dbagent rollback --to base` vs `alembic downgrade base`
 - `dbagent validate` vs `alembic upgrade head --sql`; goal: under 5 s
 
+and, for what the per-step transactions cost, the like-for-like baseline: the same project with
+`transaction_per_migration=True` in env.py (dbagent runs every step in its own transaction, whatever
+env.py says; plain Alembic's default is one transaction for the whole run).
+
 Prints a table and writes bench/results/alembic_project.json. Needs the local PostgreSQL and Redis.
 Run: make bench-alembic (BENCH_REVISIONS=N for another size)
 """
@@ -14,6 +18,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -50,18 +55,30 @@ def main() -> None:
                     "--quiet", "--url", world.url.replace("postgresql://", "postgresql+psycopg://")],
                    check=True, capture_output=True)
     world.migrations = project
+    per_step = tmp / "project-per-step"  # the same scripts, one transaction per migration
+    shutil.copytree(project, per_step)
+    env_py = (per_step / "env.py").read_text()
+    (per_step / "env.py").write_text(env_py.replace('version_table="app_versions",', 'version_table="app_versions", transaction_per_migration=True,'))
+    assert "transaction_per_migration=True" in (per_step / "env.py").read_text()
+    ini = (per_step / "alembic.ini").read_text()
+    (per_step / "alembic.ini").write_text(ini.replace(f"script_location = {project}\n", f"script_location = {per_step}\n"))
+    assert f"script_location = {per_step}\n" in (per_step / "alembic.ini").read_text()
     client = redis.Redis.from_url(REDIS_URL)
     alembic = [str(Path(sys.executable).parent / "alembic"), "-c", str(project / "alembic.ini")]
+    alembic_per_step = [str(Path(sys.executable).parent / "alembic"), "-c", str(per_step / "alembic.ini")]
     dbagent = [sys.executable, "-m", "agent.cli", "--config", str(world.config)]
     env = world.environ()
     times: dict[str, list[float]] = {k: [] for k in ("alembic up", "dbagent up", "alembic down", "dbagent down",
-                                                      "alembic sql", "dbagent validate")}
+                                                      "alembic sql", "dbagent validate", "alembic per-step up",
+                                                      "alembic per-step down")}
     try:
         world.start_worker(log_name="bench-worker")
         timed([*dbagent, "status", "--timeout", "60"], env)  # the worker is up
         for _ in range(RUNS):
             times["alembic up"].append(timed([*alembic, "upgrade", "head"], env))
             times["alembic down"].append(timed([*alembic, "downgrade", "base"], env))
+            times["alembic per-step up"].append(timed([*alembic_per_step, "upgrade", "head"], env))
+            times["alembic per-step down"].append(timed([*alembic_per_step, "downgrade", "base"], env))
             times["dbagent up"].append(timed([*dbagent, "migrate", "--no-backup", "--json"], env))
             times["dbagent down"].append(timed([*dbagent, "rollback", "--to", "base", "--json"], env))
             times["alembic sql"].append(timed([*alembic, "upgrade", "head", "--sql"], env))
@@ -77,6 +94,10 @@ def main() -> None:
         (f"migrate {REVISIONS} revisions", med["dbagent up"], med["alembic up"], "≤1.2x", med["dbagent up"] / med["alembic up"] <= 1.2),
         (f"rollback {REVISIONS} revisions", med["dbagent down"], med["alembic down"], "≤1.2x", med["dbagent down"] / med["alembic down"] <= 1.2),
         (f"validate {REVISIONS} revisions", med["dbagent validate"], med["alembic sql"], "<5 s", med["dbagent validate"] < 5),
+        (f"migrate, vs per-step txns", med["dbagent up"], med["alembic per-step up"], "≤1.2x",
+         med["dbagent up"] / med["alembic per-step up"] <= 1.2),
+        (f"rollback, vs per-step txns", med["dbagent down"], med["alembic per-step down"], "≤1.2x",
+         med["dbagent down"] / med["alembic per-step down"] <= 1.2),
     ]
     print(f"{'benchmark':<26} {'dbagent s':>10} {'alembic s':>10} {'ratio':>7} {'goal':>6}")
     results = []
@@ -90,6 +111,7 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     (out / "alembic_project.json").write_text(json.dumps(results, indent=2))
     print(f"(median of {RUNS} interleaved runs each; the alembic column of validate is `alembic upgrade head --sql`;"
+          " of 'vs per-step txns', the same project with transaction_per_migration=True;"
           f" written to {out / 'alembic_project.json'})")
 
 

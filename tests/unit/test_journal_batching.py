@@ -92,6 +92,30 @@ def test_closing_the_journal_publishes_what_waits(fake_redis):
     assert stream(eventlog) == [1, 2]
 
 
+def test_one_publisher_thread_serves_every_batch_of_a_plan_and_ends_with_the_journal(fake_redis):
+    eventlog = EventLog(fake_redis, PREFIX)
+    journal = Journal(eventlog, PREFIX, "production", None)
+    publishers = set()
+    started = time.monotonic()
+    number = 0
+    while time.monotonic() - started < journal_module.PUBLISH_EVERY_S * 5:  # several batches' worth
+        number += 1
+        journal.staged(EventType.MIGRATION_STEP, number=number)
+        journal.flush_soon()
+        if journal._publisher is not None:
+            publishers.add(journal._publisher)
+        time.sleep(0.002)
+    deadline = time.monotonic() + 2
+    while len(stream(eventlog)) < number and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert stream(eventlog) == list(range(1, number + 1))
+    assert len(publishers) == 1, f"{len(publishers)} threads started for the batches of one plan"
+    journal.close()
+    (publisher,) = publishers
+    publisher.join(timeout=2)
+    assert not publisher.is_alive()
+
+
 def test_the_live_step_is_written_coalesced_and_shows_the_last_one_soon(fake_redis):
     writes: list[str] = []
     presence = Presence(fake_redis, PREFIX, "c-1", "worker-1", ttl_s=30)
