@@ -432,6 +432,7 @@ class Migrator:
         on_version_apply: OnVersionApply | None = None,
         attributes: dict[str, Any] | None = None,
         before_step: Callable[[int], None] | None = None,
+        per_step: bool = True,
     ) -> None:
         """Run steps on conn in one Alembic run, each in its own transaction, all committed when this returns.
 
@@ -444,9 +445,16 @@ class Migrator:
         ``steps[:k]`` applied. ``attributes`` are handed to the scripts as
         ``context.config.attributes`` (``"dbagent.backfill"``, read by
         ``agent.backfill``).
+
+        ``per_step=False``: as env.py configures it (``transaction_per_migration``
+        off, Alembic's default), the whole plan is one transaction: a failure
+        undoes every step, and ``before_step`` is called inside that
+        transaction (it must not commit; what it raises undoes the plan).
         """
         if not steps:
             return
+        if not per_step and conn.in_transaction():
+            conn.commit()  # what the caller set (lock_timeout) is the session's, apart from the plan's transaction
         cfg = self._config()
         cfg.attributes.update(attributes or {})
         cfg.attributes["connection"] = conn
@@ -457,12 +465,12 @@ class Migrator:
 
         def each(context: Any) -> Any:
             for k, migration in enumerate(migrations):
-                if k and context._transaction is None and conn.in_transaction():
+                if per_step and k and context._transaction is None and conn.in_transaction():
                     conn.commit()  # env.py began a transaction of its own, which Alembic leaves alone: the step ends
                 if before_step is not None:
                     before_step(k)
                 yield migration
-            if context._transaction is None and conn.in_transaction():
+            if per_step and context._transaction is None and conn.in_transaction():
                 conn.commit()
             if before_step is not None:
                 before_step(len(migrations))
@@ -473,9 +481,10 @@ class Migrator:
             if on_version_apply is not None and on_version_apply not in context.on_version_apply_callbacks:
                 # env.py did not pass it on: the change log still commits inside the step.
                 context.on_version_apply_callbacks = (*context.on_version_apply_callbacks, on_version_apply)
-            # One transaction per step, whatever env.py configured: a step that fails undoes itself alone,
-            # and what the steps before it did stays committed (and recorded).
-            context._transaction_per_migration = True
+            if per_step:
+                # One transaction per step: a step that fails undoes itself alone, and what the steps before it
+                # did stays committed (and recorded).
+                context._transaction_per_migration = True
             return each(context)
 
         with EnvironmentContext(cfg, self.script, fn=fn, destination_rev=destination):
@@ -483,14 +492,20 @@ class Migrator:
         if conn.in_transaction():
             conn.commit()
 
-    def check_environment(self, conn: Connection) -> None:
+    def check_environment(self, conn: Connection) -> bool:
         """Run env.py online on conn with nothing to migrate: ForeignConnection if it configures Alembic with a
-        connection of its own; committed. What ``env validate`` and every writer check before the first step."""
+        connection of its own; rolled back. What ``env validate`` and every writer check before the first step.
+
+        Returns whether env.py runs each migration in its own transaction (``transaction_per_migration``, as
+        configured online: the run that migrates), else one transaction for the whole plan.
+        """
         cfg = self._config()
         cfg.attributes["connection"] = conn
+        per_migration: list[bool] = []
 
         def fn(rev: Any, context: Any) -> Any:
             _check_connection(context, conn)
+            per_migration.append(bool(context._transaction_per_migration))
             return []
 
         try:
@@ -499,6 +514,7 @@ class Migrator:
         finally:
             if conn.in_transaction():
                 conn.rollback()
+        return per_migration[0] if per_migration else True
 
     def offline_sql_many(self, steps: list[Step], start: str | None | bool = False) -> dict[Step, str]:
         """The offline SQL of steps of one direction, rendered in one pass and split per step.

@@ -92,6 +92,7 @@ class Run:
     presence: Presence | None = None
     plan: dict[str, Any] = field(default_factory=dict)
     claimed: bool = False
+    per_step: bool = True  # env.py's transaction_per_migration (read by _check_environment); else one for the plan
     _offline: dict[Step, str] = field(default_factory=dict)
 
     def migrations(self) -> Migrator:
@@ -872,6 +873,7 @@ def migrate(run: Run) -> dict[str, Any]:
         target=target,
         steps=[s.to_json() for s in plan],
         backup=backup,
+        transactions=_transactions(run),
     )
     started = time.monotonic()
     facts = {"revision_before": before, "revision_before_known": True, "target": target, "backup": backup}
@@ -896,10 +898,15 @@ def migrate(run: Run) -> dict[str, Any]:
     return {**facts, **verified, "validation": validation}
 
 
+def _transactions(run: Run) -> str:
+    """How the plan's transactions run, as env.py configures them: ``step`` (transaction_per_migration) or ``plan``."""
+    return "step" if run.per_step else "plan"
+
+
 def _check_environment(run: Run, before: str | None) -> None:
     """Refuse, before anything changes, an env.py that would migrate outside the lock (its own connection)."""
     try:
-        run.migrations().check_environment(run.conn)
+        run.per_step = run.migrations().check_environment(run.conn)
     except DbAgentError as exc:
         exc.details.update(revision_before=before, revision_after=before, revision_before_known=True)
         raise
@@ -965,7 +972,7 @@ def rollback(run: Run) -> dict[str, Any]:
         _check_environment(run, before)
     run.render_offline(plan)
     run.emit(EventType.ROLLBACK_STARTED, revision_before=before, target=target, steps=[s.to_json() for s in plan],
-             cause=args.cause)
+             cause=args.cause, transactions=_transactions(run))
     started = time.monotonic()
     facts = {"revision_before": before, "revision_before_known": True, "target": None if target == "base" else target,
              "cause": args.cause}
@@ -1023,15 +1030,23 @@ def _check_automatic_rollback(run: Run, cause: dict[str, Any], target: str, befo
 
 
 def _apply_steps(run: Run, plan: list[Step], facts: dict[str, Any], failed: EventType) -> None:
-    """Apply the plan, one transaction per step; on failure report where the database stands.
+    """Apply the plan, one transaction per step (or one for the plan); on failure report where the database stands.
 
     The plan runs in one Alembic run (env.py loaded once) as long as nothing
     is in its way. Each step's own transaction records it done
     (``steps_done``), with its change-log row and event, so the plan never
     claims more than what committed; its events are published once it has
     committed, in batches of at most 0.1 s (``Journal.flush_soon``); which
-    step runs now is shown live (presence, coalesced the same way). A worker told to stop ends here between steps, or cancels the
-    step in progress once the stop grace is over. Locks: ``_PlanRun``.
+    step runs now is shown live (presence, coalesced the same way). A worker
+    told to stop ends here between steps, or cancels the step in progress once
+    the stop grace is over. Locks: ``_PlanRun``.
+
+    Where env.py leaves ``transaction_per_migration`` off (Alembic's default),
+    the plan is one transaction, as plain Alembic runs it: the records of every
+    step commit with it, a failure or a stop undoes all of it, and its events
+    are published once it committed. Its tables are checked for old
+    transactions in their way once, before it starts (it holds every lock it
+    takes until the end); a lock timeout retries the whole plan.
     """
     if not plan:
         return
@@ -1043,6 +1058,10 @@ def _apply_steps(run: Run, plan: list[Step], facts: dict[str, Any], failed: Even
     run.phase(Phase.STEPS, steps_done=0)
     with monitor:
         _PlanRun(run, plan, facts, failed, invalid_before).apply()
+
+
+# Why a plan's failure undid the steps before the one that failed.
+_ONE_TRANSACTION = "the plan ran in one transaction (env.py leaves transaction_per_migration off)"
 
 
 class _InTheWay(Exception):
@@ -1093,6 +1112,9 @@ class _PlanRun:
         self.targets: dict[int, dict[str, str]] = {}
         self.contended: set[str] = set()
         self.contended_at: float | None = None
+        # env.py's transaction_per_migration off: the plan is one transaction, all or nothing (Alembic's way)
+        self.atomic = not run.per_step
+        self.position = 0  # the step in progress (atomic: plan[:position] are applied, not committed)
 
     # -- the loop -------------------------------------------------------------
 
@@ -1115,11 +1137,13 @@ class _PlanRun:
         except _StopBetweenSteps:
             self._stopped()
         index = self.committed
-        step = self.plan[index]
-        targets = self._targets(index)
         last = self.attempt == self.policy.attempts
         timeout = self.policy.lock_timeout(self.attempt)
-        in_the_way = self._in_the_way(index) if targets and not last else []
+        if self.atomic:  # its locks are held to the end: the whole plan is checked before it starts, not between steps
+            self.position, in_the_way = self._in_the_way_of_plan() if not last else (index, [])
+        else:
+            self.position = index
+            in_the_way = self._in_the_way(index) if self._targets(index) and not last else []
         tried = not in_the_way
         if tried:
             try:
@@ -1127,7 +1151,11 @@ class _PlanRun:
                     self._set_lock_timeout(timeout)
                 self.batch_start = index
                 with run.stop.cancelling(lambda: _cancel_statement(conn)):
-                    self.migrator.apply_many(conn, self.plan[index:], self._on_version_apply, self.attributes, self._before_step)
+                    self.migrator.apply_many(conn, self.plan[index:], self._on_version_apply, self.attributes,
+                                             self._before_step, per_step=not self.atomic)
+                if self.atomic:  # the plan's transaction committed: every step is applied, and its events go out
+                    self.committed = len(self.plan)
+                    run.journal.flush()
                 return
             except _InTheWay as blocked:  # plan[:committed] went through; the next step waits
                 in_the_way, tried = blocked.sessions, False
@@ -1137,8 +1165,8 @@ class _PlanRun:
                 if self.committed == len(self.plan):  # after the last step committed: not a step's failure
                     raise
                 in_the_way = self._retry_or_fail(exc)
-            # The run may have gone further than the step it started at: the wait is for the one it ended on.
-            step, targets, timeout = self.plan[self.committed], self._targets(self.committed), self.policy.lock_timeout(self.attempt)
+        # The run may have gone further than the step it started at: the wait is for the one it ended on.
+        step, targets, timeout = self.plan[self._at()], self._targets(self._at()), self.policy.lock_timeout(self.attempt)
         pause = self.policy.pause(self.attempt)
         try:
             run.check_stop(f"attempt {self.attempt + 1} of step {step.revision}")
@@ -1166,8 +1194,19 @@ class _PlanRun:
     # -- between two steps ----------------------------------------------------
 
     def _before_step(self, k: int) -> None:
-        """Called by the Alembic run once plan[:batch_start + k] have committed (``Migrator.apply_many``)."""
+        """Called by the Alembic run once plan[:batch_start + k] have committed (``Migrator.apply_many``); in a plan
+        that is one transaction, inside it, once they are applied."""
         index = self.batch_start + k
+        if self.atomic:
+            if index == len(self.plan):
+                return  # the plan's transaction commits next
+            self.position = index
+            if k:
+                pause_point(f"phase:between_steps:{index}")
+            self._next(index)  # a stop raised here undoes the plan's transaction
+            self._started(index)
+            return
+        self.position = index
         if k:
             self.committed = index
             self.attempt = 1
@@ -1183,9 +1222,26 @@ class _PlanRun:
                 in_the_way = self._in_the_way(index)
                 if in_the_way:
                     raise _InTheWay(in_the_way)
+        self._started(index)
+
+    def _started(self, index: int) -> None:
         self.current = {"index": index, "started": utcnow(), "clock": time.monotonic(),
                         "checksum": preflight.script_checksum(self.migrator, self.plan[index].revision)
                         if self.plan[index].direction == "up" else None}
+
+    def _at(self) -> int:
+        """The step the plan is at: the first not committed, or (one transaction) the one in progress."""
+        return self.position if self.atomic else self.committed
+
+    def _in_the_way_of_plan(self) -> tuple[int, list[dict[str, Any]]]:
+        """Before a plan that is one transaction: the first step with an old transaction in its way, and those
+        sessions ((committed, []) when none)."""
+        for index in range(self.committed, len(self.plan)):
+            if self._targets(index):
+                sessions = self._in_the_way(index)
+                if sessions:
+                    return index, sessions
+        return self.committed, []
 
     def _next(self, index: int) -> None:
         """Before plan[index] (once, whatever its attempts): a stop ends the plan here; the step is shown live."""
@@ -1240,19 +1296,23 @@ class _PlanRun:
     # -- when it goes wrong ---------------------------------------------------
 
     def _stopped(self) -> NoReturn:
-        run, number = self.run, self.committed + 1
+        run, index = self.run, self._at()
+        number = index + 1
+        run.journal.discard_staged()
         _rollback_quietly(run.conn)
         after = self.migrator.current(run.conn)
-        error = f"stopped before step {number}/{len(self.plan)} ({self.plan[self.committed].revision}): {run.stop.reason}"
+        error = f"stopped before step {number}/{len(self.plan)} ({self.plan[index].revision}): {run.stop.reason}"
+        if self.atomic and index > self.committed:
+            error += f"; {_ONE_TRANSACTION}: the steps before it were undone with it"
         run.emit(self.failed, **self.facts, revision_after=after, error=error, interrupted=True,
-                 phase=Phase.STEPS.value, steps_done=number - 1)
+                 phase=Phase.STEPS.value, steps_done=self.committed)
         raise Stopped(f"{error}; the database is at revision {after or 'base'}", **self.facts,
                       revision_after=after, interrupted=True)
 
     def _retry_or_fail(self, exc: Exception) -> list[dict[str, Any]]:
         """plan[committed] failed: the sessions in its way when it timed out on a lock and is tried again;
         otherwise (and on its last attempt) the plan fails here."""
-        migrator, conn, step = self.migrator, self.run.conn, self.plan[self.committed]
+        migrator, conn, step = self.migrator, self.run.conn, self.plan[self._at()]
         if not retries.is_lock_timeout(exc):
             self._fail(exc)
         committed = _commits_in_script(migrator, step)
@@ -1265,7 +1325,7 @@ class _PlanRun:
             ))
         self.run.journal.discard_staged()
         _rollback_quietly(conn)
-        targets = self._targets(self.committed)
+        targets = self._targets(self._at())
         in_the_way = retries.blockers(conn, targets) if targets else []
         if self.attempt == self.policy.attempts:
             self._fail(LocksUnavailable(
@@ -1279,7 +1339,7 @@ class _PlanRun:
     def _fail(self, exc: BaseException) -> NoReturn:
         """plan[committed] failed with exc: record it, report where the database stands, raise."""
         run, migrator, conn, command = self.run, self.migrator, self.run.conn, self.run.command
-        index = self.committed
+        index = self._at()
         step, number = self.plan[index], index + 1
         where = {"number": number, "of": len(self.plan), "revision": step.revision, "direction": step.direction}
         run.journal.discard_staged()
@@ -1311,9 +1371,10 @@ class _PlanRun:
             ) from None
         run.emit(self.failed, **step_facts, revision_after=after, failed_step=step.to_json(), error=error,
                  phase=Phase.STEP.value, step=where)
+        undone = f" ({_ONE_TRANSACTION}: the steps before it were undone with it)" if self.atomic and index > self.committed else ""
         raise OperationFailed(
             f"step {step.revision} ({step.description}) failed: {error.splitlines()[0] if error else type(exc).__name__};"
-            f" the database is at revision {after or 'base'}",
+            f" the database is at revision {after or 'base'}{undone}",
             **step_facts,
             revision_after=after,
         ) from None

@@ -56,3 +56,13 @@ def add_revision(directory: Path, message: str, upgrade: str, downgrade: str, he
     assert upgrade in text and downgrade in text, f"Alembic's template changed: {path}"
     path.write_text(text)
     return script.revision
+
+
+def per_migration_transactions(directory: Path) -> None:
+    """Turn ``transaction_per_migration`` on in the fixture's env.py at ``directory`` (each migration in its own
+    transaction; Alembic's default, and the fixture's, is one transaction for the whole run)."""
+    env_py = directory / "env.py"
+    text = env_py.read_text()
+    changed = text.replace('version_table="app_versions",', 'version_table="app_versions", transaction_per_migration=True,')
+    assert changed != text, f"the fixture's env.py changed: {env_py}"
+    env_py.write_text(changed)

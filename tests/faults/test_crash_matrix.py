@@ -461,26 +461,35 @@ SLOW_BODY = ('op.execute("CREATE TABLE crash_tail (id int)"); __import__("os").e
              ' and op.execute("SELECT pg_sleep(600)")')
 
 FROM_TWO_HEADS = [
-    # (case, whether the agent rolls back: then to exactly the two heads the run started from)
-    pytest.param(Crash(["migrate"], pause="phase:validation"), False, id="validation"),
-    pytest.param(Crash(["migrate"], pause="phase:between_steps:1"), True, id="after-the-merge"),
-    pytest.param(Crash(["migrate"], pause="phase:step:3"), True, id="step-3-of-4-begun"),
-    pytest.param(Crash(["migrate"], slow="tail"), True, id="in-step-4-of-4"),
-    pytest.param(Crash(["migrate"], pause="phase:verify"), True, id="verify"),
+    # (case, env.py's transactions, whether the agent rolls back: then to exactly the two heads the run started from)
+    # transaction_per_migration on: each step commits alone, so a run killed after one did leaves work to undo.
+    pytest.param(Crash(["migrate"], pause="phase:validation"), "step", False, id="validation"),
+    pytest.param(Crash(["migrate"], pause="phase:between_steps:1"), "step", True, id="after-the-merge"),
+    pytest.param(Crash(["migrate"], pause="phase:step:3"), "step", True, id="step-3-of-4-begun"),
+    pytest.param(Crash(["migrate"], slow="tail"), "step", True, id="in-step-4-of-4"),
+    pytest.param(Crash(["migrate"], pause="phase:verify"), "step", True, id="verify"),
+    # Off (Alembic's default, and the fixture's): the plan is one transaction; killed before it committed, it
+    # undid itself whole and there is nothing to roll back.
+    pytest.param(Crash(["migrate"], pause="phase:between_steps:1"), "plan", False, id="one-transaction-after-the-merge"),
+    pytest.param(Crash(["migrate"], pause="phase:step:3"), "plan", False, id="one-transaction-step-3-of-4-begun"),
+    pytest.param(Crash(["migrate"], slow="tail"), "plan", False, id="one-transaction-in-step-4-of-4"),
+    pytest.param(Crash(["migrate"], pause="phase:verify"), "plan", True, id="one-transaction-verify"),
 ]
 
 
-@pytest.mark.parametrize(("crash", "rollback"), FROM_TWO_HEADS)
-def test_migrate_from_two_heads_killed_at_each_phase(env, tmp_path, crash, rollback):
+@pytest.mark.parametrize(("crash", "transactions", "rollback"), FROM_TWO_HEADS)
+def test_migrate_from_two_heads_killed_at_each_phase(env, tmp_path, crash, transactions, rollback):
     """The branched fixture at 826e + e2cd (between its branch point and its merge); the run applies the merge,
     two more revisions and a slow one. Whatever the phase, the database ends at exactly the two heads it started
     from (never below either), the marker survives, and every command ends."""
     import shutil
 
-    from tests.alembic_projects import FIXTURE, add_revision
+    from tests.alembic_projects import FIXTURE, add_revision, per_migration_transactions
 
     env.migrations = tmp_path / "fixture"
     shutil.copytree(FIXTURE, env.migrations)
+    if transactions == "step":
+        per_migration_transactions(env.migrations)
     ids = {p.name[:4]: p.name.split("_", 1)[0] for p in (env.migrations / "versions").glob("*.py")}
     tail = add_revision(env.migrations, "crash tail", SLOW_BODY, 'op.execute("DROP TABLE crash_tail")')
     env.extra_config = '\n[worker]\nrelay_interval = "1s"\nstop_grace = "3s"\nreconnect_timeout = "30s"\n'

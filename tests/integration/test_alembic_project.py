@@ -4,12 +4,14 @@ version table (real PostgreSQL, a real worker)."""
 from __future__ import annotations
 
 import shutil
+import subprocess
+import sys
 
 import pytest
 
 from agent.migrator import Migrator
 from tests.alembic_projects import FIXTURE, linear_project
-from tests.servers import MIGRATIONS
+from tests.servers import MIGRATIONS, ROOT
 
 pytestmark = pytest.mark.integration
 
@@ -293,7 +295,10 @@ def test_the_agent_rolls_a_failed_run_back_to_exactly_the_two_heads_it_started_f
     from tests.alembic_projects import add_revision
     from tests.faults.test_faults import wait_for
 
+    from tests.alembic_projects import per_migration_transactions
+
     rev = _branched(env, tmp_path)
+    per_migration_transactions(env.migrations)  # each step commits alone: the failed run leaves work to undo
     failing = add_revision(env.migrations, "doomed", 'op.execute("CREATE TABLE doomed (id int); SELECT 1/0")',
                            'op.execute("DROP TABLE IF EXISTS doomed")')
     env.start_worker()
@@ -348,3 +353,166 @@ def test_lint_from_takes_an_old_history_as_reviewed_and_validate_all_lints_it_an
     env.extra_config = 'validate_before_migrate = "enforce"\nlint_from = "feedbeef"'
     unknown = env.cli("validate")
     assert unknown.code == 2 and "lint_from = 'feedbeef': unknown revision" in unknown.stderr, unknown.stderr
+
+
+# -- transaction_per_migration off (Alembic's default, and the fixture's): the plan is one transaction -------------
+
+
+def _doomed_after_the_merge(env, tmp_path) -> tuple[dict[str, str], list[str], str]:
+    from tests.alembic_projects import add_revision
+
+    rev = _branched(env, tmp_path)
+    failing = add_revision(env.migrations, "doomed", 'op.execute("CREATE TABLE doomed (id int); SELECT 1/0")',
+                           'op.execute("DROP TABLE IF EXISTS doomed")')
+    return rev, sorted([rev["826e"], rev["e2cd"]]), failing
+
+
+def test_a_plan_in_one_transaction_fails_whole_and_leaves_the_agent_nothing_to_undo(env, tmp_path, redis_client):
+    from tests.faults.test_faults import wait_for
+
+    rev, both, failing = _doomed_after_the_merge(env, tmp_path)
+    env.start_worker()
+    agent = env.start_agent()
+    assert env.cli("migrate", "--to", ",".join(both), "--json").code == 0
+    run = env.cli("migrate", "--json")
+
+    assert run.code == 1, run.stdout + run.stderr
+    body = run.json()
+    # The merge and the two steps after it ran, then "doomed" failed: all of it is undone, as plain Alembic does.
+    assert body["revision_before"] == ",".join(both) and body["revision_after"] == ",".join(both)
+    assert f"step {failing} (doomed) failed" in body["error"] and "undone with it" in body["error"], body["error"]
+    assert _versions(env) == both
+    assert _tables(env, "task_comments", "labels", "task_labels", "doomed") == [None, "labels", "task_labels", None]
+    rows = env.sql("SELECT revision, outcome FROM dbagent.changelog WHERE command_id = %s ORDER BY id", body["command_id"])
+    assert rows == [(failing, "failed")], rows  # no step is recorded as applied: none is
+    events = [e for e in env.stream_events(redis_client, body["command_id"])]
+    started = [e for e in events if e["type"] == "migration.started"]
+    assert started and started[0]["data"]["transactions"] == "plan"
+    assert not [e for e in events if e["type"] == "migration.step"], "a step of an undone plan was announced"
+    assert env.sql("SELECT steps_done FROM dbagent.commands WHERE id = %s", body["command_id"])[0][0] in (0, None)
+    wait_for(lambda: "changed nothing" in env.log_of(agent), 30, "the agent to read the failure")
+    assert not env.sql("SELECT 1 FROM dbagent.audit_log WHERE type = 'rollback.started'")
+
+
+def test_a_plan_in_one_transaction_publishes_its_steps_once_it_committed(env, tmp_path, redis_client):
+    rev = _branched(env, tmp_path)
+    env.start_worker()
+    run = env.cli("migrate", "--json")
+
+    assert run.code == 0, run.stdout + run.stderr
+    order = Migrator(env.migrations, env.url).order()
+    events = env.stream_events(redis_client, run.json()["command_id"])
+    steps = [e["data"]["revision"] for e in events if e["type"] == "migration.step"]
+    assert steps == order  # one event per step, in order, after the plan committed (before migration.completed)
+    kinds = [e["type"] for e in events]
+    assert kinds.index("migration.completed") > max(i for i, k in enumerate(kinds) if k == "migration.step")
+    rows = env.sql("SELECT revision, outcome FROM dbagent.changelog WHERE command_id = %s ORDER BY id", run.json()["command_id"])
+    assert rows == [(r, "applied") for r in order]
+    assert env.sql("SELECT steps_done FROM dbagent.commands WHERE id = %s", run.json()["command_id"])[0][0] == len(order)
+
+
+def test_a_worker_killed_inside_a_plan_in_one_transaction_leaves_the_database_where_the_run_started(env, tmp_path):
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from tests.faults.test_faults import wait_for
+    from tests.servers import ROOT
+
+    rev, both, _ = _doomed_after_the_merge(env, tmp_path)
+    env.start_agent()
+    setup = env.start_worker(log_name="setup-worker")
+    assert env.cli("migrate", "--to", ",".join(both), "--json").code == 0
+    env.kill_worker(setup, signal.SIGTERM)
+    doomed = env.start_worker(log_name="doomed-worker", DBAGENT_PAUSE_AT="phase:between_steps:3")
+    waiting = subprocess.Popen(
+        [sys.executable, "-m", "agent.cli", "--config", str(env.config), "migrate", "--json", "--timeout", "300"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env.environ(), cwd=ROOT,
+    )
+    wait_for(lambda: "pausing at phase:between_steps:3" in env.log_of(doomed), 60, "the worker inside the plan")
+    # The merge, display_name and task_comments are applied inside the plan's transaction: not visible outside.
+    assert _versions(env) == both and _tables(env, "task_comments")[0] is None
+    env.kill_worker(doomed, signal.SIGKILL)
+    env.start_worker(log_name="restarted-worker")
+    out, err = waiting.communicate(timeout=120)
+
+    result = __import__("json").loads(out.strip().splitlines()[-1])
+    assert result["status"] == "failed" and result.get("interrupted") is True, result
+    assert _versions(env) == both  # never below where the run started, and nothing half-applied above it
+    assert _tables(env, "task_comments", "labels", "task_labels") == [None, "labels", "task_labels"]
+    assert not env.sql("SELECT 1 FROM information_schema.columns WHERE table_name = 'accounts' AND column_name = 'display_name'")
+    time.sleep(3)  # the agent reads the interruption within milliseconds: ample time to do something wrong
+    assert not env.sql("SELECT 1 FROM dbagent.audit_log WHERE type = 'rollback.started'")
+    assert not env.sql("SELECT 1 FROM dbagent.commands WHERE status IN ('accepted', 'claimed', 'running')")
+    wait_for(lambda: not env.sql("SELECT 1 FROM pg_locks WHERE locktype = 'advisory' AND granted"), 15, "the lock to be free")
+
+
+def _migrate_while_accounts_is_held(env, redis_client, waits: int) -> tuple[subprocess.CompletedProcess, list[dict], int]:
+    """From both heads to the head while a long transaction reads accounts (which the step after the merge alters)."""
+    import psycopg
+
+    from tests.faults.test_faults import wait_for
+
+    both = sorted([r for r in _branched_heads(env)])
+    env.start_worker()
+    assert env.cli("migrate", "--to", ",".join(both), "--json").code == 0
+    holder = psycopg.connect(env.url, application_name="long report")
+    holder.execute("SELECT count(*) FROM accounts")  # ACCESS SHARE on accounts, held by an open transaction
+    run = subprocess.Popen([sys.executable, "-m", "agent.cli", "--config", str(env.config), "migrate", "--json"],
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env.environ(), cwd=ROOT)
+
+    def table_waits() -> list[dict]:
+        return [e["data"] for e in env.stream_events(redis_client) if e["type"] == "lock.waiting"
+                and e["data"].get("guard") == "table_locks"]
+
+    try:
+        wait_for(lambda: len(table_waits()) >= waits, 60, f"{waits} lock.waiting events")
+        assert _versions(env) == both  # nothing of the plan is visible while it waits
+    finally:
+        holder.rollback()
+        holder.close()
+    out, err = run.communicate(timeout=120)
+    return subprocess.CompletedProcess(run.args, run.returncode, out, err), table_waits(), both
+
+
+def _branched_heads(env) -> list[str]:
+    rev = {p.name[:4]: p.name.split("_", 1)[0] for p in (env.migrations / "versions").glob("*.py")}
+    return [rev["826e"], rev["e2cd"]]
+
+
+def test_a_plan_in_one_transaction_waits_out_an_old_transaction_before_it_starts(env, tmp_path, redis_client):
+    rev = _branched(env, tmp_path)
+    env.extra_config = 'lock_retry_pause = "200ms"\nlock_retry_max_pause = "400ms"\nlock_retries = 60'
+    run, waits, both = _migrate_while_accounts_is_held(env, redis_client, waits=2)
+
+    assert run.returncode == 0, run.stdout + run.stderr
+    assert _versions(env) == [rev["bdb2"]]
+    # Checked whole before it started (it would hold its locks to the end): the step that needs accounts is
+    # named, and the plan never asked for a lock while the transaction was there.
+    assert waits and all(d["tried"] is False and d["revision"] == rev["8ebd"] for d in waits), waits
+    rows = env.sql("SELECT revision FROM dbagent.changelog WHERE command_id = %s AND outcome = 'applied' ORDER BY id",
+                   run_json(run)["command_id"])
+    assert [r for (r,) in rows] == [rev["5b39"], rev["8ebd"], rev["bdb2"]]
+
+
+def test_a_plan_in_one_transaction_that_times_out_on_a_lock_is_retried_whole(env, tmp_path, redis_client):
+    rev = _branched(env, tmp_path)
+    env.lock_timeout = "300ms"
+    env.extra_config = ('lock_holder_grace = "1h"\nlock_timeout_max = "500ms"\nlock_retry_pause = "200ms"\n'
+                        'lock_retry_max_pause = "300ms"\nlock_retries = 60')
+    run, waits, both = _migrate_while_accounts_is_held(env, redis_client, waits=2)
+
+    assert run.returncode == 0, run.stdout + run.stderr
+    assert _versions(env) == [rev["bdb2"]]
+    assert waits and all(d["tried"] is True and d["revision"] == rev["8ebd"] for d in waits), waits
+    # Each timed-out attempt undid the merge with it: every step is recorded applied exactly once.
+    rows = env.sql("SELECT revision, outcome FROM dbagent.changelog WHERE command_id = %s ORDER BY id",
+                   run_json(run)["command_id"])
+    assert rows == [(rev["5b39"], "applied"), (rev["8ebd"], "applied"), (rev["bdb2"], "applied")], rows
+
+
+def run_json(run: subprocess.CompletedProcess) -> dict:
+    import json
+
+    return json.loads(run.stdout.strip().splitlines()[-1])
