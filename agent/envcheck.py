@@ -142,8 +142,12 @@ def check_alembic_environment(conn: Connection, db: DatabaseSettings) -> list[En
     else:
         checks.append(EnvCheck("version_table", OK, f"{facts.qualified_version_table} (from env.py)"))
     try:
-        migrator.check_environment(conn)
+        per_step = migrator.check_environment(conn)
         checks.append(EnvCheck("env_py", OK, "env.py runs the migrations on dbagent's connection (its lock and timeouts)"))
+        checks.append(EnvCheck("transactions", OK, "one per migration (transaction_per_migration): a failure keeps the"
+                               " steps before it" if per_step else "one for the whole plan (transaction_per_migration is"
+                               " off, Alembic's default): a failure undoes every step of the run, and its locks are held"
+                               " until its end"))
     except ForeignConnection as exc:
         checks.append(EnvCheck("env_py", FAIL, exc.message))
     except Exception as exc:  # noqa: BLE001 - env.py is the project's code

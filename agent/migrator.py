@@ -2,7 +2,9 @@
 
 A plan runs in one Alembic run (env.py loaded once), each step in its own
 transaction (``transaction_per_migration``), so a failure leaves the database
-at the last completed revision. Between two steps, once the first has
+at the last completed revision; or, where env.py leaves that setting off
+(Alembic's default), the whole plan in one transaction, as plain Alembic runs
+it. Between two steps, once the first has
 committed, dbagent gets control back (``apply_many``'s ``before_step``): it
 publishes the step's events, checks for a stop, and looks at the locks the
 next step needs.

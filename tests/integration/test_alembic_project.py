@@ -141,7 +141,20 @@ def test_env_validate_checks_env_py_against_the_contract(env, tmp_path, variant,
     assert checks["version_table"]["detail"].startswith(expected_table)
     if status == "fail":
         assert result.code == 1 and 'config.attributes.get("connection", None)' in checks["env_py"]["detail"]
+    else:  # the fixture's env.py leaves transaction_per_migration off: one transaction for the plan, said
+        assert checks["transactions"]["detail"].startswith("one for the whole plan"), checks["transactions"]
     assert env.sql("SELECT count(*) FROM pg_tables WHERE schemaname = 'public'") == [(0,)]
+
+
+def test_env_validate_says_when_each_migration_has_its_own_transaction(env, tmp_path):
+    from tests.alembic_projects import per_migration_transactions
+
+    env.migrations = tmp_path / "project"
+    linear_project(env.migrations)
+    per_migration_transactions(env.migrations)
+    result = env.cli("env", "validate", "--json")
+    checks = {c["name"]: c for c in result.json()["checks"]}
+    assert checks["transactions"]["status"] == "ok" and checks["transactions"]["detail"].startswith("one per migration")
 
 
 def init(env, project, output, *extra):
