@@ -1229,6 +1229,11 @@ class _PlanRun:
                         "checksum": preflight.script_checksum(self.migrator, self.plan[index].revision)
                         if self.plan[index].direction == "up" else None}
 
+    def _undone(self, index: int, after: str | None) -> bool:
+        """Whether plan[committed:index] were applied and then undone with the plan's one transaction (not when a
+        script's autocommit_block committed them: the database then stands past where the run started)."""
+        return self.atomic and index > self.committed and after == self.facts.get("revision_before")
+
     def _at(self) -> int:
         """The step the plan is at: the first not committed, or (one transaction) the one in progress."""
         return self.position if self.atomic else self.committed
@@ -1302,7 +1307,7 @@ class _PlanRun:
         _rollback_quietly(run.conn)
         after = self.migrator.current(run.conn)
         error = f"stopped before step {number}/{len(self.plan)} ({self.plan[index].revision}): {run.stop.reason}"
-        if self.atomic and index > self.committed:
+        if self._undone(index, after):
             error += f"; {_ONE_TRANSACTION}: the steps before it were undone with it"
         run.emit(self.failed, **self.facts, revision_after=after, error=error, interrupted=True,
                  phase=Phase.STEPS.value, steps_done=self.committed)
@@ -1371,7 +1376,7 @@ class _PlanRun:
             ) from None
         run.emit(self.failed, **step_facts, revision_after=after, failed_step=step.to_json(), error=error,
                  phase=Phase.STEP.value, step=where)
-        undone = f" ({_ONE_TRANSACTION}: the steps before it were undone with it)" if self.atomic and index > self.committed else ""
+        undone = f" ({_ONE_TRANSACTION}: the steps before it were undone with it)" if self._undone(index, after) else ""
         raise OperationFailed(
             f"step {step.revision} ({step.description}) failed: {error.splitlines()[0] if error else type(exc).__name__};"
             f" the database is at revision {after or 'base'}{undone}",
