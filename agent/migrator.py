@@ -174,6 +174,7 @@ class Migrator:
         self._order: list[str] | None = None
         self._rendered: dict[tuple[Any, ...], dict[Step, str]] = {}
         self._checksums: dict[str, str] = {}
+        self._sources: dict[str, bytes] = {}
 
     def _config(self, output_buffer: io.StringIO | None = None) -> Config:
         cfg = Config(
@@ -252,12 +253,19 @@ class Migrator:
             raise BadInput(f"unknown revision {rev!r} (known: {span})")
         return script
 
+    def source(self, rev: str) -> bytes:
+        """The file defining ``rev``, read once per Migrator (a worker builds a new Migrator when a file changes
+        where the project keeps its scripts)."""
+        data = self._sources.get(rev)
+        if data is None:
+            data = self._sources[rev] = Path(self.revision(rev).path).read_bytes()
+        return data
+
     def checksum(self, rev: str) -> str:
-        """The sha256 of the file defining ``rev``, read once per Migrator (what a step records as applied; a
-        worker builds a new Migrator when a file changes where the project keeps its scripts)."""
+        """The sha256 of the file defining ``rev`` (``source``): what a step records as applied."""
         digest = self._checksums.get(rev)
         if digest is None:
-            digest = self._checksums[rev] = hashlib.sha256(Path(self.revision(rev).path).read_bytes()).hexdigest()
+            digest = self._checksums[rev] = hashlib.sha256(self.source(rev)).hexdigest()
         return digest
 
     def resolve(self, target: str | None) -> tuple[str, ...]:

@@ -1060,6 +1060,9 @@ def _apply_steps(run: Run, plan: list[Step], facts: dict[str, Any], failed: Even
         _PlanRun(run, plan, facts, failed, invalid_before).apply()
 
 
+# A plan in one transaction writes the records of its steps this many at a time.
+RECORDS_PER_STATEMENT = 500
+
 # Why a plan's failure undid the steps before the one that failed.
 _ONE_TRANSACTION = "the plan ran in one transaction (env.py leaves transaction_per_migration off)"
 
@@ -1115,6 +1118,11 @@ class _PlanRun:
         # env.py's transaction_per_migration off: the plan is one transaction, all or nothing (Alembic's way)
         self.atomic = not run.per_step
         self.position = 0  # the step in progress (atomic: plan[:position] are applied, not committed)
+        # In one transaction, the steps' records are written together before it commits (one statement per
+        # RECORDS_PER_STATEMENT, not one round trip per step), unless a script may commit midway
+        # (autocommit_block, a backfill, COMMIT): then each step's record goes in with it, as it would alone.
+        self.batched = self.atomic and not any(_may_commit_midway(self.migrator, s) for s in plan)
+        self.pending: list[store.StepRecord] = []  # batched: the records of the applied steps, not written yet
 
     # -- the loop -------------------------------------------------------------
 
@@ -1198,6 +1206,8 @@ class _PlanRun:
         that is one transaction, inside it, once they are applied."""
         index = self.batch_start + k
         if self.atomic:
+            if index == len(self.plan) or len(self.pending) >= RECORDS_PER_STATEMENT:
+                self._write_pending()
             if index == len(self.plan):
                 return  # the plan's transaction commits next
             self.position = index
@@ -1291,12 +1301,41 @@ class _PlanRun:
             EventType.MIGRATION_STEP, **step.to_json(), number=number, of=len(self.plan),
             duration_ms=round((time.monotonic() - self.current["clock"]) * 1000),
         )
-        store.record_step(
-            ctx.connection, command=command, revision=step.revision, description=step.description,
-            direction=step.direction, started_at=self.current["started"], finished_at=utcnow(),
-            outcome=self.outcome, checksum=self.current["checksum"], steps_done=number if run.claimed else None,
-            event=event,
+        record = store.step_record(
+            command=command, revision=step.revision, description=step.description, direction=step.direction,
+            started_at=self.current["started"], finished_at=utcnow(), outcome=self.outcome,
+            checksum=self.current["checksum"], event=event,
         )
+        self.pending.append(record)
+        if not self.batched:
+            self._write_pending(ctx.connection)
+
+    def _write_pending(self, conn: Connection | None = None) -> None:
+        """The records of the steps applied since the last write, in the transaction they ran in."""
+        if self.pending:
+            done = self.current["index"] + 1  # the last step applied is the one whose record is the newest
+            store.record_steps(conn or self.run.conn, self.pending, command_id=self.run.command.id,
+                               steps_done=done if self.run.claimed else None)
+            self.pending = []
+
+    def _record_what_committed(self, after: str | None) -> None:
+        """A batched plan undone by a failure or a stop, whose scripts committed part of it anyway (in a way
+        ``_may_commit_midway`` did not see): the records of the steps the database kept, written now."""
+        records, self.pending = self.pending, []
+        before = self.facts.get("revision_before")
+        if not self.batched or not records or after == before:
+            return
+        for j in range(len(records), 0, -1):
+            if self.migrator.state_after(before, self.plan[self.committed:self.committed + j]) == after:
+                conn = self.run.conn
+                store.record_steps(conn, records[:j], command_id=self.run.command.id,
+                                   steps_done=self.committed + j if self.run.claimed else None)
+                conn.commit()
+                try:
+                    self.run.journal.eventlog.publish([r.event for r in records[:j]])
+                except redis.RedisError as exc:
+                    log.warning("could not publish the events of %d committed step(s): %s", j, redact(exc))
+                return
 
     # -- when it goes wrong ---------------------------------------------------
 
@@ -1306,6 +1345,7 @@ class _PlanRun:
         run.journal.discard_staged()
         _rollback_quietly(run.conn)
         after = self.migrator.current(run.conn)
+        self._record_what_committed(after)
         error = f"stopped before step {number}/{len(self.plan)} ({self.plan[index].revision}): {run.stop.reason}"
         if self._undone(index, after):
             error += f"; {_ONE_TRANSACTION}: the steps before it were undone with it"
@@ -1330,6 +1370,7 @@ class _PlanRun:
             ))
         self.run.journal.discard_staged()
         _rollback_quietly(conn)
+        self.pending = []
         targets = self._targets(self._at())
         in_the_way = retries.blockers(conn, targets) if targets else []
         if self.attempt == self.policy.attempts:
@@ -1362,6 +1403,7 @@ class _PlanRun:
         started = self.current.get("started") if self.current.get("index") == index else None
         try:
             after = migrator.current(conn)
+            self._record_what_committed(after)
             store.insert_changelog(
                 conn, command=command, revision=step.revision, description=step.description,
                 direction=step.direction, started_at=started or utcnow(), finished_at=utcnow(),
@@ -1395,6 +1437,18 @@ def _cancel_statement(conn: Connection) -> None:
 def _set_lock_timeout(conn: Connection, seconds: float) -> None:
     conn.exec_driver_sql(f"SET lock_timeout = '{postgres_interval(seconds)}'")
     conn.commit()
+
+
+def _may_commit_midway(migrator: Migrator, step: Step) -> bool:
+    """Whether the step's script may commit before it ends: in an ``autocommit_block``, a backfill (which runs
+    in one), or transaction control of its own."""
+    from agent.lint import transaction_control
+
+    try:
+        source = migrator.source(step.revision).decode("utf-8", errors="replace")
+    except OSError:
+        return True
+    return "autocommit_block" in source or "backfill" in source or bool(transaction_control(source))
 
 
 def _commits_in_script(migrator: Migrator, step: Step) -> str | None:

@@ -16,6 +16,7 @@ can put them in the same transaction as the change they describe.
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
@@ -412,14 +413,67 @@ def insert_changelog(
     )
 
 
-_RECORD_STEP = text(  # built once: a plan of many steps runs it once per step
-    f"WITH logged AS ({_CHANGELOG_INSERT}),"
+_CHANGELOG_COLUMNS = (
+    "command_id, revision, description, direction, actor, ticket, started_at, finished_at, duration_ms, outcome,"
+    " error, checksum"
+)
+_EVENT_COLUMNS = "id, ts, type, db, command_id, actor, ticket, host, data"
+
+# Built once: a plan of many steps runs it once per step (or once per batch of them). The rows come as one
+# jsonb array each, in order ("ord": the change log's ids and the audit log's seq follow the plan).
+_RECORD_STEPS = text(
+    f"WITH logged AS (INSERT INTO {SCHEMA}.changelog ({_CHANGELOG_COLUMNS}) SELECT {_CHANGELOG_COLUMNS}"
+    " FROM jsonb_to_recordset(CAST(:rows AS jsonb)) AS r(ord integer, command_id text, revision text, description text,"
+    " direction text, actor text, ticket text, started_at timestamptz, finished_at timestamptz, duration_ms integer,"
+    " outcome text, error text, checksum text) ORDER BY ord),"
     f" planned AS (UPDATE {SCHEMA}.commands SET steps_done = CAST(:steps_done AS integer), status = 'running'"
     f" WHERE id = :plan_of AND status IN ({_states(State.RUNNING)}))"
-    f" INSERT INTO {SCHEMA}.audit_log (id, ts, type, db, command_id, actor, ticket, host, data)"
-    " VALUES (:event_id, :event_ts, :event_type, :event_db, :event_command_id, :event_actor, :event_ticket,"
-    " :event_host, CAST(:event_data AS jsonb)) ON CONFLICT (id) DO NOTHING"
+    f" INSERT INTO {SCHEMA}.audit_log ({_EVENT_COLUMNS}) SELECT {_EVENT_COLUMNS}"
+    " FROM jsonb_to_recordset(CAST(:events AS jsonb)) AS e(ord integer, id text, ts timestamptz, type text, db text,"
+    " command_id text, actor text, ticket text, host text, data jsonb) ORDER BY ord ON CONFLICT (id) DO NOTHING"
 )
+
+
+@dataclass(frozen=True)
+class StepRecord:
+    """What one applied step leaves: its change-log row and its event (``record_steps``)."""
+
+    row: dict[str, Any]
+    event: Event
+
+
+def step_record(
+    *,
+    command: Command,
+    revision: str,
+    description: str | None,
+    direction: str,
+    started_at: datetime,
+    finished_at: datetime,
+    outcome: str,
+    checksum: str | None,
+    event: Event,
+) -> StepRecord:
+    return StepRecord(_changelog_row(command, revision, description, direction, started_at, finished_at, outcome, None,
+                                     checksum), event)
+
+
+def record_steps(conn: Connection, records: list[StepRecord], *, command_id: str, steps_done: int | None) -> None:
+    """What applied steps leave, inside the transaction they ran in, in one statement: their change-log rows and
+    events in the audit log, in order, and the claimed command's ``steps_done`` (None: not claimed)."""
+    if not records:
+        return
+    rows = [{"ord": i, **r.row} for i, r in enumerate(records)]
+    events = [{"ord": i, **r.event.model_dump(exclude={"data"}), "data": r.event.data} for i, r in enumerate(records)]
+    conn.execute(
+        _RECORD_STEPS,
+        {
+            "rows": json.dumps(rows, default=str),
+            "events": json.dumps(events, default=str),
+            "steps_done": steps_done,
+            "plan_of": command_id if steps_done is not None else None,
+        },
+    )
 
 
 def record_step(
@@ -436,19 +490,10 @@ def record_step(
     steps_done: int | None,
     event: Event,
 ) -> None:
-    """What one applied step leaves, inside its own transaction, in one statement: its change-log row, the
-    claimed command's ``steps_done`` (None: not claimed) and its event in the audit log."""
-    row = _changelog_row(command, revision, description, direction, started_at, finished_at, outcome, None, checksum)
-    conn.execute(
-        _RECORD_STEP,
-        {
-            **row,
-            "steps_done": steps_done,
-            "plan_of": command.id if steps_done is not None else None,
-            **{f"event_{k}": v for k, v in event.model_dump(exclude={"data"}).items()},
-            "event_data": json.dumps(event.data, default=str),
-        },
-    )
+    """What one applied step leaves, inside its own transaction (``record_steps`` of one)."""
+    record = step_record(command=command, revision=revision, description=description, direction=direction,
+                         started_at=started_at, finished_at=finished_at, outcome=outcome, checksum=checksum, event=event)
+    record_steps(conn, [record], command_id=command.id, steps_done=steps_done)
 
 
 def applied_checksums(conn: Connection) -> dict[str, dict[str, Any]]:

@@ -529,3 +529,28 @@ def run_json(run: subprocess.CompletedProcess) -> dict:
     import json
 
     return json.loads(run.stdout.strip().splitlines()[-1])
+
+
+def test_a_one_transaction_plan_whose_script_commits_unseen_keeps_the_record_of_what_committed(env, tmp_path):
+    from tests.alembic_projects import add_revision
+
+    env.migrations = tmp_path / "project"
+    first, = linear_project(env.migrations, steps=[("create a", 'op.execute("CREATE TABLE a (id int)")', 'op.execute("DROP TABLE a")')])
+    # An autocommit block reached in a way no scan of the source sees: what came before it commits.
+    hidden = ('with getattr(op.get_context(), "autocommit" + "_block")():\n'
+              '        op.execute("CREATE TABLE b (id int)")')
+    add_revision(env.migrations, "create b", hidden, 'op.execute("DROP TABLE b")')
+    add_revision(env.migrations, "create c", 'op.execute("CREATE TABLE c (id int)")', 'op.execute("DROP TABLE c")')
+    failing = add_revision(env.migrations, "fails", 'op.execute("SELECT 1/0")', "pass")
+    env.start_worker()
+
+    run = env.cli("migrate", "--json")
+
+    assert run.code == 1, run.stdout + run.stderr
+    body = run.json()
+    assert body["revision_after"] == first and _versions(env) == [first]  # Alembic committed the first step
+    assert "undone with it" not in body["error"], body["error"]
+    rows = env.sql("SELECT revision, outcome FROM dbagent.changelog WHERE command_id = %s ORDER BY id", body["command_id"])
+    assert rows == [(first, "applied"), (failing, "failed")], rows  # the committed step is recorded
+    assert env.sql("SELECT count(*) FROM dbagent.audit_log WHERE command_id = %s AND type = 'migration.step'",
+                   body["command_id"]) == [(1,)]

@@ -77,3 +77,39 @@ def test_each_step_counts_itself_done_without_rewriting_the_plan(conn):
     store.update_plan(conn, command.id, {"phase": "steps", "steps_done": 0})  # a phase that resets the count
     conn.commit()
     assert store.command_row(conn, command.id)["plan"]["steps_done"] == 0
+
+
+def test_the_records_of_many_steps_go_in_together_in_plan_order(conn):
+    store.ensure_schema(conn)
+    command = Command(type=CommandType.MIGRATE, db="test", args={}, actor="t", ticket="CHG-7")
+    assert store.record_command(conn, command, "w")
+    assert store.claim_command(conn, command.id, "w", {"type": "migrate", "phase": "claimed"})
+    conn.commit()
+    revisions = [f"{i:012x}" for i in range(40, 0, -1)]  # ids that do not sort in plan order
+    records = [
+        store.step_record(
+            command=command, revision=rev, description=f"step {n}", direction="up", started_at=utcnow(),
+            finished_at=utcnow(), outcome="applied", checksum="c" * 64,
+            event=Event(type=EventType.MIGRATION_STEP, db="test", command_id=command.id, actor="t",
+                        data={"number": n, "revision": rev, "nested": {"a": [1, None]}}),
+        )
+        for n, rev in enumerate(revisions, 1)
+    ]
+
+    store.record_steps(conn, records, command_id=command.id, steps_done=len(records))
+    conn.commit()
+
+    logged = conn.exec_driver_sql(
+        f"SELECT revision, description, outcome, checksum, ticket, actor FROM {store.SCHEMA}.changelog"
+        " WHERE command_id = %s ORDER BY id", (command.id,)).all()
+    assert [tuple(r) for r in logged] == [(rev, f"step {n}", "applied", "c" * 64, "CHG-7", "t")
+                                          for n, rev in enumerate(revisions, 1)]
+    events = conn.exec_driver_sql(
+        f"SELECT id, type, data FROM {store.SCHEMA}.audit_log WHERE command_id = %s ORDER BY seq", (command.id,)).all()
+    assert [(i, t, d) for i, t, d in events] == [(r.event.id, "migration.step", r.event.data) for r in records]
+    assert store.command_row(conn, command.id)["plan"]["steps_done"] == len(records)
+    # Written again (a relay, a retry): the events are not duplicated.
+    store.record_steps(conn, records[:1], command_id=command.id, steps_done=None)
+    conn.commit()
+    assert conn.exec_driver_sql(f"SELECT count(*) FROM {store.SCHEMA}.audit_log WHERE command_id = %s",
+                                (command.id,)).scalar() == len(records)
