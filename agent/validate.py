@@ -14,6 +14,7 @@ is imported or run, so a broken script cannot hurt the checker.
 from __future__ import annotations
 
 import ast
+import functools
 import re
 from dataclasses import asdict, dataclass
 from enum import StrEnum
@@ -101,8 +102,14 @@ def _downgrade_kind(body: list[ast.stmt]) -> str:
     return "ok"
 
 
+# A worker validates before every migrate and rollback: a script unchanged since is not parsed again.
+INSPECTED_SCRIPTS = 4096
+
+
+@functools.lru_cache(maxsize=INSPECTED_SCRIPTS)
 def inspect_script(file: str, source: str) -> ScriptInfo:
-    """What a script declares; raises SyntaxError for one that does not parse."""
+    """What a script declares (pure: cached by file name and source); raises SyntaxError for one that does not
+    parse."""
     tree = ast.parse(source, filename=file)
     values: dict[str, Any] = {}
     downgrade = upgrade = "missing"
