@@ -1060,9 +1060,6 @@ def _apply_steps(run: Run, plan: list[Step], facts: dict[str, Any], failed: Even
         _PlanRun(run, plan, facts, failed, invalid_before).apply()
 
 
-# A plan in one transaction writes the records of its steps this many at a time.
-RECORDS_PER_STATEMENT = 500
-
 # Why a plan's failure undid the steps before the one that failed.
 _ONE_TRANSACTION = "the plan ran in one transaction (env.py leaves transaction_per_migration off)"
 
@@ -1118,9 +1115,9 @@ class _PlanRun:
         # env.py's transaction_per_migration off: the plan is one transaction, all or nothing (Alembic's way)
         self.atomic = not run.per_step
         self.position = 0  # the step in progress (atomic: plan[:position] are applied, not committed)
-        # In one transaction, the steps' records are written together before it commits (one statement per
-        # RECORDS_PER_STATEMENT, not one round trip per step), unless a script may commit midway
-        # (autocommit_block, a backfill, COMMIT): then each step's record goes in with it, as it would alone.
+        # In one transaction, the steps' records are written together before it commits (one statement, not one
+        # round trip per step), unless a script may commit midway (autocommit_block, a backfill, COMMIT): then
+        # each step's record goes in with it, as it would alone.
         self.batched = self.atomic and not any(_may_commit_midway(self.migrator, s) for s in plan)
         self.pending: list[store.StepRecord] = []  # batched: the records of the applied steps, not written yet
 
@@ -1206,9 +1203,8 @@ class _PlanRun:
         that is one transaction, inside it, once they are applied."""
         index = self.batch_start + k
         if self.atomic:
-            if index == len(self.plan) or len(self.pending) >= RECORDS_PER_STATEMENT:
-                self._write_pending()
             if index == len(self.plan):
+                self._write_pending()
                 return  # the plan's transaction commits next
             self.position = index
             if k:
