@@ -1,4 +1,4 @@
-"""Events: the audit trail's entries, in the shape DESIGN.md gives them.
+"""Events: the audit trail's entries, in the shape docs/contract.md gives them.
 
 Pure: the model and its encodings. Writing them to PostgreSQL and the Redis
 Stream is ``agent.journal``'s and ``agent.eventlog``'s job.

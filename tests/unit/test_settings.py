@@ -1,4 +1,4 @@
-"""agent/settings.py and agent/durations.py: the configuration contract of DESIGN.md."""
+"""agent/settings.py and agent/durations.py: the configuration contract of docs/contract.md."""
 
 from __future__ import annotations
 
