@@ -8,7 +8,6 @@ environment variables the configuration names, once, when the app is created.
 
 from __future__ import annotations
 
-import hashlib
 import hmac
 import json
 import logging

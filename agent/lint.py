@@ -40,6 +40,7 @@ from pglast.enums import (
 )
 from pglast.parser import ParseError
 
+from agent.lockmodes import ACCESS_EXCLUSIVE, LOCK_TABLE_MODES, alter_table_locks
 from agent.validate import Finding, Severity
 
 # Pure functions of a script's text or SQL, cached: a worker lints the same scripts migrate after migrate,
@@ -441,31 +442,8 @@ _NON_VOLATILE_FUNCTIONS = frozenset(
     }
 )
 
-# ALTER TABLE subcommands that take a lock weaker than ACCESS EXCLUSIVE.
-_WEAKER_LOCK_SUBCOMMANDS = frozenset(
-    {
-        AlterTableType.AT_ValidateConstraint,
-        AlterTableType.AT_SetStatistics,
-        AlterTableType.AT_ClusterOn,
-        AlterTableType.AT_DropCluster,
-        AlterTableType.AT_SetOptions,
-        AlterTableType.AT_ResetOptions,
-        AlterTableType.AT_EnableTrig,
-        AlterTableType.AT_EnableAlwaysTrig,
-        AlterTableType.AT_EnableReplicaTrig,
-        AlterTableType.AT_DisableTrig,
-        AlterTableType.AT_EnableTrigAll,
-        AlterTableType.AT_DisableTrigAll,
-        AlterTableType.AT_EnableTrigUser,
-        AlterTableType.AT_DisableTrigUser,
-        AlterTableType.AT_AttachPartition,
-        AlterTableType.AT_DetachPartitionFinalize,
-    }
-)
-
 _LEADING_COMMENTS = re.compile(r"\A(?:\s+|--[^\n]*(?:\n|\Z)|/\*.*?\*/)+", re.DOTALL)
 
-_ACCESS_EXCLUSIVE_LOCK_MODE = 8  # LOCK TABLE's default mode, AccessExclusiveLock
 
 
 def _name(parts: Any) -> str:
@@ -742,7 +720,6 @@ class _Linter:
         table = _table(stmt.relation)
         if self.is_new(table):
             return
-        access_exclusive = False
         for cmd in stmt.cmds:
             subtype = cmd.subtype
             if subtype == AlterTableType.AT_AddColumn:
@@ -760,13 +737,7 @@ class _Linter:
                 column = self.pending_not_null_checks.pop((table, cmd.name), None)
                 if column is not None:
                     self.proven_not_null.add((table, column))
-            if subtype not in _WEAKER_LOCK_SUBCOMMANDS and not (
-                subtype == AlterTableType.AT_AddConstraint
-                and isinstance(cmd.def_, ast.Constraint)
-                and cmd.def_.contype == ConstrType.CONSTR_FOREIGN
-            ):
-                access_exclusive = True
-        if access_exclusive:
+        if alter_table_locks(stmt).mode == ACCESS_EXCLUSIVE:  # the strongest of its subcommands (agent.lockmodes)
             self.access_exclusive(f"ALTER TABLE {table}")
 
     def add_column(self, table: str, column: ast.ColumnDef) -> None:
@@ -856,7 +827,7 @@ class _Linter:
             self.report("concurrently-in-transaction", "REINDEX CONCURRENTLY runs inside a transaction block")
 
     def lock(self, stmt: ast.LockStmt) -> None:
-        if stmt.mode == _ACCESS_EXCLUSIVE_LOCK_MODE:
+        if LOCK_TABLE_MODES.get(stmt.mode, ACCESS_EXCLUSIVE) == ACCESS_EXCLUSIVE:
             existing = [t for t in (_table(r) for r in stmt.relations) if not self.is_new(t)]
             if existing:
                 self.access_exclusive(f"LOCK TABLE {', '.join(existing)}")

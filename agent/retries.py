@@ -34,6 +34,22 @@ from pglast.enums import ObjectType
 from pglast.parser import ParseError
 
 from agent.lint import parse_statements
+from agent.lockmodes import (  # noqa: F401 - ACCESS_SHARE … MODES are read from here by callers too
+    ACCESS_EXCLUSIVE,
+    ACCESS_SHARE,
+    CONFLICTS,
+    EXCLUSIVE,
+    LOCK_TABLE_MODES,
+    MODES,
+    ROW_EXCLUSIVE,
+    ROW_SHARE,
+    SHARE,
+    SHARE_ROW_EXCLUSIVE,
+    SHARE_UPDATE_EXCLUSIVE,
+    alter_table_locks,
+    range_name,
+    stronger,
+)
 from agent.redact import redact, redact_query
 
 if TYPE_CHECKING:
@@ -41,36 +57,7 @@ if TYPE_CHECKING:
 
 LOCK_NOT_AVAILABLE = "55P03"
 
-# PostgreSQL's table-level lock modes, weakest first (pg_locks spells them "...Lock").
-ACCESS_SHARE = "AccessShareLock"
-ROW_SHARE = "RowShareLock"
-ROW_EXCLUSIVE = "RowExclusiveLock"
-SHARE_UPDATE_EXCLUSIVE = "ShareUpdateExclusiveLock"
-SHARE = "ShareLock"
-SHARE_ROW_EXCLUSIVE = "ShareRowExclusiveLock"
-EXCLUSIVE = "ExclusiveLock"
-ACCESS_EXCLUSIVE = "AccessExclusiveLock"
-
-MODES = [
-    ACCESS_SHARE, ROW_SHARE, ROW_EXCLUSIVE, SHARE_UPDATE_EXCLUSIVE,
-    SHARE, SHARE_ROW_EXCLUSIVE, EXCLUSIVE, ACCESS_EXCLUSIVE,
-]
-
-# The conflict table of the PostgreSQL manual ("Table-Level Lock Modes").
-CONFLICTS: dict[str, frozenset[str]] = {
-    ACCESS_SHARE: frozenset({ACCESS_EXCLUSIVE}),
-    ROW_SHARE: frozenset({EXCLUSIVE, ACCESS_EXCLUSIVE}),
-    ROW_EXCLUSIVE: frozenset({SHARE, SHARE_ROW_EXCLUSIVE, EXCLUSIVE, ACCESS_EXCLUSIVE}),
-    SHARE_UPDATE_EXCLUSIVE: frozenset({SHARE_UPDATE_EXCLUSIVE, SHARE, SHARE_ROW_EXCLUSIVE, EXCLUSIVE, ACCESS_EXCLUSIVE}),
-    SHARE: frozenset({ROW_EXCLUSIVE, SHARE_UPDATE_EXCLUSIVE, SHARE_ROW_EXCLUSIVE, EXCLUSIVE, ACCESS_EXCLUSIVE}),
-    SHARE_ROW_EXCLUSIVE: frozenset({ROW_EXCLUSIVE, SHARE_UPDATE_EXCLUSIVE, SHARE, SHARE_ROW_EXCLUSIVE, EXCLUSIVE, ACCESS_EXCLUSIVE}),
-    EXCLUSIVE: frozenset(MODES[1:]),
-    ACCESS_EXCLUSIVE: frozenset(MODES),
-}
-
-_LOCK_MODE_NAMES = {  # LOCK TABLE ... IN <mode> MODE, as pglast numbers them (1 = ACCESS SHARE)
-    i + 1: mode for i, mode in enumerate(MODES)
-}
+# The lock modes and which one each statement takes: agent.lockmodes, shared with the lint.
 
 
 @dataclass(frozen=True)
@@ -100,48 +87,6 @@ class RetryPolicy:
 # -- which tables a step locks, and how strongly -------------------------------
 
 
-def _stronger(a: str | None, b: str) -> str:
-    return b if a is None or MODES.index(b) > MODES.index(a) else a
-
-
-def _range_name(relation: ast.RangeVar | None) -> str | None:
-    if relation is None or not relation.relname:
-        return None
-    return f"{relation.schemaname}.{relation.relname}" if relation.schemaname else relation.relname
-
-
-def _alter_table_mode(stmt: ast.AlterTableStmt) -> tuple[str, list[str]]:
-    """The lock an ALTER TABLE takes, and the tables its foreign keys reference (SHARE ROW EXCLUSIVE)."""
-    from pglast.enums import AlterTableType, ConstrType
-
-    referenced: list[str] = []
-    mode: str | None = None
-    for cmd in stmt.cmds or ():
-        if not isinstance(cmd, ast.AlterTableCmd):
-            continue
-        sub = cmd.subtype
-        constraint = cmd.def_ if isinstance(cmd.def_, ast.Constraint) else None
-        if sub == AlterTableType.AT_AddConstraint and constraint is not None and constraint.contype == ConstrType.CONSTR_FOREIGN:
-            name = _range_name(constraint.pktable)
-            if name:
-                referenced.append(name)
-            mode = _stronger(mode, SHARE_ROW_EXCLUSIVE)
-        elif sub == AlterTableType.AT_ValidateConstraint:
-            mode = _stronger(mode, SHARE_UPDATE_EXCLUSIVE)
-        elif sub in (AlterTableType.AT_SetStatistics, AlterTableType.AT_ClusterOn, AlterTableType.AT_DropCluster,
-                     AlterTableType.AT_SetRelOptions, AlterTableType.AT_ResetRelOptions):
-            mode = _stronger(mode, SHARE_UPDATE_EXCLUSIVE)
-        else:
-            if isinstance(cmd.def_, ast.ColumnDef):
-                for c in cmd.def_.constraints or ():
-                    if isinstance(c, ast.Constraint) and c.contype == ConstrType.CONSTR_FOREIGN:
-                        name = _range_name(c.pktable)
-                        if name:
-                            referenced.append(name)
-            mode = ACCESS_EXCLUSIVE
-    return mode or ACCESS_EXCLUSIVE, referenced
-
-
 def lock_targets(sql: str, version_table: str = "alembic_version") -> dict[str, str]:
     """The existing tables a step's SQL locks, each with the strongest mode asked for.
 
@@ -159,42 +104,42 @@ def lock_targets(sql: str, version_table: str = "alembic_version") -> dict[str, 
 
     def want(name: str | None, mode: str) -> None:
         if name and name not in created and name.rsplit(".", 1)[-1] != version_table:
-            targets[name] = _stronger(targets.get(name), mode)
+            targets[name] = stronger(targets.get(name), mode)
 
     for raw in statements:
         stmt = raw.stmt
         if isinstance(stmt, ast.CreateStmt):
-            name = _range_name(stmt.relation)
+            name = range_name(stmt.relation)
             for element in stmt.tableElts or ():
                 constraints = list(getattr(element, "constraints", None) or ())
                 if isinstance(element, ast.Constraint):
                     constraints.append(element)
                 for c in constraints:
                     if isinstance(c, ast.Constraint) and c.pktable is not None:
-                        want(_range_name(c.pktable), SHARE_ROW_EXCLUSIVE)
+                        want(range_name(c.pktable), SHARE_ROW_EXCLUSIVE)
             if name:
                 created.add(name)
         elif isinstance(stmt, ast.AlterTableStmt):
-            mode, referenced = _alter_table_mode(stmt)
-            want(_range_name(stmt.relation), mode)
-            for name in referenced:
-                want(name, SHARE_ROW_EXCLUSIVE)
+            locks = alter_table_locks(stmt)
+            want(range_name(stmt.relation), locks.mode)
+            for name, mode in locks.others.items():
+                want(name, mode)
         elif isinstance(stmt, ast.IndexStmt):
-            want(_range_name(stmt.relation), SHARE_UPDATE_EXCLUSIVE if stmt.concurrent else SHARE)
+            want(range_name(stmt.relation), SHARE_UPDATE_EXCLUSIVE if stmt.concurrent else SHARE)
         elif isinstance(stmt, ast.RenameStmt) and stmt.relation is not None:
-            want(_range_name(stmt.relation), ACCESS_EXCLUSIVE)
+            want(range_name(stmt.relation), ACCESS_EXCLUSIVE)
         elif isinstance(stmt, ast.DropStmt) and stmt.removeType == ObjectType.OBJECT_TABLE:
             for obj in stmt.objects or ():
                 parts = [getattr(p, "sval", None) for p in obj]
                 want(".".join(p for p in parts if p), ACCESS_EXCLUSIVE)
         elif isinstance(stmt, ast.TruncateStmt):
             for rel in stmt.relations or ():
-                want(_range_name(rel), ACCESS_EXCLUSIVE)
+                want(range_name(rel), ACCESS_EXCLUSIVE)
         elif isinstance(stmt, ast.LockStmt):
             for rel in stmt.relations or ():
-                want(_range_name(rel), _LOCK_MODE_NAMES.get(stmt.mode, ACCESS_EXCLUSIVE))
+                want(range_name(rel), LOCK_TABLE_MODES.get(stmt.mode, ACCESS_EXCLUSIVE))
         elif isinstance(stmt, ast.CreateTrigStmt):
-            want(_range_name(stmt.relation), SHARE_ROW_EXCLUSIVE)
+            want(range_name(stmt.relation), SHARE_ROW_EXCLUSIVE)
     return targets
 
 

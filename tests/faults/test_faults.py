@@ -174,7 +174,7 @@ def test_status_from_a_second_worker_names_the_lock_holder_during_a_migration(en
     assert lock["lease"]["command_id"] == migrate_id and lock["lease"]["type"] == "migrate"
     assert lock["session"]["application_name"].startswith("dbagent migrate")
     human = env.cli("status")
-    assert f"held by test@" in human.stdout and migrate_id in human.stdout
+    assert "held by test@" in human.stdout and migrate_id in human.stdout
     out, err = run.communicate(timeout=60)
     assert run.returncode == 0, err
     assert env.cli("status", "--json").json()["lock"] is None

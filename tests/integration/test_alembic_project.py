@@ -408,7 +408,7 @@ def test_a_plan_in_one_transaction_fails_whole_and_leaves_the_agent_nothing_to_u
 
 
 def test_a_plan_in_one_transaction_publishes_its_steps_once_it_committed(env, tmp_path, redis_client):
-    rev = _branched(env, tmp_path)
+    _branched(env, tmp_path)
     env.start_worker()
     run = env.cli("migrate", "--json")
 
