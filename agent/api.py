@@ -20,7 +20,6 @@ import redis
 from fastapi import Depends, FastAPI, Header, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
-from starlette.exceptions import HTTPException
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
     CollectorRegistry,
@@ -30,14 +29,15 @@ from prometheus_client import (
 )
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException
 
 from agent import keys, slack
-from agent.commands import MAX_DETAIL_CHARS, Command, Ticket, client_command, message_digest
-from agent.errors import BadInput, ConfigError, DbAgentError, Unavailable
+from agent.core.commands import MAX_DETAIL_CHARS, Command, Ticket, client_command, message_digest
+from agent.core.errors import BadInput, ConfigError, DbAgentError, Unavailable
+from agent.core.events import Event, EventType
+from agent.core.redact import has_control, printable, redact
 from agent.eventlog import EventLog
-from agent.events import Event, EventType
 from agent.producer import Producer
-from agent.redact import has_control, printable, redact
 from agent.settings import Settings
 
 log = logging.getLogger(__name__)

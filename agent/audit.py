@@ -17,9 +17,9 @@ import psycopg
 
 from agent import store
 from agent.consumer import Entry, Outcome
-from agent.errors import OperationFailed, Unavailable
-from agent.events import Event
-from agent.redact import redact
+from agent.core.errors import OperationFailed, Unavailable
+from agent.core.events import Event
+from agent.core.redact import redact
 from agent.settings import DatabaseSettings, Settings
 
 log = logging.getLogger(__name__)

@@ -46,8 +46,8 @@ from typing import Any
 
 from sqlalchemy import Connection
 
-from agent.errors import BadInput, OperationFailed
-from agent.redact import redact
+from agent.core.errors import BadInput, OperationFailed
+from agent.core.redact import redact
 
 log = logging.getLogger(__name__)
 

@@ -14,13 +14,13 @@ from sqlalchemy import Connection, text
 
 from agent import backups as bk
 from agent.backups import BackupKind, Manifest, Trigger
-from agent.commands import BackupArgs, PruneArgs, RestoreArgs, VerifyBackupArgs
 from agent.connections import create_scratch_database, drop_scratch_database, pg_connection
-from agent.durations import postgres_interval
-from agent.errors import BadInput, DbAgentError, OperationFailed
-from agent.events import EventType
-from agent.lifecycle import Phase, pause_point
-from agent.redact import redact
+from agent.core.commands import BackupArgs, PruneArgs, RestoreArgs, VerifyBackupArgs
+from agent.core.durations import postgres_interval
+from agent.core.errors import BadInput, DbAgentError, OperationFailed
+from agent.core.events import EventType
+from agent.core.lifecycle import Phase, pause_point
+from agent.core.redact import redact
 
 if TYPE_CHECKING:
     from agent.runner import Run
@@ -327,7 +327,7 @@ def prune(run: Run) -> dict[str, Any]:
 
 
 def _prune(run: Run, *, dry_run: bool) -> dict[str, Any]:
-    from agent.retention import BackupInfo, RetentionPolicy, apply_retention
+    from agent.core.retention import BackupInfo, RetentionPolicy, apply_retention
 
     directory = _backup_dir(run)
     manifests = {m.file: m for m in bk.list_backups(directory)}

@@ -30,11 +30,11 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 from pydantic import BaseModel
 
-from agent.errors import BadInput, OperationFailed, Unavailable
-from agent.redact import redact
+from agent.core.errors import BadInput, OperationFailed, Unavailable
+from agent.core.redact import redact
 
 if TYPE_CHECKING:
-    from agent.lifecycle import StopRequest
+    from agent.core.lifecycle import StopRequest
 
 T = TypeVar("T")
 

@@ -17,7 +17,7 @@ from typing import Any
 
 import psycopg
 
-from agent.redact import redact, redact_query
+from agent.core.redact import redact, redact_query
 
 log = logging.getLogger(__name__)
 

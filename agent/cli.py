@@ -17,9 +17,9 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from agent.errors import BadInput, DbAgentError
-from agent.events import Event
-from agent.redact import redact
+from agent.core.errors import BadInput, DbAgentError
+from agent.core.events import Event
+from agent.core.redact import redact
 from agent.settings import DatabaseSettings, Settings, load_settings
 
 app = typer.Typer(
@@ -98,7 +98,7 @@ def submit(
     timeout: float,
 ) -> dict[str, Any]:
     """Enqueue a command, stream its events, and return its result (exits on --no-wait)."""
-    from agent.commands import client_command
+    from agent.core.commands import client_command
     from agent.producer import Producer, Progress
 
     cfg = settings()
@@ -392,7 +392,7 @@ def restore(
     no_wait: NoWaitOpt = False, timeout: TimeoutOpt = 6 * 3600.0,
 ) -> None:
     """Verify a backup's checksum and readability, then restore it (replacing what it contains)."""
-    from agent.commands import MAX_PATH_CHARS, check_client_text
+    from agent.core.commands import MAX_PATH_CHARS, check_client_text
 
     check_client_text("restore FILE", file, MAX_PATH_CHARS)
     name, _ = settings().database(db)
@@ -437,7 +437,7 @@ def backups_verify(
     no_wait: NoWaitOpt = False, timeout: TimeoutOpt = 6 * 3600.0,
 ) -> None:
     """Checksum and full read of a backup; --drill restores it into a scratch database too."""
-    from agent.commands import MAX_PATH_CHARS, check_client_text
+    from agent.core.commands import MAX_PATH_CHARS, check_client_text
 
     check_client_text("backups verify FILE", file, MAX_PATH_CHARS)
     result = submit("verify_backup", {"path": file, "drill": drill}, db=db, as_json=as_json, actor=actor, ticket=ticket,
@@ -749,10 +749,15 @@ def notify_startup_failed(
     db: DbOpt = None, as_json: JsonOpt = False, actor: ActorOpt = None, ticket: TicketOpt = None,
 ) -> None:
     """The application failed to start after a deploy: the agent rolls back the last migration run."""
-    from agent.commands import MAX_ACTOR_CHARS, MAX_DETAIL_CHARS, MAX_TICKET_CHARS, check_client_text
     from agent.connections import ping_redis, redis_client
+    from agent.core.commands import (
+        MAX_ACTOR_CHARS,
+        MAX_DETAIL_CHARS,
+        MAX_TICKET_CHARS,
+        check_client_text,
+    )
+    from agent.core.events import EventType
     from agent.eventlog import EventLog
-    from agent.events import EventType
 
     check_client_text("--actor", default_actor(actor), MAX_ACTOR_CHARS)
     check_client_text("--ticket", ticket, MAX_TICKET_CHARS)

@@ -12,8 +12,8 @@ from typing import TYPE_CHECKING
 
 import redis
 
-from agent.errors import Unavailable
-from agent.redact import redact
+from agent.core.errors import Unavailable
+from agent.core.redact import redact
 from agent.settings import DatabaseSettings, RedisSettings
 
 if TYPE_CHECKING:

@@ -15,8 +15,8 @@ import redis as redis_lib
 from sqlalchemy.exc import SQLAlchemyError
 
 from agent.connections import display_url, pg_connection, redis_client
-from agent.errors import DbAgentError, Unavailable
-from agent.redact import redact
+from agent.core.errors import DbAgentError, Unavailable
+from agent.core.redact import redact
 from agent.settings import DatabaseSettings, Settings
 
 if TYPE_CHECKING:

@@ -13,7 +13,7 @@ from typing import Any
 import redis
 
 from agent import keys
-from agent.events import Event
+from agent.core.events import Event
 
 log = logging.getLogger(__name__)
 

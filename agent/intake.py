@@ -32,10 +32,10 @@ from kombu.transport import redis as kombu_redis
 from kombu.utils.encoding import bytes_to_str
 
 from agent import keys
-from agent.commands import Command, authenticate, message_digest
-from agent.errors import CommandRejected
+from agent.core.commands import Command, authenticate, message_digest
+from agent.core.errors import CommandRejected
+from agent.core.redact import redact
 from agent.queue import EXECUTE_TASK
-from agent.redact import redact
 
 if TYPE_CHECKING:
     from agent.settings import Settings

@@ -22,10 +22,10 @@ from typing import TYPE_CHECKING, Any
 import redis
 
 from agent import keys, store
-from agent.commands import Command
+from agent.core.commands import Command
+from agent.core.events import Event, EventType
+from agent.core.redact import redact
 from agent.eventlog import EventLog
-from agent.events import Event, EventType
-from agent.redact import redact
 
 if TYPE_CHECKING:
     from sqlalchemy import Connection, Engine
@@ -139,7 +139,7 @@ class Journal:
     @property
     def reported_failure(self) -> bool:
         """Whether the command's failure has an event already: of its own kind, or its validation's or verification's."""
-        from agent.lifecycle import failure_event
+        from agent.core.lifecycle import failure_event
 
         if self.command is None:
             return False

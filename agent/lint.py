@@ -40,7 +40,7 @@ from pglast.enums import (
 )
 from pglast.parser import ParseError
 
-from agent.lockmodes import ACCESS_EXCLUSIVE, LOCK_TABLE_MODES, alter_table_locks
+from agent.core.lockmodes import ACCESS_EXCLUSIVE, LOCK_TABLE_MODES, alter_table_locks
 from agent.validate import Finding, Severity
 
 # Pure functions of a script's text or SQL, cached: a worker lints the same scripts migrate after migrate,
@@ -737,7 +737,7 @@ class _Linter:
                 column = self.pending_not_null_checks.pop((table, cmd.name), None)
                 if column is not None:
                     self.proven_not_null.add((table, column))
-        if alter_table_locks(stmt).mode == ACCESS_EXCLUSIVE:  # the strongest of its subcommands (agent.lockmodes)
+        if alter_table_locks(stmt).mode == ACCESS_EXCLUSIVE:  # the strongest of its subcommands (agent.core.lockmodes)
             self.access_exclusive(f"ALTER TABLE {table}")
 
     def add_column(self, table: str, column: ast.ColumnDef) -> None:

@@ -22,8 +22,8 @@ from typing import Any
 import redis
 from sqlalchemy import Connection
 
-from agent.errors import OperationFailed
-from agent.redact import redact
+from agent.core.errors import OperationFailed
+from agent.core.redact import redact
 
 log = logging.getLogger(__name__)
 

@@ -29,7 +29,7 @@ from alembic.util import CommandError
 from sqlalchemy import Connection
 
 from agent.connections import sqlalchemy_url
-from agent.errors import BadInput
+from agent.core.errors import BadInput
 
 BASE = "base"
 HEAD = "head"

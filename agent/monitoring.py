@@ -6,7 +6,7 @@ import logging
 import os
 from typing import Any
 
-from agent.redact import redact
+from agent.core.redact import redact
 from agent.settings import Settings
 
 log = logging.getLogger("dbagent.alert")

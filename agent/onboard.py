@@ -14,8 +14,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from agent.errors import BadInput
-from agent.redact import redact
+from agent.core.errors import BadInput
+from agent.core.redact import redact
 
 # Where projects usually keep their script directory, relative to where init runs.
 _USUAL = ("alembic", "migrations", "db/migrations", ".")
@@ -123,7 +123,7 @@ def onboard(
 def _check_env_py(location: Path, url: str) -> tuple[str, str]:
     """Run env.py with nothing to migrate on a connection to ``url``, as every migrate does first."""
     from agent.connections import pg_connection
-    from agent.errors import DbAgentError
+    from agent.core.errors import DbAgentError
     from agent.migrator import ForeignConnection, Migrator
     from agent.settings import DatabaseSettings
 

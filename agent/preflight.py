@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from agent.errors import BadInput, DbAgentError
+from agent.core.errors import BadInput, DbAgentError
 from agent.migrator import Migrator, Step
 
 CHANGED = "applied-migration-changed"

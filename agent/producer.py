@@ -21,13 +21,13 @@ from typing import Any
 import redis
 
 from agent import keys
-from agent.commands import Command, default_ttl_s, message_digest
 from agent.connections import ping_redis, redis_client
-from agent.errors import BadInput, DbAgentError, Unavailable
+from agent.core.commands import Command, default_ttl_s, message_digest
+from agent.core.errors import BadInput, DbAgentError, Unavailable
+from agent.core.events import Event
+from agent.core.redact import redact
 from agent.eventlog import EventLog
-from agent.events import Event
 from agent.queue import EXECUTE_TASK, celery_app
-from agent.redact import redact
 from agent.settings import Settings
 
 log = logging.getLogger(__name__)

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from agent.connections import create_scratch_database, drop_scratch_database
-from agent.errors import BadInput, OperationFailed
+from agent.core.errors import BadInput, OperationFailed
 from agent.validate import Finding, Severity
 
 if TYPE_CHECKING:

@@ -33,8 +33,7 @@ from pglast import ast
 from pglast.enums import ObjectType
 from pglast.parser import ParseError
 
-from agent.lint import parse_statements
-from agent.lockmodes import (  # noqa: F401 - ACCESS_SHARE … MODES are read from here by callers too
+from agent.core.lockmodes import (  # noqa: F401 - ACCESS_SHARE … MODES are read from here by callers too
     ACCESS_EXCLUSIVE,
     ACCESS_SHARE,
     CONFLICTS,
@@ -50,14 +49,15 @@ from agent.lockmodes import (  # noqa: F401 - ACCESS_SHARE … MODES are read fr
     range_name,
     stronger,
 )
-from agent.redact import redact, redact_query
+from agent.core.redact import redact, redact_query
+from agent.lint import parse_statements
 
 if TYPE_CHECKING:
     from sqlalchemy import Connection
 
 LOCK_NOT_AVAILABLE = "55P03"
 
-# The lock modes and which one each statement takes: agent.lockmodes, shared with the lint.
+# The lock modes and which one each statement takes: agent.core.lockmodes, shared with the lint.
 
 
 @dataclass(frozen=True)

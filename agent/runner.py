@@ -1,4 +1,4 @@
-"""Execute one command on the database's worker, through the lifecycle of ``agent.lifecycle``.
+"""Execute one command on the database's worker, through the lifecycle of ``agent.core.lifecycle``.
 
 ``execute`` is what the Celery task calls (tests call it too): decode → check →
 record → lock → claim → run → finish. It always returns the command's result
@@ -26,10 +26,12 @@ import redis
 from alembic.util import CommandError
 from sqlalchemy import Connection
 
-from agent import backup_operations, keys, lifecycle, preflight, retries, store
+from agent import backup_operations, keys, preflight, retries, store
 from agent.backups import BackupKind, Trigger, list_backups
 from agent.blocking import BlockingMonitor
-from agent.commands import (
+from agent.connections import pg_connection, redis_client
+from agent.core import lifecycle
+from agent.core.commands import (
     FINISHED,
     Command,
     CommandStatus,
@@ -42,17 +44,24 @@ from agent.commands import (
     message_digest,
     utcnow,
 )
-from agent.connections import pg_connection, redis_client
-from agent.durations import postgres_interval
-from agent.errors import BadInput, CommandRejected, DbAgentError, OperationFailed, Unavailable
+from agent.core.durations import postgres_interval
+from agent.core.errors import BadInput, CommandRejected, DbAgentError, OperationFailed, Unavailable
+from agent.core.events import HOST, Event, EventType
+from agent.core.lifecycle import STOP, Phase, StopRequest, pause_point
+from agent.core.redact import redact
 from agent.eventlog import EventLog
-from agent.events import HOST, Event, EventType
 from agent.journal import Journal, Presence, publish_result, rollback_quietly
-from agent.lifecycle import STOP, Phase, StopRequest, pause_point
 from agent.locks import AdvisoryLock, RedisLease, holder_backend, read_lease
-from agent.migrator import SEPARATOR, Migrator, Step, find_ini, find_pyproject, state_text, version_directories
+from agent.migrator import (
+    SEPARATOR,
+    Migrator,
+    Step,
+    find_ini,
+    find_pyproject,
+    state_text,
+    version_directories,
+)
 from agent.monitoring import alert
-from agent.redact import redact
 from agent.settings import DatabaseSettings, Settings
 from agent.verify import Baseline, capture_baseline, run_checks, summary
 
@@ -666,9 +675,8 @@ def as_dbagent_error(exc: BaseException) -> DbAgentError:
     """Any exception as the dbagent error a producer reads: lost dependencies are Unavailable (exit 3)."""
     if isinstance(exc, DbAgentError):
         return exc
-    import sqlalchemy.exc
-
     import psycopg
+    import sqlalchemy.exc
 
     if isinstance(exc, redis.RedisError):
         return Unavailable(f"Redis failed during the command: {redact(exc)}")

@@ -13,12 +13,26 @@ import tomllib
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, Literal
 
-from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, PrivateAttr, ValidationError, field_validator
-from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, SettingsError
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    PrivateAttr,
+    ValidationError,
+    field_validator,
+)
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    SettingsError,
+)
 
-from agent.durations import parse_duration_s
-from agent.errors import BadInput, ConfigError
-from agent.redact import redact
+from agent.core.durations import parse_duration_s
+from agent.core.errors import BadInput, ConfigError
+from agent.core.redact import redact
 
 if TYPE_CHECKING:
     from agent.retries import RetryPolicy

@@ -1,7 +1,7 @@
 """dbagent's own tables, in schema ``dbagent`` of each target database.
 
 * ``commands``: every command id a worker has seen (at most once per id), its
-  lifecycle state, plan and result (``agent.lifecycle``);
+  lifecycle state, plan and result (``agent.core.lifecycle``);
 * ``audit_log``: the durable record of every event (the stream's source of truth);
   an entry the stream missed (Redis was down) is marked ``unpublished`` until
   the worker's relay re-publishes it;
@@ -22,9 +22,9 @@ from typing import Any
 
 from sqlalchemy import Connection, text
 
-from agent.commands import Command, CommandStatus
-from agent.events import Event
-from agent.lifecycle import TERMINAL, State, sources
+from agent.core.commands import Command, CommandStatus
+from agent.core.events import Event
+from agent.core.lifecycle import TERMINAL, State, sources
 
 SCHEMA = "dbagent"
 

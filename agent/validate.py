@@ -21,7 +21,7 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
-from agent.errors import BadInput
+from agent.core.errors import BadInput
 
 FILE_NAME = re.compile(r"^(?P<number>\d{3})_(?P<description>[a-z0-9]+(?:_[a-z0-9]+)*)\.py$")
 _NUMBERED = re.compile(r"^\d{3}_")

@@ -34,9 +34,9 @@ from typing import TYPE_CHECKING, Any
 from psycopg import sql
 from sqlalchemy import Connection
 
-from agent.durations import postgres_interval
-from agent.errors import OperationFailed
-from agent.redact import redact
+from agent.core.durations import postgres_interval
+from agent.core.errors import OperationFailed
+from agent.core.redact import redact
 
 if TYPE_CHECKING:
     from agent.settings import DatabaseSettings

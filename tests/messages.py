@@ -8,7 +8,7 @@ import json
 import uuid
 from datetime import UTC, datetime, timedelta
 
-from agent.commands import Command, CommandType
+from agent.core.commands import Command, CommandType
 from agent.queue import EXECUTE_TASK
 
 

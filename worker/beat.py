@@ -20,12 +20,12 @@ from celery.beat import Scheduler
 from celery.schedules import crontab, schedule
 
 from agent import keys
-from agent.commands import Command, CommandType
 from agent.connections import redis_client
+from agent.core.commands import Command, CommandType
+from agent.core.schedule import ScheduleEntry, entries
 from agent.locks import RedisLease, read_lease
 from agent.producer import Producer
 from agent.queue import celery_app
-from agent.schedule import ScheduleEntry, entries
 from agent.settings import Settings
 
 log = logging.getLogger("dbagent.beat")

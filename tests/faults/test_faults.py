@@ -10,7 +10,7 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
-from agent.commands import Command, CommandType
+from agent.core.commands import Command, CommandType
 from agent.producer import Producer
 from agent.settings import load_settings
 from tests.servers import ROOT, SIGNING_KEY, copy_migrations

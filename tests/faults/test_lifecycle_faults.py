@@ -11,7 +11,7 @@ import time
 import pytest
 
 from agent import keys
-from agent.commands import Command, CommandType
+from agent.core.commands import Command, CommandType
 from agent.producer import Producer
 from agent.settings import load_settings
 from tests.faults.test_crash_matrix import STEP, cli, sleeping
@@ -101,7 +101,7 @@ def test_the_outcome_is_read_from_postgres_when_redis_lost_it(env, redis_client)
     command_id = run.json()["command_id"]
     redis_client.delete(keys.result(env.prefix, command_id))  # Redis restarted without its data
     settings = load_settings(env.config)
-    from agent.commands import Command as C
+    from agent.core.commands import Command as C
 
     outcome = Producer(settings).wait(C(id=command_id, type="migrate", db="test", actor="x"), "0-0", timeout_s=0.5)
     assert outcome["status"] == "succeeded" and outcome["revision_after"] == "003"
@@ -285,8 +285,8 @@ def test_a_run_recorded_by_an_older_worker_is_still_rolled_back_to_its_start(env
 
 def test_a_forged_failure_event_for_a_run_that_succeeded_rolls_nothing_back(env, redis_client):
     """The event stream is not signed: anyone with Redis access can add a migration.failed to it."""
+    from agent.core.events import Event, EventType
     from agent.eventlog import EventLog
-    from agent.events import Event, EventType
 
     env.start_worker()
     env.start_agent()

@@ -9,7 +9,7 @@ from datetime import UTC, datetime, timedelta
 import pytest
 
 from agent import keys
-from agent.commands import Command, CommandType, message_digest
+from agent.core.commands import Command, CommandType, message_digest
 from agent.producer import Producer
 from agent.settings import load_settings
 from tests.faults.test_faults import wait_for

@@ -20,7 +20,7 @@ from alembic.config import Config
 from sqlalchemy import create_engine, pool
 
 from agent.backfill import backfill
-from agent.errors import BadInput, OperationFailed
+from agent.core.errors import BadInput, OperationFailed
 from agent.settings import DatabaseSettings
 from tests.servers import ROOT, copy_migrations, create_database, db_url, drop_database
 

@@ -11,7 +11,7 @@ import pytest
 
 from agent import keys
 from agent import producer as producer_module
-from agent.commands import client_command, message_digest
+from agent.core.commands import client_command, message_digest
 from agent.journal import Journal, publish_result
 from agent.producer import Producer
 from agent.settings import load_settings

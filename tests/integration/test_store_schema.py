@@ -9,9 +9,9 @@ import pytest
 from sqlalchemy import create_engine, pool
 
 from agent import store
-from agent.commands import Command, CommandType, utcnow
 from agent.connections import sqlalchemy_url
-from agent.events import Event, EventType
+from agent.core.commands import Command, CommandType, utcnow
+from agent.core.events import Event, EventType
 from tests.servers import create_database, db_url, drop_database
 
 pytestmark = pytest.mark.integration

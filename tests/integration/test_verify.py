@@ -5,8 +5,8 @@ from __future__ import annotations
 import psycopg
 import pytest
 
-from agent.events import Event
-from agent.rollback import plan_rollback
+from agent.core.events import Event
+from agent.core.rollback import plan_rollback
 from agent.verify import CHECK_NAMES, NO_RUN
 from tests.servers import copy_migrations, script
 

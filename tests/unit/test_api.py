@@ -11,11 +11,18 @@ import pytest
 from fastapi.testclient import TestClient
 
 from agent import keys
-from agent.api import MAX_BODY_BYTES, create_app, list_events, parse_listen, parse_tokens, submitted_key
-from agent.commands import Command, check_command
-from agent.errors import BadInput, ConfigError, OperationFailed
+from agent.api import (
+    MAX_BODY_BYTES,
+    create_app,
+    list_events,
+    parse_listen,
+    parse_tokens,
+    submitted_key,
+)
+from agent.core.commands import Command, check_command
+from agent.core.errors import BadInput, ConfigError, OperationFailed
+from agent.core.events import Event
 from agent.eventlog import EventLog
-from agent.events import Event
 from agent.producer import Producer
 from agent.settings import Settings
 from agent.slack import expected_signature
@@ -477,7 +484,7 @@ def test_slack_without_a_signing_secret_is_503(monkeypatch, settings, producer):
 def test_slack_when_the_queue_is_down_says_so_ephemerally(secrets, settings, fake_redis):
     class DownProducer(RecordingProducer):
         def check(self) -> str:
-            from agent.errors import Unavailable
+            from agent.core.errors import Unavailable
 
             raise Unavailable("cannot reach Redis at redis://:pw@redis-host:6379/0")
 

@@ -24,7 +24,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from agent.api import create_app
-from agent.commands import ARGS, CommandType
+from agent.core.commands import ARGS, CommandType
 from agent.settings import Settings
 from agent.slack import expected_signature
 from tests.unit.test_api import AUTH, SLACK_SECRET, RecordingProducer

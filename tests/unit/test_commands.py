@@ -1,4 +1,4 @@
-"""agent/commands.py: signing, checking and decoding commands."""
+"""agent/core/commands.py: signing, checking and decoding commands."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from agent.commands import (
+from agent.core.commands import (
     Command,
     CommandType,
     MigrateArgs,
@@ -21,7 +21,7 @@ from agent.commands import (
     check_command,
     client_command,
 )
-from agent.errors import BadInput, CommandRejected
+from agent.core.errors import BadInput, CommandRejected
 
 ROOT = Path(__file__).resolve().parents[2]
 KEY = b"unit-test-signing-key"
@@ -360,7 +360,7 @@ def test_a_command_without_expiry_signs_and_travels_as_before():
 
 
 def test_default_expiries_give_writers_a_day_and_reads_an_hour():
-    from agent.commands import default_ttl_s
+    from agent.core.commands import default_ttl_s
 
     assert default_ttl_s(CommandType.MIGRATE, {}) == 24 * 3600
     assert default_ttl_s(CommandType.BACKUP, {}) == 24 * 3600

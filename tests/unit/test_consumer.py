@@ -8,8 +8,8 @@ import fakeredis
 import pytest
 
 from agent.consumer import ConsumerOptions, GroupConsumer, Outcome
+from agent.core.events import Event
 from agent.eventlog import EventLog
-from agent.events import Event
 
 
 @pytest.fixture

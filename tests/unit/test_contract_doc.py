@@ -12,7 +12,7 @@ from pydantic import BaseModel
 
 from agent import settings as settings_module
 from agent.cli import app as cli_app
-from agent.events import EventType
+from agent.core.events import EventType
 
 CONTRACT = Path(__file__).resolve().parents[2] / "docs" / "contract.md"
 TEXT = CONTRACT.read_text(encoding="utf-8")

@@ -1,4 +1,4 @@
-"""agent/events.py (the model and its stream encoding) and agent/eventlog.py on fakeredis."""
+"""agent/core/events.py (the model and its stream encoding) and agent/eventlog.py on fakeredis."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ from datetime import UTC, datetime, timedelta, timezone
 
 import pytest
 
+from agent.core.events import Event, EventType, iso
 from agent.eventlog import EventLog
-from agent.events import Event, EventType, iso
 
 
 def ev(db: str = "production", seq: int = 0, command_id: str | None = None, **fields) -> Event:

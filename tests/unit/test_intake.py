@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from agent.commands import CommandType
+from agent.core.commands import CommandType
 from agent.intake import MAX_MESSAGE_BYTES, Poison, excerpt, inspect, task_payload
 from tests.messages import call, command_message, envelope
 

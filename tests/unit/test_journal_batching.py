@@ -11,8 +11,8 @@ import pytest
 
 from agent import journal as journal_module
 from agent import keys
+from agent.core.events import EventType
 from agent.eventlog import EventLog
-from agent.events import EventType
 from agent.journal import Journal, Presence
 
 PREFIX = "dbagent-test-journal"

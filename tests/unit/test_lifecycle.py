@@ -1,4 +1,4 @@
-"""agent/lifecycle.py: the command state machine, interrupted reports, stopping; and what the agent does with them."""
+"""agent/core/lifecycle.py: the command state machine, interrupted reports, stopping; and what the agent does with them."""
 
 from __future__ import annotations
 
@@ -8,11 +8,11 @@ from datetime import UTC, datetime
 
 import pytest
 
-from agent import lifecycle
-from agent.commands import CommandStatus, CommandType
-from agent.events import Event, EventType
-from agent.lifecycle import CRASH_LEAVES, PHASES, Phase, State, StopRequest, interrupted_report
-from agent.rollback import NoRollback, RollbackPlan, decide
+from agent.core import lifecycle
+from agent.core.commands import CommandStatus, CommandType
+from agent.core.events import Event, EventType
+from agent.core.lifecycle import CRASH_LEAVES, PHASES, Phase, State, StopRequest, interrupted_report
+from agent.core.rollback import NoRollback, RollbackPlan, decide
 
 
 def test_terminal_states_have_no_way_out_and_every_live_state_can_end():

@@ -1,4 +1,4 @@
-"""agent/lockmodes.py: one table of which lock each DDL statement takes, read by the lint and by the lock
+"""agent/core/lockmodes.py: one table of which lock each DDL statement takes, read by the lint and by the lock
 pre-check alike (they used to keep a table each and disagreed on triggers, storage parameters and partitions)."""
 
 from __future__ import annotations
@@ -6,8 +6,10 @@ from __future__ import annotations
 import pytest
 
 from agent import lint, retries
-from agent.lockmodes import ACCESS_EXCLUSIVE as AE
-from agent.lockmodes import SHARE, SHARE_ROW_EXCLUSIVE as SRE, SHARE_UPDATE_EXCLUSIVE as SUE
+from agent.core.lockmodes import ACCESS_EXCLUSIVE as AE
+from agent.core.lockmodes import SHARE
+from agent.core.lockmodes import SHARE_ROW_EXCLUSIVE as SRE
+from agent.core.lockmodes import SHARE_UPDATE_EXCLUSIVE as SUE
 
 # (statement, the locks PostgreSQL 15 takes: table → mode), from its ALTER TABLE and LOCK pages.
 CASES = [

@@ -9,7 +9,7 @@ import fakeredis
 import pytest
 
 from agent import keys
-from agent.errors import OperationFailed
+from agent.core.errors import OperationFailed
 from agent.locks import LockTimeout, RedisLease, describe_holder, read_lease
 
 OWNER_A = {"worker": "production@host-a:101", "command_id": "cmd-a", "type": "migrate"}

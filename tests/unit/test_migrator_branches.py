@@ -13,7 +13,7 @@ import warnings
 
 import pytest
 
-from agent.errors import BadInput
+from agent.core.errors import BadInput
 from agent.migrator import Migrator, Step, state_text
 from tests.alembic_projects import FIXTURE
 

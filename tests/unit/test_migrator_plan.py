@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from agent.errors import BadInput
+from agent.core.errors import BadInput
 from agent.migrator import Migrator, Step
 
 MIGRATIONS = Path(__file__).resolve().parents[2] / "migrations"

@@ -1,4 +1,4 @@
-"""agent/redact.py: no password survives redact(), everything else does."""
+"""agent/core/redact.py: no password survives redact(), everything else does."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import time
 
 import pytest
 
-from agent.redact import MASK, printable, redact, redact_query
+from agent.core.redact import MASK, printable, redact, redact_query
 
 CASES = [
     # (text, secret, expected output)

@@ -1,4 +1,4 @@
-"""agent/retention.py: exact keep/delete sets for literal backup sets, with their reasons."""
+"""agent/core/retention.py: exact keep/delete sets for literal backup sets, with their reasons."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ from datetime import UTC, date, datetime, timedelta, timezone
 
 import pytest
 
-from agent.retention import BackupInfo, Decision, RetentionPolicy, apply_retention
+from agent.core.retention import BackupInfo, Decision, RetentionPolicy, apply_retention
 
 ONLY_PRE_MIGRATION = {"daily": 0, "weekly": 0, "monthly": 0}
 

@@ -1,4 +1,4 @@
-"""agent/schedule.py: when each scheduled backup fires next (its command expires then)."""
+"""agent/core/schedule.py: when each scheduled backup fires next (its command expires then)."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ from datetime import UTC, datetime
 
 import pytest
 
-from agent.schedule import ScheduleEntry
+from agent.core.schedule import ScheduleEntry
 
 NOW = datetime(2026, 12, 1, 2, 30, tzinfo=UTC)  # a Tuesday
 

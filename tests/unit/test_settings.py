@@ -1,4 +1,4 @@
-"""agent/settings.py and agent/durations.py: the configuration contract of docs/contract.md."""
+"""agent/settings.py and agent/core/durations.py: the configuration contract of docs/contract.md."""
 
 from __future__ import annotations
 
@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from agent.durations import parse_duration_s, postgres_interval
-from agent.errors import BadInput, ConfigError
+from agent.core.durations import parse_duration_s, postgres_interval
+from agent.core.errors import BadInput, ConfigError
 from agent.settings import Settings, load_settings
 
 DESIGN_EXAMPLE = """\

@@ -6,8 +6,12 @@ import math
 import uuid
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
+from typing import TYPE_CHECKING
 
-from agent.settings import Settings
+if TYPE_CHECKING:
+    from agent.settings import (
+        Settings,  # the configuration, read by the caller: only its shape is used here
+    )
 
 _WEEKDAYS = {"mon": 1, "tue": 2, "wed": 3, "thu": 4, "fri": 5, "sat": 6, "sun": 0}
 

@@ -43,8 +43,8 @@ from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any
 
-from agent.commands import CommandStatus, CommandType
-from agent.events import EventType
+from agent.core.commands import CommandStatus, CommandType
+from agent.core.events import EventType
 
 log = logging.getLogger(__name__)
 

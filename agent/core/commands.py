@@ -17,8 +17,8 @@ from typing import Annotated, Any
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from agent.errors import BadInput, CommandRejected
-from agent.redact import has_control
+from agent.core.errors import BadInput, CommandRejected
+from agent.core.redact import has_control
 
 
 class CommandType(StrEnum):
@@ -35,7 +35,7 @@ class CommandType(StrEnum):
 
 
 class CommandStatus(StrEnum):
-    """Where a command is in its lifecycle (``agent.lifecycle`` has the transitions)."""
+    """Where a command is in its lifecycle (``agent.core.lifecycle`` has the transitions)."""
 
     ACCEPTED = "accepted"
     CLAIMED = "claimed"
