@@ -476,26 +476,6 @@ def record_steps(conn: Connection, records: list[StepRecord], *, command_id: str
     )
 
 
-def record_step(
-    conn: Connection,
-    *,
-    command: Command,
-    revision: str,
-    description: str | None,
-    direction: str,
-    started_at: datetime,
-    finished_at: datetime,
-    outcome: str,
-    checksum: str | None,
-    steps_done: int | None,
-    event: Event,
-) -> None:
-    """What one applied step leaves, inside its own transaction (``record_steps`` of one)."""
-    record = step_record(command=command, revision=revision, description=description, direction=direction,
-                         started_at=started_at, finished_at=finished_at, outcome=outcome, checksum=checksum, event=event)
-    record_steps(conn, [record], command_id=command.id, steps_done=steps_done)
-
-
 def applied_checksums(conn: Connection) -> dict[str, dict[str, Any]]:
     """Per revision, the checksum recorded when it was last applied (and when, by whom); {} before dbagent ran here."""
     if not conn.exec_driver_sql(f"SELECT {_CHECKSUMS_KEPT}").scalar():

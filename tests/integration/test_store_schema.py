@@ -58,9 +58,10 @@ def test_each_step_counts_itself_done_without_rewriting_the_plan(conn):
     conn.commit()
     for number in (1, 2):
         event = Event(type=EventType.MIGRATION_STEP, db="test", command_id=command.id, data={"number": number})
-        store.record_step(conn, command=command, revision=steps[number - 1]["revision"], description=None,
-                          direction="up", started_at=utcnow(), finished_at=utcnow(), outcome="applied",
-                          checksum=None, steps_done=number, event=event)
+        record = store.step_record(command=command, revision=steps[number - 1]["revision"], description=None,
+                                   direction="up", started_at=utcnow(), finished_at=utcnow(), outcome="applied",
+                                   checksum=None, event=event)
+        store.record_steps(conn, [record], command_id=command.id, steps_done=number)
         conn.commit()
 
     row = store.command_row(conn, command.id)
