@@ -31,13 +31,14 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 
-from agent import keys, slack
+from agent import slack
+from agent.bus import keys
+from agent.bus.eventlog import EventLog
+from agent.bus.producer import Producer
 from agent.core.commands import MAX_DETAIL_CHARS, Command, Ticket, client_command, message_digest
 from agent.core.errors import BadInput, ConfigError, DbAgentError, Unavailable
 from agent.core.events import Event, EventType
 from agent.core.redact import has_control, printable, redact
-from agent.eventlog import EventLog
-from agent.producer import Producer
 from agent.settings import Settings
 
 log = logging.getLogger(__name__)

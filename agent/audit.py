@@ -16,7 +16,7 @@ from datetime import datetime
 import psycopg
 
 from agent import store
-from agent.consumer import Entry, Outcome
+from agent.bus.consumer import Entry, Outcome
 from agent.core.errors import OperationFailed, Unavailable
 from agent.core.events import Event
 from agent.core.redact import redact

@@ -98,8 +98,8 @@ def submit(
     timeout: float,
 ) -> dict[str, Any]:
     """Enqueue a command, stream its events, and return its result (exits on --no-wait)."""
+    from agent.bus.producer import Producer, Progress
     from agent.core.commands import client_command
-    from agent.producer import Producer, Progress
 
     cfg = settings()
     name, _ = cfg.database(db)
@@ -483,8 +483,8 @@ def events(
     as_json: JsonOpt = False,
 ) -> None:
     """The audit trail: from PostgreSQL's audit log (the record), or the Redis stream."""
+    from agent.bus.eventlog import EventLog
     from agent.connections import redis_client
-    from agent.eventlog import EventLog
 
     if source not in ("auto", "postgres", "stream"):
         raise BadInput(f"--source takes auto, postgres or stream (got {source!r})")
@@ -749,6 +749,7 @@ def notify_startup_failed(
     db: DbOpt = None, as_json: JsonOpt = False, actor: ActorOpt = None, ticket: TicketOpt = None,
 ) -> None:
     """The application failed to start after a deploy: the agent rolls back the last migration run."""
+    from agent.bus.eventlog import EventLog
     from agent.connections import ping_redis, redis_client
     from agent.core.commands import (
         MAX_ACTOR_CHARS,
@@ -757,7 +758,6 @@ def notify_startup_failed(
         check_client_text,
     )
     from agent.core.events import EventType
-    from agent.eventlog import EventLog
 
     check_client_text("--actor", default_actor(actor), MAX_ACTOR_CHARS)
     check_client_text("--ticket", ticket, MAX_TICKET_CHARS)

@@ -16,10 +16,11 @@ from typing import Any
 
 import psycopg
 
-from agent import keys
 from agent.audit import AuditSink, connect
+from agent.bus import keys
+from agent.bus.consumer import ConsumerOptions, Entry, GroupConsumer, Outcome
+from agent.bus.producer import Producer
 from agent.connections import ping_redis, redis_client
-from agent.consumer import ConsumerOptions, Entry, GroupConsumer, Outcome
 from agent.core.commands import Command, CommandType
 from agent.core.errors import DbAgentError
 from agent.core.events import Event, EventType
@@ -27,7 +28,6 @@ from agent.core.lifecycle import pause_point
 from agent.core.redact import redact
 from agent.core.rollback import AGENT_ACTOR, ROLLBACK_TRIGGERS, NoRollback, decide, plan_escalation
 from agent.monitoring import alert, flush, init_sentry
-from agent.producer import Producer
 from agent.settings import Settings
 
 log = logging.getLogger("dbagent.agent")

@@ -31,11 +31,11 @@ from typing import TYPE_CHECKING, Any
 from kombu.transport import redis as kombu_redis
 from kombu.utils.encoding import bytes_to_str
 
-from agent import keys
+from agent.bus import keys
+from agent.bus.queue import EXECUTE_TASK
 from agent.core.commands import Command, authenticate, message_digest
 from agent.core.errors import CommandRejected
 from agent.core.redact import redact
-from agent.queue import EXECUTE_TASK
 
 if TYPE_CHECKING:
     from agent.settings import Settings
@@ -172,8 +172,8 @@ class Intake:
     def dead_letter(self, raw: bytes | str, queue: str, reason: str, message: dict[str, Any] | None) -> None:
         """Record a refused message (bounded), say so with command.rejected, never raise."""
         from agent import runner
+        from agent.bus.eventlog import EventLog
         from agent.connections import redis_client
-        from agent.eventlog import EventLog
         from agent.journal import Journal
 
         self.refused += 1

@@ -21,11 +21,12 @@ from typing import TYPE_CHECKING, Any
 
 import redis
 
-from agent import keys, store
+from agent import store
+from agent.bus import keys
+from agent.bus.eventlog import EventLog
 from agent.core.commands import Command
 from agent.core.events import Event, EventType
 from agent.core.redact import redact
-from agent.eventlog import EventLog
 
 if TYPE_CHECKING:
     from sqlalchemy import Connection, Engine

@@ -26,9 +26,11 @@ import redis
 from alembic.util import CommandError
 from sqlalchemy import Connection
 
-from agent import backup_operations, keys, preflight, retries, store
+from agent import backup_operations, preflight, retries, store
 from agent.backups import BackupKind, Trigger, list_backups
 from agent.blocking import BlockingMonitor
+from agent.bus import keys
+from agent.bus.eventlog import EventLog
 from agent.connections import pg_connection, redis_client
 from agent.core import lifecycle
 from agent.core.commands import (
@@ -49,7 +51,6 @@ from agent.core.errors import BadInput, CommandRejected, DbAgentError, Operation
 from agent.core.events import HOST, Event, EventType
 from agent.core.lifecycle import STOP, Phase, StopRequest, pause_point
 from agent.core.redact import redact
-from agent.eventlog import EventLog
 from agent.journal import Journal, Presence, publish_result, rollback_quietly
 from agent.locks import AdvisoryLock, RedisLease, holder_backend, read_lease
 from agent.migrator import (

@@ -8,8 +8,8 @@ import json
 import uuid
 from datetime import UTC, datetime, timedelta
 
+from agent.bus.queue import EXECUTE_TASK
 from agent.core.commands import Command, CommandType
-from agent.queue import EXECUTE_TASK
 
 
 def envelope(body: object, *, task: str = EXECUTE_TASK, task_id: str | None = None, raw_body: str | None = None,

@@ -9,12 +9,13 @@ from typing import Any
 from celery import Celery
 from celery.signals import worker_ready, worker_shutting_down
 
-from agent import intake, keys, runner
+from agent import intake, runner
+from agent.bus import keys
+from agent.bus.queue import EXECUTE_TASK, celery_app
 from agent.core.errors import ConfigError
 from agent.core.lifecycle import STOP
 from agent.core.redact import redact
 from agent.monitoring import alert, init_sentry
-from agent.queue import EXECUTE_TASK, celery_app
 from agent.settings import Settings
 
 log = logging.getLogger("dbagent.worker")

@@ -19,13 +19,13 @@ from celery.beat import ScheduleEntry as CeleryEntry
 from celery.beat import Scheduler
 from celery.schedules import crontab, schedule
 
-from agent import keys
+from agent.bus import keys
+from agent.bus.producer import Producer
+from agent.bus.queue import celery_app
 from agent.connections import redis_client
 from agent.core.commands import Command, CommandType
 from agent.core.schedule import ScheduleEntry, entries
 from agent.locks import RedisLease, read_lease
-from agent.producer import Producer
-from agent.queue import celery_app
 from agent.settings import Settings
 
 log = logging.getLogger("dbagent.beat")

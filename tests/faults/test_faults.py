@@ -10,8 +10,8 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
+from agent.bus.producer import Producer
 from agent.core.commands import Command, CommandType
-from agent.producer import Producer
 from agent.settings import load_settings
 from tests.servers import ROOT, SIGNING_KEY, copy_migrations
 
@@ -89,8 +89,8 @@ def _publish(env, command: Command) -> dict:
     settings = load_settings(env.config)
     producer = Producer(settings)
     after = producer.check()
-    from agent import keys
-    from agent.queue import EXECUTE_TASK, celery_app
+    from agent.bus import keys
+    from agent.bus.queue import EXECUTE_TASK, celery_app
 
     app = celery_app(settings)
     app.send_task(EXECUTE_TASK, args=[command.to_message()], queue=keys.queue(settings.redis.prefix, "test"), task_id=command.id)

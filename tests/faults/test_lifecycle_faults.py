@@ -10,9 +10,9 @@ import time
 
 import pytest
 
-from agent import keys
+from agent.bus import keys
+from agent.bus.producer import Producer
 from agent.core.commands import Command, CommandType
-from agent.producer import Producer
 from agent.settings import load_settings
 from tests.faults.test_crash_matrix import STEP, cli, sleeping
 from tests.faults.test_faults import _publish, wait_for
@@ -213,7 +213,7 @@ def test_a_second_delivery_of_a_running_command_leaves_it_alone(env, tmp_path, r
     command = Command(type=CommandType.MIGRATE, db="test", args={}, actor="t").expiring_in(600).signed(SIGNING_KEY.encode())
     producer = Producer(settings)
     after = producer.check()
-    from agent.queue import EXECUTE_TASK, celery_app
+    from agent.bus.queue import EXECUTE_TASK, celery_app
 
     app = celery_app(settings)
     for _ in range(2):
@@ -285,8 +285,8 @@ def test_a_run_recorded_by_an_older_worker_is_still_rolled_back_to_its_start(env
 
 def test_a_forged_failure_event_for_a_run_that_succeeded_rolls_nothing_back(env, redis_client):
     """The event stream is not signed: anyone with Redis access can add a migration.failed to it."""
+    from agent.bus.eventlog import EventLog
     from agent.core.events import Event, EventType
-    from agent.eventlog import EventLog
 
     env.start_worker()
     env.start_agent()

@@ -8,9 +8,9 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
-from agent import keys
+from agent.bus import keys
+from agent.bus.producer import Producer
 from agent.core.commands import Command, CommandType, message_digest
-from agent.producer import Producer
 from agent.settings import load_settings
 from tests.faults.test_faults import wait_for
 from tests.messages import call, command_message, envelope

@@ -9,11 +9,11 @@ import time
 
 import pytest
 
-from agent import keys
-from agent import producer as producer_module
+from agent.bus import keys
+from agent.bus import producer as producer_module
+from agent.bus.producer import Producer
 from agent.core.commands import client_command, message_digest
 from agent.journal import Journal, publish_result
-from agent.producer import Producer
 from agent.settings import load_settings
 from tests.servers import delete_prefix, new_env
 

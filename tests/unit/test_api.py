@@ -10,7 +10,6 @@ from urllib.parse import urlencode
 import pytest
 from fastapi.testclient import TestClient
 
-from agent import keys
 from agent.api import (
     MAX_BODY_BYTES,
     create_app,
@@ -19,11 +18,12 @@ from agent.api import (
     parse_tokens,
     submitted_key,
 )
+from agent.bus import keys
+from agent.bus.eventlog import EventLog
+from agent.bus.producer import Producer
 from agent.core.commands import Command, check_command
 from agent.core.errors import BadInput, ConfigError, OperationFailed
 from agent.core.events import Event
-from agent.eventlog import EventLog
-from agent.producer import Producer
 from agent.settings import Settings
 from agent.slack import expected_signature
 

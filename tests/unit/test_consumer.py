@@ -7,9 +7,9 @@ import uuid
 import fakeredis
 import pytest
 
-from agent.consumer import ConsumerOptions, GroupConsumer, Outcome
+from agent.bus.consumer import ConsumerOptions, GroupConsumer, Outcome
+from agent.bus.eventlog import EventLog
 from agent.core.events import Event
-from agent.eventlog import EventLog
 
 
 @pytest.fixture

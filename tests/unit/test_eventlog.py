@@ -1,4 +1,4 @@
-"""agent/core/events.py (the model and its stream encoding) and agent/eventlog.py on fakeredis."""
+"""agent/core/events.py (the model and its stream encoding) and agent/bus/eventlog.py on fakeredis."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ from datetime import UTC, datetime, timedelta, timezone
 
 import pytest
 
+from agent.bus.eventlog import EventLog
 from agent.core.events import Event, EventType, iso
-from agent.eventlog import EventLog
 
 
 def ev(db: str = "production", seq: int = 0, command_id: str | None = None, **fields) -> Event:

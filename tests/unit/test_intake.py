@@ -99,8 +99,8 @@ def test_an_excerpt_is_bounded_escaped_and_masked():
 def test_a_worker_reads_its_queue_through_the_guarded_transport_and_a_rediss_broker_checks_certificates():
     import ssl
 
+    from agent.bus.queue import celery_config
     from agent.intake import TRANSPORT, GuardedTransport
-    from agent.queue import celery_config
     from agent.settings import Settings
     from worker.app import create_app
 

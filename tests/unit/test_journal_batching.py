@@ -10,9 +10,9 @@ import time
 import pytest
 
 from agent import journal as journal_module
-from agent import keys
+from agent.bus import keys
+from agent.bus.eventlog import EventLog
 from agent.core.events import EventType
-from agent.eventlog import EventLog
 from agent.journal import Journal, Presence
 
 PREFIX = "dbagent-test-journal"

@@ -40,7 +40,9 @@ def _runtime_imports(path: Path) -> list[str]:
     for node in ast.walk(tree):
         if id(node) in skipped:
             continue
-        if isinstance(node, ast.ImportFrom) and node.module and node.module.split(".")[0] == "agent":
+        if isinstance(node, ast.ImportFrom) and node.module == "agent":  # from agent import store
+            names += [f"agent.{a.name}" for a in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.module and node.module.split(".")[0] == "agent":
             names.append(node.module)
         elif isinstance(node, ast.Import):
             names += [a.name for a in node.names if a.name.split(".")[0] == "agent"]
@@ -51,3 +53,25 @@ def _runtime_imports(path: Path) -> list[str]:
 def test_the_core_imports_only_the_core(path):
     outside = [m for m in _runtime_imports(path) if not (m == "agent.core" or m.startswith("agent.core."))]
     assert not outside, f"{path.name} imports {outside}"
+
+
+BUS = ROOT / "agent" / "bus"
+POSTGRES_AND_ALEMBIC = ("sqlalchemy", "psycopg", "alembic", "fastapi")
+
+
+@pytest.mark.parametrize("module", sorted(f"agent.bus.{p.stem}" for p in BUS.glob("*.py") if p.stem != "__init__"))
+def test_the_redis_side_loads_neither_postgresql_nor_alembic(module):
+    # A producer (the CLI, a deploy system's hook) needs Redis alone; reading an outcome from PostgreSQL
+    # when Redis has none imports the store only then.
+    code = f"import sys, json; import {module}; print(json.dumps(sorted(sys.modules)))"
+    loaded = json.loads(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT).stdout)
+    found = sorted({m.split(".")[0] for m in loaded if m.split(".")[0] in POSTGRES_AND_ALEMBIC})
+    assert not found, f"{module} loads {found}"
+
+
+@pytest.mark.parametrize("path", sorted(BUS.glob("*.py")), ids=lambda p: p.name)
+def test_the_redis_side_imports_only_the_core_the_configuration_and_itself(path):
+    allowed = ("agent.core", "agent.bus", "agent.settings")
+    outside = [m for m in _runtime_imports(path) if not any(m == a or m.startswith(a + ".") for a in allowed)]
+    # Imports inside functions (the lazy fallbacks) count too: list them here when one is really needed.
+    assert set(outside) <= {"agent.store", "agent.connections"}, f"{path.name} imports {outside}"

@@ -8,7 +8,7 @@ import time
 import fakeredis
 import pytest
 
-from agent import keys
+from agent.bus import keys
 from agent.core.errors import OperationFailed
 from agent.locks import LockTimeout, RedisLease, describe_holder, read_lease
 

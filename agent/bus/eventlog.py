@@ -12,7 +12,7 @@ from typing import Any
 
 import redis
 
-from agent import keys
+from agent.bus import keys
 from agent.core.events import Event
 
 log = logging.getLogger(__name__)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import ssl
 from typing import TYPE_CHECKING, Any
 
-from agent import keys
+from agent.bus import keys
 from agent.settings import Settings
 
 if TYPE_CHECKING:

@@ -20,14 +20,14 @@ from typing import Any
 
 import redis
 
-from agent import keys
+from agent.bus import keys
+from agent.bus.eventlog import EventLog
+from agent.bus.queue import EXECUTE_TASK, celery_app
 from agent.connections import ping_redis, redis_client
 from agent.core.commands import Command, default_ttl_s, message_digest
 from agent.core.errors import BadInput, DbAgentError, Unavailable
 from agent.core.events import Event
 from agent.core.redact import redact
-from agent.eventlog import EventLog
-from agent.queue import EXECUTE_TASK, celery_app
 from agent.settings import Settings
 
 log = logging.getLogger(__name__)
