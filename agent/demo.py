@@ -306,7 +306,7 @@ class Demo:
             log.close()
 
     def dbagent(self) -> list[str]:
-        return [sys.executable, "-m", "agent.cli", "--config", str(self.config)]
+        return [sys.executable, "-m", "agent.interfaces.cli", "--config", str(self.config)]
 
     # -- the walk-through ---------------------------------------------------------
 

@@ -106,7 +106,7 @@ def main() -> None:
         env = world.environ()
         import subprocess
 
-        subprocess.run([sys.executable, "-m", "agent.cli", "--config", str(world.config), "migrate", "--no-backup"],
+        subprocess.run([sys.executable, "-m", "agent.interfaces.cli", "--config", str(world.config), "migrate", "--no-backup"],
                        check=True, capture_output=True, env=env, cwd=ROOT)
         times = reaction_times(world, client)
         xadd_rate, sink_rate = audit_throughput(world, client)

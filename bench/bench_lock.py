@@ -33,7 +33,15 @@ import psycopg
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from tests.servers import ADD_USERS_NICKNAME, REDIS_URL, copy_migrations, create_database, delete_prefix, drop_database, new_env  # noqa: E402
+from tests.servers import (  # noqa: E402
+    ADD_USERS_NICKNAME,
+    REDIS_URL,
+    copy_migrations,
+    create_database,
+    delete_prefix,
+    drop_database,
+    new_env,
+)
 
 RATE = float(os.environ.get("BENCH_RATE", "200"))  # application queries per second
 CONNECTIONS = int(os.environ.get("BENCH_CONNECTIONS", "4"))
@@ -152,7 +160,7 @@ def main() -> None:
     create_database(world.name)
     client = redis.Redis.from_url(REDIS_URL)
     alembic = [str(Path(sys.executable).parent / "alembic"), "-c", str(world.migrations / "alembic.ini")]
-    dbagent = [sys.executable, "-m", "agent.cli", "--config", str(world.config)]
+    dbagent = [sys.executable, "-m", "agent.interfaces.cli", "--config", str(world.config)]
     plain_env = {**os.environ, "DATABASE_URL": world.url}
     env = world.environ()
     results: dict[str, dict] = {}

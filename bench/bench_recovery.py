@@ -32,7 +32,14 @@ sys.path.insert(0, str(ROOT))
 import redis  # noqa: E402
 
 from tests.faults.test_crash_matrix import STEP  # noqa: E402
-from tests.servers import REDIS_URL, copy_migrations, create_database, delete_prefix, drop_database, new_env  # noqa: E402
+from tests.servers import (  # noqa: E402
+    REDIS_URL,
+    copy_migrations,
+    create_database,
+    delete_prefix,
+    drop_database,
+    new_env,
+)
 
 KILLS = 20
 
@@ -56,7 +63,7 @@ def main() -> None:
     answered: list[float] = []
     try:
         worker = world.start_worker(log_name="bench-worker", SLOW_STEP="012")
-        subprocess.run([sys.executable, "-m", "agent.cli", "--config", str(world.config), "migrate", "--to", "011",
+        subprocess.run([sys.executable, "-m", "agent.interfaces.cli", "--config", str(world.config), "migrate", "--to", "011",
                         "--no-backup"], check=True, capture_output=True, env=world.environ(), cwd=ROOT)
 
         def sleeping() -> bool:
@@ -71,7 +78,7 @@ def main() -> None:
 
         for round_ in range(KILLS):
             waiting = subprocess.Popen(
-                [sys.executable, "-m", "agent.cli", "--config", str(world.config), "migrate", "--no-backup", "--json",
+                [sys.executable, "-m", "agent.interfaces.cli", "--config", str(world.config), "migrate", "--no-backup", "--json",
                  "--timeout", "120"],
                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=world.environ(), cwd=ROOT,
             )

@@ -78,7 +78,7 @@ def test_redis_down_across_the_end_of_a_step_the_outcome_is_readable_afterwards(
     # the API reads it too
     from fastapi.testclient import TestClient
 
-    from agent.api import create_app
+    from agent.interfaces.api import create_app
 
     settings = load_settings(env.config)
     import os
@@ -260,7 +260,7 @@ def test_the_cli_says_when_the_worker_running_its_command_is_gone(env, tmp_path)
     worker = env.start_worker(SLOW_STEP="012")
     assert env.cli("migrate", "--to", "011", "--json").code == 0
     waiting = subprocess.Popen(
-        [sys.executable, "-m", "agent.cli", "--config", str(env.config), "migrate", "--timeout", "12"],
+        [sys.executable, "-m", "agent.interfaces.cli", "--config", str(env.config), "migrate", "--timeout", "12"],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env.environ(), cwd=ROOT,
     )
     wait_for(lambda: sleeping(env), 60, "the slow step")

@@ -164,7 +164,7 @@ def init(env, project, output, *extra):
     from tests.servers import ROOT
 
     done = subprocess.run(
-        [sys.executable, "-m", "agent.cli", "init", "--db", f"app={env.url}", "--redis", env.redis_url,
+        [sys.executable, "-m", "agent.interfaces.cli", "init", "--db", f"app={env.url}", "--redis", env.redis_url,
          "--prefix", env.prefix, "--output", str(output), "--json", *extra],
         # Run from the project's directory, as a user would; this checkout's dbagent first on the path.
         capture_output=True, text=True, cwd=project, env=env.environ(PYTHONPATH=str(ROOT)), timeout=60,
@@ -305,10 +305,8 @@ def test_a_branched_project_rehearses_along_its_graph(env, tmp_path):
 
 
 def test_the_agent_rolls_a_failed_run_back_to_exactly_the_two_heads_it_started_from(env, tmp_path, redis_client):
-    from tests.alembic_projects import add_revision
+    from tests.alembic_projects import add_revision, per_migration_transactions
     from tests.faults.test_faults import wait_for
-
-    from tests.alembic_projects import per_migration_transactions
 
     rev = _branched(env, tmp_path)
     per_migration_transactions(env.migrations)  # each step commits alone: the failed run leaves work to undo
@@ -440,7 +438,7 @@ def test_a_worker_killed_inside_a_plan_in_one_transaction_leaves_the_database_wh
     env.kill_worker(setup, signal.SIGTERM)
     doomed = env.start_worker(log_name="doomed-worker", DBAGENT_PAUSE_AT="phase:between_steps:3")
     waiting = subprocess.Popen(
-        [sys.executable, "-m", "agent.cli", "--config", str(env.config), "migrate", "--json", "--timeout", "300"],
+        [sys.executable, "-m", "agent.interfaces.cli", "--config", str(env.config), "migrate", "--json", "--timeout", "300"],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env.environ(), cwd=ROOT,
     )
     wait_for(lambda: "pausing at phase:between_steps:3" in env.log_of(doomed), 60, "the worker inside the plan")
@@ -472,7 +470,7 @@ def _migrate_while_accounts_is_held(env, redis_client, waits: int) -> tuple[subp
     assert env.cli("migrate", "--to", ",".join(both), "--json").code == 0
     holder = psycopg.connect(env.url, application_name="long report")
     holder.execute("SELECT count(*) FROM accounts")  # ACCESS SHARE on accounts, held by an open transaction
-    run = subprocess.Popen([sys.executable, "-m", "agent.cli", "--config", str(env.config), "migrate", "--json"],
+    run = subprocess.Popen([sys.executable, "-m", "agent.interfaces.cli", "--config", str(env.config), "migrate", "--json"],
                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env.environ(), cwd=ROOT)
 
     def table_waits() -> list[dict]:

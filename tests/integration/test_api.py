@@ -8,9 +8,9 @@ from urllib.parse import urlencode
 import pytest
 from fastapi.testclient import TestClient
 
-from agent.api import create_app
+from agent.interfaces.api import create_app
+from agent.interfaces.slack import expected_signature
 from agent.settings import load_settings
-from agent.slack import expected_signature
 from tests.servers import SIGNING_KEY
 
 pytestmark = pytest.mark.integration

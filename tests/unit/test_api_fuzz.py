@@ -23,10 +23,10 @@ from fastapi.testclient import TestClient
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from agent.api import create_app
 from agent.core.commands import ARGS, CommandType
+from agent.interfaces.api import create_app
+from agent.interfaces.slack import expected_signature
 from agent.settings import Settings
-from agent.slack import expected_signature
 from tests.unit.test_api import AUTH, SLACK_SECRET, RecordingProducer
 
 # Nothing listens on port 1: a read that falls back to PostgreSQL is refused at once.

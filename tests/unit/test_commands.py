@@ -506,7 +506,7 @@ def cli_config(tmp_path):
 )
 def test_the_cli_refuses_bad_input_with_exit_2(cli_config, args, says):
     env = {k: v for k, v in os.environ.items() if not k.startswith("DBAGENT_")}
-    done = subprocess.run([sys.executable, "-m", "agent.cli", "--config", str(cli_config), *args],
+    done = subprocess.run([sys.executable, "-m", "agent.interfaces.cli", "--config", str(cli_config), *args],
                           capture_output=True, text=True, timeout=60, env=env, cwd=ROOT)
 
     assert done.returncode == 2, done.stderr

@@ -11,8 +11,8 @@ import typer.main
 from pydantic import BaseModel
 
 from agent import settings as settings_module
-from agent.cli import app as cli_app
 from agent.core.events import EventType
+from agent.interfaces.cli import app as cli_app
 
 CONTRACT = Path(__file__).resolve().parents[2] / "docs" / "contract.md"
 TEXT = CONTRACT.read_text(encoding="utf-8")
@@ -60,7 +60,7 @@ def test_every_configuration_key_is_documented(section):
 
 
 def test_every_http_route_is_documented():
-    from agent.api import create_app
+    from agent.interfaces.api import create_app
     from agent.settings import Settings
 
     api = create_app(Settings(databases={}))

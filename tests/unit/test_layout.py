@@ -75,3 +75,11 @@ def test_the_redis_side_imports_only_the_core_the_configuration_and_itself(path)
     outside = [m for m in _runtime_imports(path) if not any(m == a or m.startswith(a + ".") for a in allowed)]
     # Imports inside functions (the lazy fallbacks) count too: list them here when one is really needed.
     assert set(outside) <= {"agent.store", "agent.connections"}, f"{path.name} imports {outside}"
+
+
+@pytest.mark.parametrize("path", sorted(p for d in ("agent", "worker") for p in (ROOT / d).rglob("*.py")
+                                        if "interfaces" not in p.parts), ids=lambda p: str(p.relative_to(ROOT)))
+def test_nothing_imports_the_interfaces(path):
+    # The CLI, the HTTP API and Slack sit on top: what they call must work without them (a worker, the agent).
+    found = [m for m in _runtime_imports(path) if m == "agent.interfaces" or m.startswith("agent.interfaces.")]
+    assert not found, f"{path.relative_to(ROOT)} imports {found}"

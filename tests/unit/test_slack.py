@@ -7,7 +7,7 @@ import hmac
 
 import pytest
 
-from agent.slack import (
+from agent.interfaces.slack import (
     MAX_TEXT_CHARS,
     USAGE,
     SignatureRejected,

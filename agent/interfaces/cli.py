@@ -780,7 +780,7 @@ def serve(
     listen: Annotated[str | None, typer.Option("--listen", help="host:port (default: [api] listen).")] = None,
 ) -> None:
     """HTTP API for deploy systems and chat-ops (Slack)."""
-    from agent.api import run
+    from agent.interfaces.api import run
 
     run(settings(), listen)
 

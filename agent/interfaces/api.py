@@ -31,7 +31,6 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 
-from agent import slack
 from agent.bus import keys
 from agent.bus.eventlog import EventLog
 from agent.bus.producer import Producer
@@ -39,6 +38,7 @@ from agent.core.commands import MAX_DETAIL_CHARS, Command, Ticket, client_comman
 from agent.core.errors import BadInput, ConfigError, DbAgentError, Unavailable
 from agent.core.events import Event, EventType
 from agent.core.redact import has_control, printable, redact
+from agent.interfaces import slack
 from agent.settings import Settings
 
 log = logging.getLogger(__name__)
