@@ -1444,27 +1444,27 @@ def _set_lock_timeout(conn: Connection, seconds: float) -> None:
     conn.commit()
 
 
+def _script_source(migrator: Migrator, step: Step) -> str | None:
+    """The step's script as text (``Migrator.source``: read once per Migrator); None when it cannot be read."""
+    try:
+        return migrator.source(step.revision).decode("utf-8", errors="replace")
+    except OSError:
+        return None
+
+
 def _may_commit_midway(migrator: Migrator, step: Step) -> bool:
     """Whether the step's script may commit before it ends: in an ``autocommit_block``, a backfill (which runs
-    in one), or transaction control of its own."""
-    from agent.lint import transaction_control
-
-    try:
-        source = migrator.source(step.revision).decode("utf-8", errors="replace")
-    except OSError:
-        return True
-    return "autocommit_block" in source or "backfill" in source or bool(transaction_control(source))
+    in one), or transaction control of its own (``_commits_in_script``); or it cannot be read."""
+    source = _script_source(migrator, step)
+    return source is None or "autocommit_block" in source or "backfill" in source or bool(_commits_in_script(migrator, step))
 
 
 def _commits_in_script(migrator: Migrator, step: Step) -> str | None:
     """Where the step's script ends or opens a transaction itself (COMMIT, ROLLBACK, BEGIN), if anywhere."""
     from agent.lint import transaction_control
 
-    try:
-        source = Path(migrator.revision(step.revision).path).read_text(encoding="utf-8")
-    except OSError:
-        return None
-    found = transaction_control(source)
+    source = _script_source(migrator, step)
+    found = transaction_control(source) if source is not None else []
     return ", ".join(f"{what} at line {line}" for line, what in found[:3]) or None
 
 

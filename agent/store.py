@@ -356,11 +356,13 @@ def next_fencing_token(conn: Connection) -> int:
     return int(conn.exec_driver_sql(f"SELECT nextval('{SCHEMA}.fencing_token')").scalar() or 0)
 
 
+_CHANGELOG_COLUMNS = (
+    "command_id, revision, description, direction, actor, ticket, started_at, finished_at, duration_ms, outcome,"
+    " error, checksum"
+)
 _CHANGELOG_INSERT = (
-    f"INSERT INTO {SCHEMA}.changelog (command_id, revision, description, direction, actor, ticket,"
-    " started_at, finished_at, duration_ms, outcome, error, checksum) VALUES (:command_id, :revision,"
-    " :description, :direction, :actor, :ticket, :started_at, :finished_at, :duration_ms,"
-    " :outcome, :error, :checksum)"
+    f"INSERT INTO {SCHEMA}.changelog ({_CHANGELOG_COLUMNS})"
+    f" VALUES ({', '.join(':' + column.strip() for column in _CHANGELOG_COLUMNS.split(','))})"
 )
 
 
@@ -413,10 +415,6 @@ def insert_changelog(
     )
 
 
-_CHANGELOG_COLUMNS = (
-    "command_id, revision, description, direction, actor, ticket, started_at, finished_at, duration_ms, outcome,"
-    " error, checksum"
-)
 _EVENT_COLUMNS = "id, ts, type, db, command_id, actor, ticket, host, data"
 
 # Built once: a plan of many steps runs it once per step (or once per batch of them). The rows come as one
