@@ -321,3 +321,32 @@ def test_a_migrates_result_names_what_its_pre_migration_backup_left_out(least_pr
     backup = run.json()["backup"]
     assert isinstance(backup, dict), run.json()
     assert {"table": table, "reason": f"not readable by {env.role}: no SELECT on the table"} in backup["skipped"]
+
+
+def test_a_user_project_in_one_transaction_migrates_fails_whole_and_rolls_back_as_the_migration_role(
+        least_privilege_env, redis_client, tmp_path):
+    """An Alembic project made by Alembic's own commands (env.py leaves transaction_per_migration off), run by the
+    role of the doc with the agent on: the whole plan applies, a failing one undoes itself whole, a rollback works."""
+    import shutil
+
+    from tests.alembic_projects import FIXTURE, add_revision
+
+    env = least_privilege_env
+    env.migrations = tmp_path / "fixture"
+    shutil.copytree(FIXTURE, env.migrations)
+    env.start_worker()
+    env.start_agent()
+    run = env.cli("migrate", "--json")
+    assert run.code == 0, run.stdout + run.stderr
+    head = run.json()["revision_after"]
+    assert env.admin_sql("SELECT tableowner FROM pg_tables WHERE tablename = 'task_comments'") == [(env.role,)]
+    add_revision(env.migrations, "create doomed", 'op.execute("CREATE TABLE doomed (id int)")', 'op.execute("DROP TABLE doomed")')
+    add_revision(env.migrations, "fails", 'op.execute("SELECT 1/0")', "pass")
+    failed = env.cli("migrate", "--json")
+    assert failed.code == 1 and failed.json()["revision_after"] == head, failed.stdout + failed.stderr
+    assert env.admin_sql("SELECT to_regclass('public.doomed')") == [(None,)]
+    back = env.cli("rollback", "2", "--json")
+    assert back.code == 0, back.stdout + back.stderr
+    assert back.json()["revision_before"] == head and back.json()["revision_after"] != head
+    wait_for(lambda: env.sql("SELECT count(*) FROM dbagent.audit_log WHERE command_id = %s AND type = 'rollback.completed'",
+                             back.json()["command_id"])[0][0], 60, "the audit sink")
