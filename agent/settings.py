@@ -35,7 +35,7 @@ from agent.core.errors import BadInput, ConfigError
 from agent.core.redact import redact
 
 if TYPE_CHECKING:
-    from agent.retries import RetryPolicy
+    from agent.core.retries import RetryPolicy
 
 DEFAULT_CONFIG_PATH = Path("config/dbagent.toml")
 
@@ -171,7 +171,7 @@ class DatabaseSettings(_Section):
         return not _DEV_OR_TEST.search(name)
 
     def retry_policy(self) -> RetryPolicy:
-        from agent.retries import RetryPolicy
+        from agent.core.retries import RetryPolicy
 
         return RetryPolicy(
             lock_timeout_s=self.lock_timeout,

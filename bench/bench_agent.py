@@ -27,11 +27,11 @@ sys.path.insert(0, str(ROOT))
 
 import redis  # noqa: E402
 
-from agent.audit import AuditSink  # noqa: E402
 from agent.bus.consumer import ConsumerOptions, GroupConsumer  # noqa: E402
 from agent.bus.eventlog import EventLog  # noqa: E402
 from agent.core.events import Event, EventType  # noqa: E402
 from agent.core.rollback import plan_rollback  # noqa: E402
+from agent.reactor.audit import AuditSink  # noqa: E402
 from agent.settings import load_settings  # noqa: E402
 from tests.servers import REDIS_URL, create_database, delete_prefix, drop_database, new_env  # noqa: E402
 

@@ -22,10 +22,10 @@ from celery.schedules import crontab, schedule
 from agent.bus import keys
 from agent.bus.producer import Producer
 from agent.bus.queue import celery_app
-from agent.connections import redis_client
 from agent.core.commands import Command, CommandType
 from agent.core.schedule import ScheduleEntry, entries
-from agent.locks import RedisLease, read_lease
+from agent.postgres.connections import redis_client
+from agent.postgres.locks import RedisLease, read_lease
 from agent.settings import Settings
 
 log = logging.getLogger("dbagent.beat")

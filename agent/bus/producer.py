@@ -23,11 +23,11 @@ import redis
 from agent.bus import keys
 from agent.bus.eventlog import EventLog
 from agent.bus.queue import EXECUTE_TASK, celery_app
-from agent.connections import ping_redis, redis_client
 from agent.core.commands import Command, default_ttl_s, message_digest
 from agent.core.errors import BadInput, DbAgentError, Unavailable
 from agent.core.events import Event
 from agent.core.redact import redact
+from agent.postgres.connections import ping_redis, redis_client
 from agent.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -147,8 +147,8 @@ class Producer:
             return None
         import sqlalchemy.exc
 
-        from agent import store
-        from agent.connections import pg_connection
+        from agent.postgres import store
+        from agent.postgres.connections import pg_connection
 
         try:
             with pg_connection(database, application_name="dbagent wait") as conn:

@@ -1,8 +1,8 @@
 """PostgreSQL's table-level lock modes, and which one a DDL statement takes: the one table of it.
 
-Both the lint (``agent.lint``: what locks an existing table ACCESS EXCLUSIVE) and
-the lock pre-check and retries (``agent.retries``: which tables a step will
-lock, how strongly, and who holds a conflicting lock now) read it here, so they
+Both the lint (``agent.checks.lint``: what locks an existing table ACCESS EXCLUSIVE) and
+the lock pre-check and retries (``agent.core.retries``: which tables a step will
+lock, how strongly; ``agent.postgres.blocking``: who holds a conflicting lock now) read it here, so they
 cannot disagree. Pure: the statements come parsed by pglast; no I/O.
 
 The modes and their conflicts are PostgreSQL's ("Table-Level Locks"); the
@@ -12,8 +12,10 @@ lists (PostgreSQL 15): a statement takes the strongest lock of its subcommands.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 
+import pglast
 from pglast import ast
 from pglast.enums import AlterTableType, ConstrType
 
@@ -121,3 +123,12 @@ def alter_table_locks(stmt: ast.AlterTableStmt) -> AlterLocks:
                         other(range_name(c.pktable), SHARE_ROW_EXCLUSIVE)
             mode = ACCESS_EXCLUSIVE
     return AlterLocks(mode or ACCESS_EXCLUSIVE, others)
+
+
+@functools.lru_cache(maxsize=4096)
+def parse_statements(sql: str) -> tuple[ast.RawStmt, ...]:
+    """pglast's parse of ``sql``, cached: a migrate lints each step's SQL and then reads the locks it takes.
+
+    Callers must not modify the nodes. Raises ``pglast.parser.ParseError``.
+    """
+    return tuple(pglast.parse_sql(sql))

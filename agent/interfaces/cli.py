@@ -268,7 +268,7 @@ def migrate(
         _check_revision_locally(db, to, allow_base=False)
     allowed: list[str] = []
     if allow:  # checked here too, so a typo fails fast (the worker checks again)
-        from agent.preflight import check_allow
+        from agent.checks.preflight import check_allow
 
         try:
             allowed = check_allow(allow)
@@ -484,7 +484,7 @@ def events(
 ) -> None:
     """The audit trail: from PostgreSQL's audit log (the record), or the Redis stream."""
     from agent.bus.eventlog import EventLog
-    from agent.connections import redis_client
+    from agent.postgres.connections import redis_client
 
     if source not in ("auto", "postgres", "stream"):
         raise BadInput(f"--source takes auto, postgres or stream (got {source!r})")
@@ -511,7 +511,7 @@ def events(
     elif source == "auto":
         source = "stream"
     if source == "stream":
-        from agent.connections import ping_redis
+        from agent.postgres.connections import ping_redis
 
         ping_redis(client, cfg.redis)
         if command_id:
@@ -522,7 +522,7 @@ def events(
     for event in shown:
         show(event)
     if follow:
-        from agent.connections import ping_redis
+        from agent.postgres.connections import ping_redis
 
         ping_redis(client, cfg.redis)
         seen = {event.id for event in shown}
@@ -535,7 +535,7 @@ def events(
 
 
 def _audit_events(cfg: Settings, names: list[str], limit: int, command_id: str | None) -> list[Event]:
-    from agent.audit import read_audit
+    from agent.reactor.audit import read_audit
 
     merged: list[Event] = []
     for name in names:
@@ -556,8 +556,8 @@ def validate(
     )] = None,
 ) -> None:
     """Static checks of the scripts, a lint of the SQL each upgrade() emits (pglast), checksums of the applied ones."""
-    from agent import preflight
-    from agent.validate import AUTO, detect_naming, load_sources
+    from agent.checks import preflight
+    from agent.checks.validate import AUTO, detect_naming, load_sources
 
     db_name, database = settings().database(db)
     try:
@@ -580,7 +580,7 @@ def validate(
     # The rehearsal applies the scripts: it needs a graph Alembic can walk, nothing more.
     sound = not any(f["rule"] in preflight.GRAPH_RULES and f["severity"] == "error" for f in findings)
     if rehearse and sound:
-        from agent.rehearse import rehearse as run_rehearsal
+        from agent.operations.rehearse import rehearse as run_rehearsal
 
         progress = None if as_json else (lambda line: out.print(line, markup=False))
         outcome = run_rehearsal(db_name, database, from_empty=from_empty, on_progress=progress)
@@ -611,9 +611,9 @@ def _applied_checksums(database: DatabaseSettings) -> tuple[str | None, dict[str
     """(current revision, recorded checksums, why they could not be read) from the database itself."""
     from sqlalchemy.exc import SQLAlchemyError
 
-    from agent import store
-    from agent.connections import pg_connection
-    from agent.migrator import Migrator
+    from agent.postgres import store
+    from agent.postgres.connections import pg_connection
+    from agent.postgres.migrator import Migrator
 
     try:
         migrator = Migrator(database.migrations, database.url)
@@ -642,7 +642,7 @@ def init(
     as_json: JsonOpt = False,
 ) -> None:
     """Adopt an existing Alembic project: write a configuration for it, check env.py, validate. Changes no database."""
-    from agent.onboard import onboard, parse_databases
+    from agent.checks.onboard import onboard, parse_databases
 
     try:
         done = onboard(Path.cwd(), output, parse_databases(databases), migrations=migrations, redis_url=redis_url,
@@ -670,7 +670,7 @@ def env_validate(
     as_json: JsonOpt = False,
 ) -> None:
     """Config complete, PostgreSQL and Redis reachable, pg_dump/pg_restore usable, roles and backup_dir right."""
-    from agent.envcheck import exit_code, validate_environment
+    from agent.checks.envcheck import exit_code, validate_environment
 
     cfg = settings()
     db_name, database = cfg.database(name)
@@ -730,7 +730,7 @@ def agent_command(
     """Audit sink and rollback trigger: consumes the event stream (several agents may run)."""
     import logging
 
-    from agent.daemon import run_agent
+    from agent.reactor.daemon import run_agent
 
     logging.basicConfig(level=loglevel, format="[%(asctime)s: %(levelname)s/%(name)s] %(message)s")
     cfg = settings()
@@ -750,7 +750,6 @@ def notify_startup_failed(
 ) -> None:
     """The application failed to start after a deploy: the agent rolls back the last migration run."""
     from agent.bus.eventlog import EventLog
-    from agent.connections import ping_redis, redis_client
     from agent.core.commands import (
         MAX_ACTOR_CHARS,
         MAX_DETAIL_CHARS,
@@ -758,6 +757,7 @@ def notify_startup_failed(
         check_client_text,
     )
     from agent.core.events import EventType
+    from agent.postgres.connections import ping_redis, redis_client
 
     check_client_text("--actor", default_actor(actor), MAX_ACTOR_CHARS)
     check_client_text("--ticket", ticket, MAX_TICKET_CHARS)
@@ -790,7 +790,7 @@ def demo(
     keep: Annotated[bool, typer.Option("--keep", help="Leave the embedded servers' data in .dbagent/.")] = False,
 ) -> None:
     """The whole loop on embedded PostgreSQL and Redis: no servers, no config needed."""
-    from agent.demo import run_demo
+    from agent.demo.walkthrough import run_demo
 
     raise typer.Exit(run_demo(keep=keep))
 
@@ -807,7 +807,7 @@ def _check_revision_locally(db: str | None, rev: str | None, *, allow_base: bool
     _, database = settings().database(db)
     if not (Path(database.migrations) / "env.py").is_file():
         return
-    from agent.migrator import Migrator
+    from agent.postgres.migrator import Migrator
 
     Migrator(database.migrations, database.url).resolve(rev)
 

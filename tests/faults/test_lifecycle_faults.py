@@ -229,7 +229,8 @@ def test_a_second_delivery_of_a_running_command_leaves_it_alone(env, tmp_path, r
 
 def test_backup_progress_is_written_beside_the_dump_and_the_snapshot_holds(env, redis_client, monkeypatch):
     """backup.progress on its own connection: the dump's snapshot transaction is never touched."""
-    from agent import backups, runner
+    from agent.operations import runner
+    from agent.postgres import backups
 
     env.start_worker()
     assert env.cli("migrate", "--to", "011", "--json").code == 0

@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from agent.migrator import Migrator
+from agent.postgres.migrator import Migrator
 from tests.alembic_projects import FIXTURE, linear_project
 from tests.servers import MIGRATIONS, ROOT
 

@@ -10,8 +10,8 @@ import psycopg
 import pytest
 from sqlalchemy import create_engine, pool
 
-from agent.connections import sqlalchemy_url
-from agent.migrator import Migrator
+from agent.postgres.connections import sqlalchemy_url
+from agent.postgres.migrator import Migrator
 from tests.alembic_projects import LINEAR, linear_project
 from tests.servers import create_database, db_url, drop_database
 

@@ -13,7 +13,7 @@ from agent.bus import keys
 from agent.bus import producer as producer_module
 from agent.bus.producer import Producer
 from agent.core.commands import client_command, message_digest
-from agent.journal import Journal, publish_result
+from agent.operations.journal import Journal, publish_result
 from agent.settings import load_settings
 from tests.servers import delete_prefix, new_env
 

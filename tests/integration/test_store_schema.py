@@ -1,4 +1,4 @@
-"""agent/store.py on real PostgreSQL: a schema left by an earlier version is brought up to date, and a
+"""agent/postgres/store.py on real PostgreSQL: a schema left by an earlier version is brought up to date, and a
 plan's ``steps_done`` lives in its own column, so a step's record never rewrites the plan's list of steps."""
 
 from __future__ import annotations
@@ -8,10 +8,10 @@ import uuid
 import pytest
 from sqlalchemy import create_engine, pool
 
-from agent import store
-from agent.connections import sqlalchemy_url
 from agent.core.commands import Command, CommandType, utcnow
 from agent.core.events import Event, EventType
+from agent.postgres import store
+from agent.postgres.connections import sqlalchemy_url
 from tests.servers import create_database, db_url, drop_database
 
 pytestmark = pytest.mark.integration

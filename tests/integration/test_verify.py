@@ -7,7 +7,7 @@ import pytest
 
 from agent.core.events import Event
 from agent.core.rollback import plan_rollback
-from agent.verify import CHECK_NAMES, NO_RUN
+from agent.postgres.verify import CHECK_NAMES, NO_RUN
 from tests.servers import copy_migrations, script
 
 pytestmark = pytest.mark.integration

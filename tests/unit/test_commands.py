@@ -430,7 +430,7 @@ def test_a_client_may_not_set_the_agents_cause():
 
 
 def test_the_agents_own_rollback_with_a_cause_is_accepted_by_the_worker():
-    # what agent.daemon queues for a failed migration (RollbackPlan.args())
+    # what agent.reactor.daemon queues for a failed migration (RollbackPlan.args())
     args = {"to": "010", "cause": {"event_id": "1-0", "event_type": "migration.failed", "run_command_id": "abc",
                                    "revision_before": "010", "expect_revision": "011", "backup": None}}
     command = make("rollback", args, actor="dbagent-agent", ticket=None).signed(KEY)

@@ -1,4 +1,4 @@
-"""The worker's boundary (agent.intake.inspect): only a well-formed, signed call of the one task passes."""
+"""The worker's boundary (worker.intake.inspect): only a well-formed, signed call of the one task passes."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ import json
 import pytest
 
 from agent.core.commands import CommandType
-from agent.intake import MAX_MESSAGE_BYTES, Poison, excerpt, inspect, task_payload
 from tests.messages import call, command_message, envelope
+from worker.intake import MAX_MESSAGE_BYTES, Poison, excerpt, inspect, task_payload
 
 KEY = "unit-key"
 
@@ -100,9 +100,9 @@ def test_a_worker_reads_its_queue_through_the_guarded_transport_and_a_rediss_bro
     import ssl
 
     from agent.bus.queue import celery_config
-    from agent.intake import TRANSPORT, GuardedTransport
     from agent.settings import Settings
     from worker.app import create_app
+    from worker.intake import TRANSPORT, GuardedTransport
 
     settings = Settings.model_validate({"databases": {"test": {"url": "postgresql://x@h/d", "migrations": "m"}}})
     app = create_app(settings, "test")

@@ -1,4 +1,4 @@
-"""agent/journal.py on fakeredis: the events of a plan's committed steps go out in batches
+"""agent/operations/journal.py on fakeredis: the events of a plan's committed steps go out in batches
 (``Journal.flush_soon``) and the live step is written coalesced (``Presence.update(soon=True)``), in order,
 never before their transaction committed, and never later than ``PUBLISH_EVERY_S`` after it."""
 
@@ -9,11 +9,11 @@ import time
 
 import pytest
 
-from agent import journal as journal_module
 from agent.bus import keys
 from agent.bus.eventlog import EventLog
 from agent.core.events import EventType
-from agent.journal import Journal, Presence
+from agent.operations import journal as journal_module
+from agent.operations.journal import Journal, Presence
 
 PREFIX = "dbagent-test-journal"
 

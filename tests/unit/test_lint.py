@@ -1,4 +1,4 @@
-"""agent/lint.py: the lint of risky migration SQL, on literal SQL and on the shipped migrations."""
+"""agent/checks/lint.py: the lint of risky migration SQL, on literal SQL and on the shipped migrations."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from agent.lint import (
+from agent.checks.lint import (
     HAZARD_RULES,
     RULES,
     STATEMENT_MAX_CHARS,
@@ -18,7 +18,7 @@ from agent.lint import (
     report,
     status_of,
 )
-from agent.validate import Finding, Severity
+from agent.checks.validate import Finding, Severity
 
 MIGRATIONS = Path(__file__).resolve().parents[2] / "migrations"
 
@@ -567,7 +567,7 @@ def test_lint_migrations_renders_each_upgrade_and_honours_its_directives(tmp_pat
 
 
 def test_a_script_that_controls_its_own_transaction_is_found_in_its_source():
-    from agent.lint import transaction_control
+    from agent.checks.lint import transaction_control
 
     source = '''
 from alembic import op

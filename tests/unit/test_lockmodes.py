@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import pytest
 
-from agent import lint, retries
+from agent.checks import lint
+from agent.core import retries
 from agent.core.lockmodes import ACCESS_EXCLUSIVE as AE
 from agent.core.lockmodes import SHARE
 from agent.core.lockmodes import SHARE_ROW_EXCLUSIVE as SRE

@@ -1,4 +1,4 @@
-"""agent/locks.py: the Redis lease (fencing token, heartbeat) on fakeredis (Lua through lupa)."""
+"""agent/postgres/locks.py: the Redis lease (fencing token, heartbeat) on fakeredis (Lua through lupa)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import pytest
 
 from agent.bus import keys
 from agent.core.errors import OperationFailed
-from agent.locks import LockTimeout, RedisLease, describe_holder, read_lease
+from agent.postgres.locks import LockTimeout, RedisLease, describe_holder, read_lease
 
 OWNER_A = {"worker": "production@host-a:101", "command_id": "cmd-a", "type": "migrate"}
 OWNER_B = {"worker": "production@host-b:202", "command_id": "cmd-b", "type": "rollback"}

@@ -1,4 +1,4 @@
-"""agent/migrator.py on a branched and merged project made with Alembic's own commands (tests/fixtures/alembic_project):
+"""agent/postgres/migrator.py on a branched and merged project made with Alembic's own commands (tests/fixtures/alembic_project):
 plans checked against Alembic's own planner (``ScriptDirectory._upgrade_revs`` / ``_downgrade_revs``) over every
 state the database can be in; no database is involved.
 
@@ -14,7 +14,7 @@ import warnings
 import pytest
 
 from agent.core.errors import BadInput
-from agent.migrator import Migrator, Step, state_text
+from agent.postgres.migrator import Migrator, Step, state_text
 from tests.alembic_projects import FIXTURE
 
 UNREACHABLE = "postgresql://u@127.0.0.1:1/x"
@@ -185,8 +185,8 @@ def test_a_pyproject_toml_project_is_read_with_its_tool_alembic_settings(tmp_pat
     assert migrator.order() == [first, second]  # found only through [tool.alembic] version_locations
     assert Path(migrator.revision(second).path).parent == tmp_path / "revs"
     # The structure checks read the same files (they are where [tool.alembic] says), and find the chain sound.
-    from agent import preflight
-    from agent.validate import load_sources
+    from agent.checks import preflight
+    from agent.checks.validate import load_sources
 
     assert sorted(name for name, _ in load_sources(tmp_path / "alembic")) == sorted(
         [f"{first}_rev_one.py", f"{second}_rev_two.py"])
@@ -200,7 +200,7 @@ def test_a_worker_sees_a_new_revision_where_the_project_keeps_its_scripts(tmp_pa
     from alembic import command
     from alembic.config import Config
 
-    from agent.runner import cached_migrator
+    from agent.operations.runner import cached_migrator
 
     command.init(Config(str(tmp_path / "alembic.ini")), str(tmp_path / "alembic"), template="generic")
     ini = tmp_path / "alembic.ini"

@@ -1,4 +1,4 @@
-"""agent/migrator.py: planning on the shipped scripts; no database is involved."""
+"""agent/postgres/migrator.py: planning on the shipped scripts; no database is involved."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from agent.core.errors import BadInput
-from agent.migrator import Migrator, Step
+from agent.postgres.migrator import Migrator, Step
 
 MIGRATIONS = Path(__file__).resolve().parents[2] / "migrations"
 # Nothing listens on port 1: any attempt to connect would fail loudly.
@@ -226,7 +226,7 @@ def test_the_projects_alembic_ini_and_env_py_settings_are_honoured_offline():
     """The fixture made by `alembic init`: its ini is read, its url never used, its version table honoured."""
     import logging
 
-    from agent.migrator import Migrator
+    from agent.postgres.migrator import Migrator
     from tests.alembic_projects import FIXTURE
 
     ours = logging.getLogger("dbagent.test")

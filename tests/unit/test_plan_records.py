@@ -1,12 +1,12 @@
-"""Which plans in one transaction write their steps' records together (agent/runner.py ``_may_commit_midway``):
+"""Which plans in one transaction write their steps' records together (agent/operations/runner.py ``_may_commit_midway``):
 only those none of whose scripts may commit before it ends. Scripts made with ``alembic revision``; no database."""
 
 from __future__ import annotations
 
 import pytest
 
-from agent.migrator import Migrator
-from agent.runner import _may_commit_midway
+from agent.operations.runner import _may_commit_midway
+from agent.postgres.migrator import Migrator
 from tests.alembic_projects import linear_project
 
 UNREACHABLE = "postgresql://u@127.0.0.1:1/x"

@@ -2,7 +2,13 @@
 
 from __future__ import annotations
 
-from agent.rehearse import SCRATCH_PREFIX, SchemaObject, compare, scratch_name, snapshot_of
+from agent.operations.rehearse import (
+    SCRATCH_PREFIX,
+    SchemaObject,
+    compare,
+    scratch_name,
+    snapshot_of,
+)
 
 USERS = SchemaObject("table", "public.users")
 EMAIL = SchemaObject("column", "public.users.email", "text not null", "table public.users")

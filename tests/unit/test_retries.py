@@ -8,7 +8,7 @@ import psycopg.errors
 import pytest
 import sqlalchemy.exc
 
-from agent.retries import (
+from agent.core.retries import (
     ACCESS_EXCLUSIVE,
     ACCESS_SHARE,
     CONFLICTS,

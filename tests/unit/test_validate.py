@@ -1,4 +1,4 @@
-"""agent/validate.py: static checks of migration scripts, on literal sources and the shipped ones."""
+"""agent/checks/validate.py: static checks of migration scripts, on literal sources and the shipped ones."""
 
 from __future__ import annotations
 
@@ -6,8 +6,15 @@ from pathlib import Path
 
 import pytest
 
+from agent.checks.validate import (
+    Finding,
+    Severity,
+    check_sources,
+    inspect_script,
+    load_sources,
+    status_of,
+)
 from agent.core.errors import BadInput
-from agent.validate import Finding, Severity, check_sources, inspect_script, load_sources, status_of
 
 MIGRATIONS = Path(__file__).resolve().parents[2] / "migrations"
 
@@ -314,7 +321,7 @@ def hashed() -> list[tuple[str, str]]:
 
 
 def test_the_naming_is_detected_from_the_file_names():
-    from agent.validate import detect_naming
+    from agent.checks.validate import detect_naming
 
     assert detect_naming(clean_chain()) == "sequential"
     assert detect_naming(hashed()) == "alembic"

@@ -1,4 +1,4 @@
-"""agent/verify.py without a server: SQL building, result interpretation, check isolation."""
+"""agent/postgres/verify.py without a server: SQL building, result interpretation, check isolation."""
 
 from __future__ import annotations
 
@@ -6,8 +6,8 @@ import psycopg.errors
 import pytest
 import sqlalchemy.exc
 
-from agent.settings import DatabaseSettings, Settings
-from agent.verify import (
+from agent.core.errors import error_text
+from agent.postgres.verify import (
     CHECK_NAMES,
     NO_ORPHANS,
     NO_RUN,
@@ -17,7 +17,6 @@ from agent.verify import (
     Check,
     ForeignKey,
     critical_tables_check,
-    error_text,
     fk_orphans_check,
     foreign_keys_to_scan,
     health_checks_check,
@@ -28,6 +27,7 @@ from agent.verify import (
     summary,
     touched_tables,
 )
+from agent.settings import DatabaseSettings, Settings
 
 ORDERS_FK = ForeignKey(
     name="public.orders.fk_orders_user_id_users",
@@ -235,8 +235,8 @@ def test_a_statement_timeout_is_recognised_through_sqlalchemys_wrapping():
 
 def test_error_text_is_the_first_line_of_postgres_message_without_secrets():
     orig = psycopg.errors.UndefinedTable('relation "x" does not exist\nLINE 1: select * from x')
-    assert error_text(sqlalchemy.exc.ProgrammingError("select", None, orig)) == 'relation "x" does not exist'
-    assert error_text(RuntimeError("cannot reach postgresql://u:hunter2@db/x")) == "cannot reach postgresql://u:***@db/x"
+    assert error_text(sqlalchemy.exc.ProgrammingError("select", None, orig), one_line=True) == 'relation "x" does not exist'
+    assert error_text(RuntimeError("cannot reach postgresql://u:hunter2@db/x"), one_line=True) == "cannot reach postgresql://u:***@db/x"
 
 
 def test_summary_lists_only_failures():

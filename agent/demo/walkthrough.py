@@ -37,7 +37,7 @@ from urllib.parse import quote
 from rich.console import Console
 from rich.markup import escape
 
-from agent.backups import pid_alive
+from agent.postgres.backups import pid_alive
 
 DEMO_DIR = Path(".dbagent") / "demo"
 DB_NAME = "demo"

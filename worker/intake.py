@@ -171,10 +171,10 @@ class Intake:
 
     def dead_letter(self, raw: bytes | str, queue: str, reason: str, message: dict[str, Any] | None) -> None:
         """Record a refused message (bounded), say so with command.rejected, never raise."""
-        from agent import runner
         from agent.bus.eventlog import EventLog
-        from agent.connections import redis_client
-        from agent.journal import Journal
+        from agent.operations import runner
+        from agent.operations.journal import Journal
+        from agent.postgres.connections import redis_client
 
         self.refused += 1
         data = raw.encode() if isinstance(raw, str) else bytes(raw)

@@ -14,9 +14,9 @@ from typing import TYPE_CHECKING, Any
 import redis as redis_lib
 from sqlalchemy.exc import SQLAlchemyError
 
-from agent.connections import display_url, pg_connection, redis_client
 from agent.core.errors import DbAgentError, Unavailable
 from agent.core.redact import redact
+from agent.postgres.connections import display_url, pg_connection, redis_client
 from agent.settings import DatabaseSettings, Settings
 
 if TYPE_CHECKING:
@@ -123,7 +123,7 @@ def check_postgres(name: str, db: DatabaseSettings) -> tuple[list[EnvCheck], int
 def check_alembic_environment(conn: Connection, db: DatabaseSettings) -> list[EnvCheck]:
     """The project's Alembic settings as dbagent reads them, and env.py's contract: it migrates on the
     connection dbagent passes (checked by running it with nothing to migrate, as every migrate does)."""
-    from agent.migrator import ForeignConnection, Migrator
+    from agent.postgres.migrator import ForeignConnection, Migrator
 
     checks: list[EnvCheck] = []
     try:
@@ -228,7 +228,7 @@ ORDER BY 1
 def _check_schemas(conn: Connection, user: str) -> EnvCheck:
     from sqlalchemy import text
 
-    from agent.backups import SCHEMA_EXCLUDED
+    from agent.postgres.backups import SCHEMA_EXCLUDED
 
     rows = conn.execute(text(_SCHEMAS), {"excluded": SCHEMA_EXCLUDED}).all()
     if not rows:
@@ -249,7 +249,7 @@ def _check_schemas(conn: Connection, user: str) -> EnvCheck:
 def _check_dbagent_schema(conn: Connection, user: str, database: str, create_in_db: bool) -> EnvCheck:
     from sqlalchemy import text
 
-    from agent.store import SCHEMA
+    from agent.postgres.store import SCHEMA
 
     found = conn.execute(text(
         "SELECT pg_has_role(n.nspowner, 'USAGE'), has_schema_privilege(n.oid, 'USAGE') AND has_schema_privilege(n.oid, 'CREATE'),"
@@ -277,7 +277,7 @@ def _check_dbagent_schema(conn: Connection, user: str, database: str, create_in_
 def _check_readable(conn: Connection, user: str) -> EnvCheck:
     from sqlalchemy import text
 
-    from agent.backups import SCHEMA_EXCLUDED, TABLES_SQL
+    from agent.postgres.backups import SCHEMA_EXCLUDED, TABLES_SQL
 
     rows = conn.execute(text(TABLES_SQL), {"excluded": SCHEMA_EXCLUDED}).all()
     unreadable = [f"{table} ({why})" for table, _, why in rows if why]

@@ -19,15 +19,15 @@ spirit of GitLab's ``with_lock_retries``, dbagent bounds that wait:
   behind it, so dbagent waits it out without joining the lock queue at all.
   The last attempt always asks.
 
-``lock_targets`` and ``RetryPolicy`` are pure; ``blockers`` reads the server.
+Pure: ``RetryPolicy``, ``lock_targets`` and ``describe``; who holds the locks now is read by
+``agent.postgres.blocking`` (``blockers``, ``contended``).
 """
 
 from __future__ import annotations
 
 import random
-from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from pglast import ast
 from pglast.enums import ObjectType
@@ -46,14 +46,10 @@ from agent.core.lockmodes import (  # noqa: F401 - ACCESS_SHARE … MODES are re
     SHARE_ROW_EXCLUSIVE,
     SHARE_UPDATE_EXCLUSIVE,
     alter_table_locks,
+    parse_statements,
     range_name,
     stronger,
 )
-from agent.core.redact import redact, redact_query
-from agent.lint import parse_statements
-
-if TYPE_CHECKING:
-    from sqlalchemy import Connection
 
 LOCK_NOT_AVAILABLE = "55P03"
 
@@ -153,85 +149,6 @@ def is_lock_timeout(exc: BaseException) -> bool:
             return True
         current = getattr(current, "orig", None) or current.__cause__
     return False
-
-
-# -- who holds them ------------------------------------------------------------
-
-# One round trip for all the step's tables: each with the modes that conflict with the one it will ask for.
-_HOLDERS = """
-SELECT t.name, l.pid, l.mode, a.application_name, a.usename, a.state, left(a.query, 200),
-       extract(epoch FROM now() - a.xact_start), extract(epoch FROM now() - a.state_change)
-FROM unnest(%(tables)s::text[], %(modes)s::text[]) AS t(name, conflicting)
-JOIN pg_locks l ON l.locktype = 'relation' AND l.relation = to_regclass(t.name)
-                AND l.mode = ANY(string_to_array(t.conflicting, ','))
-JOIN pg_stat_activity a ON a.pid = l.pid
-WHERE l.granted AND l.pid <> pg_backend_pid()
-"""
-
-
-def blockers(conn: Connection, targets: dict[str, str], *, older_than_s: float = 0.0) -> list[dict[str, Any]]:
-    """Sessions holding a lock that conflicts with one the step will ask for.
-
-    Only sessions whose transaction has been open at least ``older_than_s``
-    count. One entry per session, with the tables it holds; the oldest first.
-    Reads on ``conn`` and commits.
-    """
-    found: dict[int, dict[str, Any]] = {}
-    if not targets:
-        return []
-    tables = list(targets)
-    params = {"tables": tables, "modes": [",".join(sorted(CONFLICTS[targets[t]])) for t in tables]}
-    rows = conn.exec_driver_sql(_HOLDERS, params).all()
-    conn.commit()
-    for table, pid, held, app, user, state, query, xact_s, state_s in rows:
-        age = float(xact_s) if xact_s is not None else 0.0
-        if age < older_than_s:
-            continue
-        entry = found.setdefault(pid, {
-            "pid": pid,
-            "application_name": redact(app) if app else app,
-            "usename": user,
-            "state": state,
-            "query": redact_query(query or ""),
-            "xact_age_s": round(age, 3),
-            "state_age_s": round(float(state_s), 3) if state_s is not None else None,
-            "locks": [],
-        })
-        entry["locks"].append({"table": table, "mode": held, "conflicts_with": targets[table]})
-    return sorted(found.values(), key=lambda b: -b["xact_age_s"])
-
-
-def contended(conn: Connection, needs: Iterable[dict[str, str]]) -> set[str]:
-    """The tables, of all those some steps will lock, that any other session holds in a conflicting mode now.
-
-    One query for a whole plan (``needs``: each step's ``lock_targets``).
-    A table not in the answer had no holder at all when this ran, so for the
-    next ``holder_grace`` seconds no transaction holding it can be older than
-    the grace: its steps need no ``blockers`` check of their own until then.
-    Reads on ``conn`` and commits.
-    """
-    conflicting: dict[str, set[str]] = {}
-    for targets in needs:
-        for table, mode in targets.items():
-            conflicting.setdefault(table, set()).update(CONFLICTS[mode])
-    if not conflicting:
-        return set()
-    tables = list(conflicting)
-    rows = conn.exec_driver_sql(_CONTENDED, {"tables": tables, "modes": [",".join(sorted(conflicting[t])) for t in tables]}).all()
-    conn.commit()
-    return {row[0] for row in rows}
-
-
-# _HOLDERS without pg_stat_activity, whose snapshot costs more than the rest.
-_CONTENDED = """
-WITH wanted AS MATERIALIZED (
-    SELECT t.name, to_regclass(t.name) AS relation, string_to_array(t.conflicting, ',') AS modes
-    FROM unnest(%(tables)s::text[], %(modes)s::text[]) AS t(name, conflicting)
-)
-SELECT DISTINCT w.name
-FROM wanted w JOIN pg_locks l ON l.locktype = 'relation' AND l.relation = w.relation AND l.mode = ANY(w.modes)
-WHERE l.granted AND l.pid <> pg_backend_pid()
-"""
 
 
 def describe(found: list[dict[str, Any]]) -> str:

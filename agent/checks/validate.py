@@ -71,7 +71,7 @@ class ScriptInfo:
 def load_sources(script_location: str | Path) -> list[tuple[str, str]]:
     """(file name, source) of every script in the project's version directories (``versions/``, or its
     ``version_locations``), sorted by name."""
-    from agent.migrator import version_directories
+    from agent.postgres.migrator import version_directories
 
     directories, recursive = version_directories(script_location)
     missing = [d for d in directories if not d.is_dir()]

@@ -15,11 +15,11 @@ from datetime import datetime
 
 import psycopg
 
-from agent import store
 from agent.bus.consumer import Entry, Outcome
 from agent.core.errors import OperationFailed, Unavailable
 from agent.core.events import Event
 from agent.core.redact import redact
+from agent.postgres import store
 from agent.settings import DatabaseSettings, Settings
 
 log = logging.getLogger(__name__)

@@ -105,8 +105,8 @@ def onboard(
     start: Path, output: Path, databases: dict[str, str], *, migrations: str | None = None,
     redis_url: str = "redis://127.0.0.1:6379/0", prefix: str = "dbagent", force: bool = False,
 ) -> Onboarding:
-    from agent import preflight
-    from agent.validate import detect_naming, load_sources
+    from agent.checks import preflight
+    from agent.checks.validate import detect_naming, load_sources
 
     location = find_script_directory(start, migrations)
     if output.exists() and not force:
@@ -122,9 +122,9 @@ def onboard(
 
 def _check_env_py(location: Path, url: str) -> tuple[str, str]:
     """Run env.py with nothing to migrate on a connection to ``url``, as every migrate does first."""
-    from agent.connections import pg_connection
     from agent.core.errors import DbAgentError
-    from agent.migrator import ForeignConnection, Migrator
+    from agent.postgres.connections import pg_connection
+    from agent.postgres.migrator import ForeignConnection, Migrator
     from agent.settings import DatabaseSettings
 
     try:

@@ -3,8 +3,8 @@
 Three kinds of finding, in the ``--json`` shape of ``dbagent validate``
 (``revision``, ``rule``, ``severity``, ``message``, ``statement``, ``fix``, ``file``):
 
-* structure (``agent.validate``): naming, revision ids, one linear chain, a real downgrade();
-* the lint of the SQL each upgrade() emits (``agent.lint``, pglast);
+* structure (``agent.checks.validate``): naming, revision ids, one linear chain, a real downgrade();
+* the lint of the SQL each upgrade() emits (``agent.checks.lint``, pglast);
 * checksums: the sha256 of every applied script is kept in ``dbagent.changelog``;
   a script edited after it was applied is ``applied-migration-changed``, like
   Flyway's validate: the database no longer matches what the file says it ran.
@@ -21,8 +21,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from agent.core.errors import BadInput, DbAgentError
-from agent.migrator import Migrator, Step
+from agent.core.errors import BadInput, error_text
+from agent.postgres.migrator import Migrator, Step
 
 CHANGED = "applied-migration-changed"
 
@@ -80,7 +80,7 @@ def checksum_findings(migrator: Migrator, current: str | None, recorded: dict[st
     return findings
 
 
-# The rules of agent.validate: an error among them means the lint and the rest cannot run.
+# The rules of agent.checks.validate: an error among them means the lint and the rest cannot run.
 STRUCTURAL_RULES = frozenset({
     "syntax", "naming", "revision-id", "downgrade", "duplicate-revision", "sequence", "chain", "single-head", "empty",
 })
@@ -89,7 +89,7 @@ GRAPH_RULES = frozenset({"syntax", "duplicate-revision", "chain", "single-head",
 
 
 def known_rules() -> set[str]:
-    from agent.lint import RULES
+    from agent.checks.lint import RULES
 
     return set(RULES) | STRUCTURAL_RULES | {CHANGED, "lint-skipped"}
 
@@ -124,8 +124,8 @@ def findings(
     are not linted and their per-script rules are not applied; the graph rules
     and the checksums still cover them.
     """
-    from agent.lint import lint_migrations
-    from agent.validate import check_sources, load_sources
+    from agent.checks.lint import lint_migrations
+    from agent.checks.validate import check_sources, load_sources
 
     structural = check_sources(load_sources(location), naming)
     out = [finding(f.revision, f.rule, str(f.severity), f.message, file=f.file) for f in structural]
@@ -134,7 +134,7 @@ def findings(
     try:
         migrator = migrator or Migrator(location, "postgresql://validate@localhost/validate")
     except Exception as exc:  # noqa: BLE001 - Alembic refuses the scripts: nothing more can be rendered
-        out.append(finding(None, "lint-skipped", "error", f"the scripts cannot be loaded by Alembic: {_described(exc)}"))
+        out.append(finding(None, "lint-skipped", "error", f"the scripts cannot be loaded by Alembic: {error_text(exc)}"))
         return out
     if lint_from is not None:
         baseline = reviewed(migrator, lint_from)
@@ -143,12 +143,12 @@ def findings(
     try:
         out += [f.to_json() for f in lint_migrations(location, only=lint_only, migrator=migrator, render=render)]
     except Exception as exc:  # noqa: BLE001 - a graph the plan cannot walk (several heads)
-        out.append(finding(None, "lint-skipped", "error", f"the SQL of the scripts was not linted: {_described(exc)}"))
+        out.append(finding(None, "lint-skipped", "error", f"the SQL of the scripts was not linted: {error_text(exc)}"))
     if recorded is not None:
         try:
             out += checksum_findings(migrator, current, recorded)
         except Exception as exc:  # noqa: BLE001
-            out.append(finding(None, "checksums-unchecked", "warning", f"checksums not checked: {_described(exc)}"))
+            out.append(finding(None, "checksums-unchecked", "warning", f"checksums not checked: {error_text(exc)}"))
     return out
 
 
@@ -158,11 +158,6 @@ def reviewed(migrator: Migrator, lint_from: str) -> set[str]:
         return migrator.ancestors(migrator.resolve(lint_from))
     except BadInput as exc:
         raise BadInput(f"lint_from = {lint_from!r}: {exc.message}") from None
-
-
-def _described(exc: BaseException) -> str:
-    message = getattr(exc, "message", None) or str(exc)
-    return f"{type(exc).__name__}: {message}" if not isinstance(exc, DbAgentError) else message
 
 
 def status_of(found: list[dict[str, Any]]) -> str:

@@ -26,13 +26,10 @@ import redis
 from alembic.util import CommandError
 from sqlalchemy import Connection
 
-from agent import backup_operations, preflight, retries, store
-from agent.backups import BackupKind, Trigger, list_backups
-from agent.blocking import BlockingMonitor
 from agent.bus import keys
 from agent.bus.eventlog import EventLog
-from agent.connections import pg_connection, redis_client
-from agent.core import lifecycle
+from agent.checks import preflight
+from agent.core import lifecycle, retries
 from agent.core.commands import (
     FINISHED,
     Command,
@@ -47,13 +44,26 @@ from agent.core.commands import (
     utcnow,
 )
 from agent.core.durations import postgres_interval
-from agent.core.errors import BadInput, CommandRejected, DbAgentError, OperationFailed, Unavailable
+from agent.core.errors import (
+    BadInput,
+    CommandRejected,
+    DbAgentError,
+    OperationFailed,
+    Unavailable,
+    error_text,
+)
 from agent.core.events import HOST, Event, EventType
 from agent.core.lifecycle import STOP, Phase, StopRequest, pause_point
 from agent.core.redact import redact
-from agent.journal import Journal, Presence, publish_result, rollback_quietly
-from agent.locks import AdvisoryLock, RedisLease, holder_backend, read_lease
-from agent.migrator import (
+from agent.monitoring import alert
+from agent.operations import backup as backup_operations
+from agent.operations.journal import Journal, Presence, publish_result, rollback_quietly
+from agent.postgres import blocking, store
+from agent.postgres.backups import BackupKind, Trigger, list_backups
+from agent.postgres.blocking import BlockingMonitor
+from agent.postgres.connections import pg_connection, redis_client
+from agent.postgres.locks import AdvisoryLock, RedisLease, holder_backend, read_lease
+from agent.postgres.migrator import (
     SEPARATOR,
     Migrator,
     Step,
@@ -62,9 +72,8 @@ from agent.migrator import (
     state_text,
     version_directories,
 )
-from agent.monitoring import alert
+from agent.postgres.verify import Baseline, capture_baseline, run_checks, summary
 from agent.settings import DatabaseSettings, Settings
-from agent.verify import Baseline, capture_baseline, run_checks, summary
 
 log = logging.getLogger(__name__)
 
@@ -529,7 +538,7 @@ def _report(
 def _remove_unfinished_backup(db: DatabaseSettings, plan: dict[str, Any]) -> str | None:
     """Remove what an interrupted backup left unfinished (the partial file, an archive renamed before its
     manifest was written); returns the archive's name when it was complete after all."""
-    from agent import backups as bk
+    from agent.postgres import backups as bk
 
     backup = plan.get("backup") if isinstance(plan.get("backup"), dict) else {}
     if not db.backup_dir or not backup:
@@ -686,9 +695,9 @@ def as_dbagent_error(exc: BaseException) -> DbAgentError:
     if isinstance(exc, sqlalchemy.exc.OperationalError | sqlalchemy.exc.InterfaceError) or (
         isinstance(exc, sqlalchemy.exc.DBAPIError) and exc.connection_invalidated
     ):
-        return Unavailable(f"PostgreSQL failed during the command: {describe_error(exc)}")
+        return Unavailable(f"PostgreSQL failed during the command: {error_text(exc)}")
     if isinstance(exc, sqlalchemy.exc.SQLAlchemyError):
-        return OperationFailed(f"database error: {describe_error(exc)}")
+        return OperationFailed(f"database error: {error_text(exc)}")
     return OperationFailed(f"unexpected error: {type(exc).__name__}: {redact(exc)}")
 
 
@@ -1096,9 +1105,9 @@ class _PlanRun:
     sessions are in its way. Before a step, a transaction open longer than
     ``lock_holder_grace`` that holds a conflicting lock on a table the step
     needs means the step would only queue the application behind it: dbagent
-    waits without asking. One query (``retries.contended``) covers the tables
+    waits without asking. One query (``blocking.contended``) covers the tables
     of the whole rest of the plan for ``lock_holder_grace`` seconds; only a
-    step on a table someone holds is checked on its own (``retries.blockers``).
+    step on a table someone holds is checked on its own (``blocking.blockers``).
     An attempt that times out has rolled back entirely and is tried again,
     and the plan goes on from there in a new Alembic run. Each wait is a
     ``lock.waiting`` event naming the sessions in the way.
@@ -1286,11 +1295,11 @@ class _PlanRun:
         if self.attempt == 1:
             now = time.monotonic()
             if self.contended_at is None or now - self.contended_at >= grace:
-                self.contended = retries.contended(conn, (self._targets(i) for i in range(index, len(self.plan))))
+                self.contended = blocking.contended(conn, (self._targets(i) for i in range(index, len(self.plan))))
                 self.contended_at = now
             if not self.contended.intersection(targets):
                 return []
-        return retries.blockers(conn, targets, older_than_s=grace)
+        return blocking.blockers(conn, targets, older_than_s=grace)
 
     def _set_lock_timeout(self, seconds: float) -> None:
         _set_lock_timeout(self.run.conn, seconds)
@@ -1377,7 +1386,7 @@ class _PlanRun:
         _rollback_quietly(conn)
         self.pending = []
         targets = self._targets(self._at())
-        in_the_way = retries.blockers(conn, targets) if targets else []
+        in_the_way = blocking.blockers(conn, targets) if targets else []
         if self.attempt == self.policy.attempts:
             self._fail(LocksUnavailable(
                 f"could not get the locks it needs in {self.attempt} attempt(s) over"
@@ -1395,7 +1404,7 @@ class _PlanRun:
         where = {"number": number, "of": len(self.plan), "revision": step.revision, "direction": step.direction}
         run.journal.discard_staged()
         _rollback_quietly(conn)
-        error = describe_error(exc, migrator.revision(step.revision).path)
+        error = error_text(exc, script=migrator.revision(step.revision).path)
         step_facts = dict(self.facts)
         if run.stop.is_set():
             step_facts["interrupted"] = True
@@ -1461,7 +1470,7 @@ def _may_commit_midway(migrator: Migrator, step: Step) -> bool:
 
 def _commits_in_script(migrator: Migrator, step: Step) -> str | None:
     """Where the step's script ends or opens a transaction itself (COMMIT, ROLLBACK, BEGIN), if anywhere."""
-    from agent.lint import transaction_control
+    from agent.checks.lint import transaction_control
 
     source = _script_source(migrator, step)
     found = transaction_control(source) if source is not None else []
@@ -1540,35 +1549,6 @@ def _drop_invalid_indexes(run: Run, before: set[str]) -> list[str]:
         finally:
             driver.autocommit = False
     return dropped
-
-
-def describe_error(exc: BaseException, script: str | None = None) -> str:
-    """An error as an operator reads it, secrets masked: a driver error's server message and statement; any
-    other error with its type and, when it was raised in the migration ``script``, the file and line."""
-    import sqlalchemy.exc
-
-    if isinstance(exc, sqlalchemy.exc.DBAPIError) and exc.orig is not None:
-        message = str(exc.orig).strip()
-        if exc.statement:
-            message += f" (statement: {exc.statement.strip()[:300]})"
-        return redact(message)
-    if isinstance(exc, DbAgentError):
-        return redact(exc.message).strip()
-    text = f"{type(exc).__name__}: {redact(exc).strip()}" if str(exc).strip() else type(exc).__name__
-    frame = _script_frame(exc, script) if script else None
-    return f"{text} (at {frame})" if frame else text
-
-
-def _script_frame(exc: BaseException, script: str) -> str | None:
-    """``file:line`` of the deepest frame of ``exc``'s traceback inside ``script``."""
-    import traceback
-
-    target = Path(script).resolve()
-    where = None
-    for frame in traceback.extract_tb(exc.__traceback__):
-        if Path(frame.filename).resolve() == target:
-            where = f"{target.name}:{frame.lineno}"
-    return where
 
 
 def _json_row(row: dict[str, Any]) -> dict[str, Any]:

@@ -122,7 +122,7 @@ _CHECKSUMS_KEPT = (
     " AND attname = 'checksum' AND NOT attisdropped)"
 )
 
-# True when the schema is there at this version: the one test of "present" (here and in agent.audit).
+# True when the schema is there at this version: the one test of "present" (here and in agent.reactor.audit).
 SCHEMA_CURRENT = (
     f"SELECT coalesce(obj_description(to_regnamespace('{SCHEMA}'), 'pg_namespace') = '{SCHEMA_VERSION}', false)"
 )

@@ -141,14 +141,14 @@ def create_scratch_database(db: DatabaseSettings, name: str, purpose: str) -> Da
     """
     import sqlalchemy.exc
 
-    from agent.verify import error_text
+    from agent.core.errors import error_text
 
     try:
         with maintenance_connection(db, f"dbagent {purpose}") as admin:
             admin.exec_driver_sql(f'CREATE DATABASE "{name}"')
     except sqlalchemy.exc.DBAPIError as exc:
         raise Unavailable(
-            f"the server refused to create the scratch database {name} for the {purpose}: {error_text(exc)}"
+            f"the server refused to create the scratch database {name} for the {purpose}: {error_text(exc, one_line=True)}"
             " (the role needs CREATEDB)"
         ) from None
     return db.model_copy(update={"url": with_database(db.url, name)})

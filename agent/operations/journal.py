@@ -21,12 +21,12 @@ from typing import TYPE_CHECKING, Any
 
 import redis
 
-from agent import store
 from agent.bus import keys
 from agent.bus.eventlog import EventLog
 from agent.core.commands import Command
 from agent.core.events import Event, EventType
 from agent.core.redact import redact
+from agent.postgres import store
 
 if TYPE_CHECKING:
     from sqlalchemy import Connection, Engine
@@ -109,7 +109,7 @@ class Journal:
             return False
         import sqlalchemy.exc
 
-        from agent.connections import pg_engine
+        from agent.postgres.connections import pg_engine
 
         with self._aside_lock:
             for attempt in (1, 2):  # a connection broken since its last use is opened again, once

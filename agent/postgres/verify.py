@@ -35,8 +35,7 @@ from psycopg import sql
 from sqlalchemy import Connection
 
 from agent.core.durations import postgres_interval
-from agent.core.errors import OperationFailed
-from agent.core.redact import redact
+from agent.core.errors import OperationFailed, error_text
 
 if TYPE_CHECKING:
     from agent.settings import DatabaseSettings
@@ -308,13 +307,6 @@ def is_timeout(exc: BaseException) -> bool:
     return getattr(orig, "sqlstate", None) == _QUERY_CANCELED and "statement timeout" in str(orig)
 
 
-def error_text(exc: BaseException) -> str:
-    """A driver error as one line: PostgreSQL's message, without SQLAlchemy's wrapping."""
-    orig = getattr(exc, "orig", None) or exc
-    lines = redact(orig).strip().splitlines()
-    return lines[0] if lines else type(orig).__name__
-
-
 def _plural(count: int, noun: str) -> str:
     return f"{count} {noun}" if count == 1 else f"{count} {noun}s"
 
@@ -428,8 +420,8 @@ def _guarded(conn: Connection, name: str, check: Callable[[], Check]) -> Check:
     try:
         return check()
     except Exception as exc:
-        log.warning("verification check %s could not run: %s", name, error_text(exc))
-        return Check(name, False, f"the check could not run: {error_text(exc)}")
+        log.warning("verification check %s could not run: %s", name, error_text(exc, one_line=True))
+        return Check(name, False, f"the check could not run: {error_text(exc, one_line=True)}")
     finally:
         _rollback_quietly(conn)
 
@@ -496,7 +488,7 @@ def capture_baseline(conn: Connection, db: DatabaseSettings) -> Baseline:
     except Exception as exc:
         _rollback_quietly(conn)
         raise OperationFailed(
-            f"could not read the state to verify the run against, so nothing was migrated: {error_text(exc)}"
+            f"could not read the state to verify the run against, so nothing was migrated: {error_text(exc, one_line=True)}"
         ) from None
     return Baseline(not_valid=not_valid, tables=tables, row_counts=counts)
 
@@ -530,7 +522,7 @@ def _scan_for_orphans(conn: Connection, fk: ForeignKey, timeout_s: float) -> str
             cursor.execute(fk.orphan_query())
             return ORPHANS if cursor.fetchone() is not None else NO_ORPHANS
     except Exception as exc:
-        return TIMED_OUT if is_timeout(exc) else error_text(exc)
+        return TIMED_OUT if is_timeout(exc) else error_text(exc, one_line=True)
 
 
 def check_health(conn: Connection, queries: Sequence[str], timeout_s: float) -> Check:
@@ -547,7 +539,7 @@ def _run_health_query(conn: Connection, query: str, timeout_s: float) -> str | N
     except Exception as exc:
         if is_timeout(exc):
             return f"timed out after {_human_seconds(timeout_s)} (health_check_timeout)"
-        return f"failed: {error_text(exc)}"
+        return f"failed: {error_text(exc, one_line=True)}"
 
 
 def check_critical_tables(conn: Connection, tables: Sequence[str], baseline: Baseline | None) -> Check:
@@ -562,7 +554,7 @@ def check_critical_tables(conn: Connection, tables: Sequence[str], baseline: Bas
                 else:
                     after[table] = _count_rows(cursor, table)
         except Exception as exc:
-            after[table] = error_text(exc)
+            after[table] = error_text(exc, one_line=True)
     return critical_tables_check(tables, baseline.row_counts if baseline is not None else None, after)
 
 

@@ -12,12 +12,16 @@ from __future__ import annotations
 import json
 import logging
 import threading
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Callable, Iterable
+from typing import TYPE_CHECKING, Any
 
 import psycopg
 
+from agent.core.lockmodes import CONFLICTS
 from agent.core.redact import redact, redact_query
+
+if TYPE_CHECKING:
+    from sqlalchemy import Connection
 
 log = logging.getLogger(__name__)
 
@@ -100,3 +104,82 @@ def _row(conn: psycopg.Connection, values: tuple) -> dict[str, Any]:
         if row.get(key) is not None:
             row[key] = round(float(row[key]), 3)
     return row
+
+
+# -- who holds the locks a step will ask for (the pre-check and the retries of agent.core.retries) --
+
+# One round trip for all the step's tables: each with the modes that conflict with the one it will ask for.
+_HOLDERS = """
+SELECT t.name, l.pid, l.mode, a.application_name, a.usename, a.state, left(a.query, 200),
+       extract(epoch FROM now() - a.xact_start), extract(epoch FROM now() - a.state_change)
+FROM unnest(%(tables)s::text[], %(modes)s::text[]) AS t(name, conflicting)
+JOIN pg_locks l ON l.locktype = 'relation' AND l.relation = to_regclass(t.name)
+                AND l.mode = ANY(string_to_array(t.conflicting, ','))
+JOIN pg_stat_activity a ON a.pid = l.pid
+WHERE l.granted AND l.pid <> pg_backend_pid()
+"""
+
+
+def blockers(conn: Connection, targets: dict[str, str], *, older_than_s: float = 0.0) -> list[dict[str, Any]]:
+    """Sessions holding a lock that conflicts with one the step will ask for.
+
+    Only sessions whose transaction has been open at least ``older_than_s``
+    count. One entry per session, with the tables it holds; the oldest first.
+    Reads on ``conn`` and commits.
+    """
+    found: dict[int, dict[str, Any]] = {}
+    if not targets:
+        return []
+    tables = list(targets)
+    params = {"tables": tables, "modes": [",".join(sorted(CONFLICTS[targets[t]])) for t in tables]}
+    rows = conn.exec_driver_sql(_HOLDERS, params).all()
+    conn.commit()
+    for table, pid, held, app, user, state, query, xact_s, state_s in rows:
+        age = float(xact_s) if xact_s is not None else 0.0
+        if age < older_than_s:
+            continue
+        entry = found.setdefault(pid, {
+            "pid": pid,
+            "application_name": redact(app) if app else app,
+            "usename": user,
+            "state": state,
+            "query": redact_query(query or ""),
+            "xact_age_s": round(age, 3),
+            "state_age_s": round(float(state_s), 3) if state_s is not None else None,
+            "locks": [],
+        })
+        entry["locks"].append({"table": table, "mode": held, "conflicts_with": targets[table]})
+    return sorted(found.values(), key=lambda b: -b["xact_age_s"])
+
+
+def contended(conn: Connection, needs: Iterable[dict[str, str]]) -> set[str]:
+    """The tables, of all those some steps will lock, that any other session holds in a conflicting mode now.
+
+    One query for a whole plan (``needs``: each step's ``lock_targets``).
+    A table not in the answer had no holder at all when this ran, so for the
+    next ``holder_grace`` seconds no transaction holding it can be older than
+    the grace: its steps need no ``blockers`` check of their own until then.
+    Reads on ``conn`` and commits.
+    """
+    conflicting: dict[str, set[str]] = {}
+    for targets in needs:
+        for table, mode in targets.items():
+            conflicting.setdefault(table, set()).update(CONFLICTS[mode])
+    if not conflicting:
+        return set()
+    tables = list(conflicting)
+    rows = conn.exec_driver_sql(_CONTENDED, {"tables": tables, "modes": [",".join(sorted(conflicting[t])) for t in tables]}).all()
+    conn.commit()
+    return {row[0] for row in rows}
+
+
+# _HOLDERS without pg_stat_activity, whose snapshot costs more than the rest.
+_CONTENDED = """
+WITH wanted AS MATERIALIZED (
+    SELECT t.name, to_regclass(t.name) AS relation, string_to_array(t.conflicting, ',') AS modes
+    FROM unnest(%(tables)s::text[], %(modes)s::text[]) AS t(name, conflicting)
+)
+SELECT DISTINCT w.name
+FROM wanted w JOIN pg_locks l ON l.locktype = 'relation' AND l.relation = w.relation AND l.mode = ANY(w.modes)
+WHERE l.granted AND l.pid <> pg_backend_pid()
+"""

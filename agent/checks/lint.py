@@ -28,7 +28,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import pglast
 from pglast import ast
 from pglast.enums import (
     AlterTableType,
@@ -40,8 +39,13 @@ from pglast.enums import (
 )
 from pglast.parser import ParseError
 
-from agent.core.lockmodes import ACCESS_EXCLUSIVE, LOCK_TABLE_MODES, alter_table_locks
-from agent.validate import Finding, Severity
+from agent.checks.validate import Finding, Severity
+from agent.core.lockmodes import (
+    ACCESS_EXCLUSIVE,
+    LOCK_TABLE_MODES,
+    alter_table_locks,
+    parse_statements,
+)
 
 # Pure functions of a script's text or SQL, cached: a worker lints the same scripts migrate after migrate,
 # and a migrate parses each step's SQL twice (lint, then the locks it takes). Sized for plans of thousands.
@@ -362,7 +366,7 @@ class LintFinding:
         }
 
     def to_finding(self) -> Finding:
-        """The same finding in ``agent.validate``'s shape, the fix folded into the message."""
+        """The same finding in ``agent.checks.validate``'s shape, the fix folded into the message."""
         return Finding(self.revision, self.rule, self.severity, f"{self.message}. Fix: {self.fix}", self.file)
 
 
@@ -865,15 +869,6 @@ def _directive_findings(
     return findings
 
 
-@functools.lru_cache(maxsize=CACHE_SIZE)
-def parse_statements(sql: str) -> tuple[ast.RawStmt, ...]:
-    """pglast's parse of ``sql``, cached: a migrate lints each step's SQL and then reads the locks it takes.
-
-    Callers must not modify the nodes. Raises ``pglast.parser.ParseError``.
-    """
-    return tuple(pglast.parse_sql(sql))
-
-
 def lint_sql(
     sql: str,
     *,
@@ -940,7 +935,7 @@ def lint_migrations(
     Each revision is rendered offline (``url`` only picks the dialect; nothing
     connects) and linted on its own, with the allow directives of its file.
     """
-    from agent.migrator import Migrator  # Alembic stays out of the pure core's imports.
+    from agent.postgres.migrator import Migrator  # Alembic stays out of the pure core's imports.
 
     migrator = migrator or Migrator(script_location, url)
     render = render or migrator.offline_sql

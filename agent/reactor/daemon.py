@@ -16,11 +16,9 @@ from typing import Any
 
 import psycopg
 
-from agent.audit import AuditSink, connect
 from agent.bus import keys
 from agent.bus.consumer import ConsumerOptions, Entry, GroupConsumer, Outcome
 from agent.bus.producer import Producer
-from agent.connections import ping_redis, redis_client
 from agent.core.commands import Command, CommandType
 from agent.core.errors import DbAgentError
 from agent.core.events import Event, EventType
@@ -28,6 +26,8 @@ from agent.core.lifecycle import pause_point
 from agent.core.redact import redact
 from agent.core.rollback import AGENT_ACTOR, ROLLBACK_TRIGGERS, NoRollback, decide, plan_escalation
 from agent.monitoring import alert, flush, init_sentry
+from agent.postgres.connections import ping_redis, redis_client
+from agent.reactor.audit import AuditSink, connect
 from agent.settings import Settings
 
 log = logging.getLogger("dbagent.agent")

@@ -12,18 +12,18 @@ from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import Connection, text
 
-from agent import backups as bk
-from agent.backups import BackupKind, Manifest, Trigger
-from agent.connections import create_scratch_database, drop_scratch_database, pg_connection
 from agent.core.commands import BackupArgs, PruneArgs, RestoreArgs, VerifyBackupArgs
 from agent.core.durations import postgres_interval
 from agent.core.errors import BadInput, DbAgentError, OperationFailed
 from agent.core.events import EventType
 from agent.core.lifecycle import Phase, pause_point
 from agent.core.redact import redact
+from agent.postgres import backups as bk
+from agent.postgres.backups import BackupKind, Manifest, Trigger
+from agent.postgres.connections import create_scratch_database, drop_scratch_database, pg_connection
 
 if TYPE_CHECKING:
-    from agent.runner import Run
+    from agent.operations.runner import Run
 
 
 def _backup_dir(run: Run) -> Path:

@@ -28,8 +28,8 @@ from alembic.script.revision import RevisionError
 from alembic.util import CommandError
 from sqlalchemy import Connection
 
-from agent.connections import sqlalchemy_url
 from agent.core.errors import BadInput
+from agent.postgres.connections import sqlalchemy_url
 
 BASE = "base"
 HEAD = "head"

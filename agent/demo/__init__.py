@@ -1,0 +1,1 @@
+"""``dbagent demo``: embedded PostgreSQL and Redis (servers, shared with the tests) and the walkthrough."""
