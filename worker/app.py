@@ -15,7 +15,7 @@ from agent.core.errors import ConfigError
 from agent.core.lifecycle import STOP
 from agent.core.redact import redact
 from agent.monitoring import alert, init_sentry
-from agent.operations import runner
+from agent.operations import lifecycle
 from agent.settings import Settings
 from worker import intake
 
@@ -40,8 +40,8 @@ def create_app(settings: Settings, db_name: str) -> Celery:
 
     @app.task(name=EXECUTE_TASK, acks_late=True, reject_on_worker_lost=True, ignore_result=True)
     def execute(message: Any) -> None:
-        # decode → authorise → lock → call → emit: all in runner.execute.
-        outcome = runner.execute(settings, db_name, message)
+        # decode → authorise → lock → call → emit: all in lifecycle.execute.
+        outcome = lifecycle.execute(settings, db_name, message)
         # What a log line or an alert quotes of a command is bounded and escaped (intake.excerpt).
         error = intake.excerpt(outcome["error"], LOGGED_ERROR_CHARS) if outcome.get("error") else None
         log.info(
@@ -60,7 +60,7 @@ def create_app(settings: Settings, db_name: str) -> Celery:
                 actor=(message.get("actor") if isinstance(message, dict) else None),
             )
 
-    relay = runner.Relay(settings, db_name)
+    relay = lifecycle.Relay(settings, db_name)
 
     @worker_ready.connect(weak=False)
     def recover(**_: Any) -> None:

@@ -172,14 +172,14 @@ class Intake:
     def dead_letter(self, raw: bytes | str, queue: str, reason: str, message: dict[str, Any] | None) -> None:
         """Record a refused message (bounded), say so with command.rejected, never raise."""
         from agent.bus.eventlog import EventLog
-        from agent.operations import runner
+        from agent.operations import context, lifecycle
         from agent.operations.journal import Journal
         from agent.postgres.connections import redis_client
 
         self.refused += 1
         data = raw.encode() if isinstance(raw, str) else bytes(raw)
         claimed = message.get("id") if message else None
-        command_id = claimed if isinstance(claimed, str) and 0 < len(claimed) <= runner.MAX_ID_CHARS else None
+        command_id = claimed if isinstance(claimed, str) and 0 < len(claimed) <= lifecycle.MAX_ID_CHARS else None
         digest = message_digest(message) if message is not None else None
         record = {
             "at": time.time(),
@@ -203,9 +203,9 @@ class Intake:
                 pipe.ltrim(dead, 0, keys.DEAD_COMMANDS_KEPT - 1)
                 pipe.execute()
             journal = Journal(EventLog(client, prefix), prefix, self.db_name, None)
-            worker = self.worker or runner.worker_name(self.db_name)
+            worker = self.worker or context.worker_name(self.db_name)
             event = {k: record[k] for k in ("size", "sha256", "queue")}
-            runner.record_rejection(
+            lifecycle.record_rejection(
                 journal, self.settings.databases[self.db_name], reason, worker,
                 command_id=command_id, dead_letter=True, **event,
             )

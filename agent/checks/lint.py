@@ -39,7 +39,7 @@ from pglast.enums import (
 )
 from pglast.parser import ParseError
 
-from agent.checks.validate import Finding, Severity
+from agent.core.findings import Finding, Severity, status_of
 from agent.core.lockmodes import (
     ACCESS_EXCLUSIVE,
     LOCK_TABLE_MODES,
@@ -342,39 +342,7 @@ def _literal_sql(node: Any) -> str | None:
     return None
 
 
-@dataclass(frozen=True)
-class LintFinding:
-    """One risky statement in one migration."""
-
-    revision: str | None
-    rule: str
-    severity: Severity
-    message: str
-    statement: str
-    fix: str
-    file: str | None = None
-
-    def to_json(self) -> dict[str, Any]:
-        return {
-            "revision": self.revision,
-            "rule": self.rule,
-            "severity": str(self.severity),
-            "message": self.message,
-            "statement": self.statement,
-            "fix": self.fix,
-            "file": self.file,
-        }
-
-    def to_finding(self) -> Finding:
-        """The same finding in ``agent.checks.validate``'s shape, the fix folded into the message."""
-        return Finding(self.revision, self.rule, self.severity, f"{self.message}. Fix: {self.fix}", self.file)
-
-
-def status_of(findings: list[LintFinding]) -> str:
-    return "failed" if any(f.severity == Severity.ERROR for f in findings) else "passed"
-
-
-def report(findings: list[LintFinding]) -> dict[str, Any]:
+def report(findings: list[Finding]) -> dict[str, Any]:
     """The ``--json`` body: ``{"status", "findings": [...]}``."""
     return {"status": status_of(findings), "findings": [f.to_json() for f in findings]}
 
@@ -533,7 +501,7 @@ class _Linter:
         self.revision = revision
         self.file = file
         self.runner_sets_lock_timeout = runner_sets_lock_timeout
-        self.findings: list[LintFinding] = []
+        self.findings: list[Finding] = []
         self.new_tables: set[str] = set()
         self.index_table: dict[str, str] = {}
         self.in_transaction = False
@@ -564,7 +532,7 @@ class _Linter:
             ast.VacuumStmt: self.vacuum,
         }
 
-    def run(self, statements: tuple[ast.RawStmt, ...]) -> list[LintFinding]:
+    def run(self, statements: tuple[ast.RawStmt, ...]) -> list[Finding]:
         handlers = self.handlers
         for raw in statements:
             handler = handlers.get(type(raw.stmt))
@@ -591,7 +559,7 @@ class _Linter:
     def report(self, rule_name: str, detail: str) -> None:
         rule = RULES[rule_name]
         self.findings.append(
-            LintFinding(
+            Finding(
                 revision=self.revision,
                 rule=rule.name,
                 severity=rule.severity,
@@ -853,7 +821,7 @@ class _Linter:
 
 def _directive_findings(
     disabled: dict[str, str], revision: str | None, file: str | None
-) -> list[LintFinding]:
+) -> list[Finding]:
     findings = []
     for name, reason in disabled.items():
         statement = f"# dbagent: allow {name}" + (f" -- {reason}" if reason else "")
@@ -865,7 +833,7 @@ def _directive_findings(
             message = f"allow directive for {name} has no reason: {rule.why}"
         else:
             continue
-        findings.append(LintFinding(revision, rule.name, rule.severity, message, statement, rule.fix, file))
+        findings.append(Finding(revision, rule.name, rule.severity, message, statement, rule.fix, file))
     return findings
 
 
@@ -877,7 +845,7 @@ def lint_sql(
     disabled: dict[str, str] | None = None,
     file: str | None = None,
     version_table: str = VERSION_TABLE,
-) -> list[LintFinding]:
+) -> list[Finding]:
     """Every risky statement in the SQL of one migration, in statement order.
 
     ``disabled`` maps rule names to the reason they do not apply (see
@@ -896,7 +864,7 @@ def _lint_sql(
     disabled_items: tuple[tuple[str, str], ...],
     file: str | None,
     version_table: str,
-) -> tuple[LintFinding, ...]:
+) -> tuple[Finding, ...]:
     disabled = dict(disabled_items)
     findings = _directive_findings(disabled, revision, file)
     off = {name for name, reason in disabled.items() if reason.strip()}
@@ -905,7 +873,7 @@ def _lint_sql(
     except ParseError as exc:
         rule = RULES["parse-error"]
         findings.append(
-            LintFinding(
+            Finding(
                 revision,
                 rule.name,
                 rule.severity,
@@ -929,7 +897,7 @@ def lint_migrations(
     only: Collection[str] | None = None,
     migrator: Any = None,
     render: Callable[[Any], str] | None = None,
-) -> list[LintFinding]:
+) -> list[Finding]:
     """Lint the upgrade() SQL of every revision (or those in ``only``) of a script directory, oldest first.
 
     Each revision is rendered offline (``url`` only picks the dialect; nothing
@@ -940,7 +908,7 @@ def lint_migrations(
     migrator = migrator or Migrator(script_location, url)
     render = render or migrator.offline_sql
     version_table = migrator.environment().version_table
-    findings: list[LintFinding] = []
+    findings: list[Finding] = []
     for step in migrator.upgrade_plan(None):
         if only is not None and step.revision not in only:
             continue
@@ -952,7 +920,7 @@ def lint_migrations(
         except Exception as exc:  # noqa: BLE001 - a script's own code may raise anything
             rule = RULES["render-failed"]
             findings.append(
-                LintFinding(
+                Finding(
                     step.revision,
                     rule.name,
                     rule.severity,
@@ -976,7 +944,7 @@ def lint_migrations(
         if "transaction-control" not in {name for name, reason in disabled.items() if reason.strip()}:
             rule = RULES["transaction-control"]
             findings.extend(
-                LintFinding(step.revision, rule.name, rule.severity, f"{what} at line {line}: {rule.why}", what, rule.fix,
+                Finding(step.revision, rule.name, rule.severity, f"{what} at line {line}: {rule.why}", what, rule.fix,
                             path.name)
                 for line, what in transaction_control(source)
             )

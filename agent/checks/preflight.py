@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from agent.core.errors import BadInput, error_text
+from agent.core.findings import Finding, Severity, is_error, status_of
 from agent.postgres.migrator import Migrator, Step
 
 CHANGED = "applied-migration-changed"
@@ -44,8 +45,8 @@ def script_checksum(migrator: Migrator, revision: str) -> str:
 
 def finding(revision: str | None, rule: str, severity: str, message: str, *, statement: str | None = None,
              fix: str | None = None, file: str | None = None) -> dict[str, Any]:
-    return {"revision": revision, "rule": rule, "severity": severity, "message": message,
-            "statement": statement, "fix": fix, "file": file}
+    """A ``Finding`` in its JSON shape, the one the verdict, ``validate --json`` and the events carry."""
+    return Finding(revision, rule, Severity(severity), message, statement=statement, fix=fix, file=file).to_json()
 
 
 def checksum_findings(migrator: Migrator, current: str | None, recorded: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
@@ -128,7 +129,7 @@ def findings(
     from agent.checks.validate import check_sources, load_sources
 
     structural = check_sources(load_sources(location), naming)
-    out = [finding(f.revision, f.rule, str(f.severity), f.message, file=f.file) for f in structural]
+    out = [f.to_json() for f in structural]
     # Each part on its own: a structural error in one script hides neither the lint of the others
     # nor its own; only what cannot be read at all (a graph Alembic refuses) stops a part, said so.
     try:
@@ -160,10 +161,6 @@ def reviewed(migrator: Migrator, lint_from: str) -> set[str]:
         raise BadInput(f"lint_from = {lint_from!r}: {exc.message}") from None
 
 
-def status_of(found: list[dict[str, Any]]) -> str:
-    return "failed" if any(f["severity"] == "error" for f in found) else "passed"
-
-
 @dataclass
 class Verdict:
     """What a migrate makes of the findings: what stops it, what --allow let through."""
@@ -173,18 +170,18 @@ class Verdict:
 
     @property
     def blocking(self) -> list[dict[str, Any]]:
-        return [f for f in self.findings if f["severity"] == "error" and f["rule"] not in self.allow]
+        return [f for f in self.findings if is_error(f) and f["rule"] not in self.allow]
 
     @property
     def allowed(self) -> list[dict[str, Any]]:
-        return [f for f in self.findings if f["severity"] == "error" and f["rule"] in self.allow]
+        return [f for f in self.findings if is_error(f) and f["rule"] in self.allow]
 
     def summary(self) -> str:
         return "; ".join(f"{f.get('revision') or '-'} [{f['rule']}] {f['message'].split(':')[0]}" for f in self.blocking[:5])
 
     def to_json(self) -> dict[str, Any]:
         return {
-            "status": "failed" if self.blocking else "passed",
+            "status": status_of(self.blocking),
             "findings": self.findings,
             "allowed": [f"{f.get('revision')}:{f['rule']}" for f in self.allowed],
             "allow": self.allow,

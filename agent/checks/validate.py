@@ -16,12 +16,12 @@ from __future__ import annotations
 import ast
 import functools
 import re
-from dataclasses import asdict, dataclass
-from enum import StrEnum
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from agent.core.errors import BadInput
+from agent.core.findings import Finding, Severity
 
 FILE_NAME = re.compile(r"^(?P<number>\d{3})_(?P<description>[a-z0-9]+(?:_[a-z0-9]+)*)\.py$")
 _NUMBERED = re.compile(r"^\d{3}_")
@@ -30,25 +30,6 @@ SEQUENTIAL = "sequential"
 ALEMBIC = "alembic"
 AUTO = "auto"
 NAMINGS = (SEQUENTIAL, ALEMBIC)
-
-
-class Severity(StrEnum):
-    ERROR = "error"
-    WARNING = "warning"
-
-
-@dataclass(frozen=True)
-class Finding:
-    revision: str | None
-    rule: str
-    severity: Severity
-    message: str
-    file: str | None = None
-
-    def to_json(self) -> dict[str, Any]:
-        body = asdict(self)
-        body["severity"] = str(self.severity)
-        return body
 
 
 @dataclass(frozen=True)
@@ -165,14 +146,14 @@ def check_sources(sources: list[tuple[str, str]], naming: str = SEQUENTIAL) -> l
 
     def error(script: ScriptInfo | None, rule: str, message: str, file: str | None = None) -> None:
         findings.append(
-            Finding(script.revision if script else None, rule, Severity.ERROR, message, file or (script.file if script else None))
+            Finding(script.revision if script else None, rule, Severity.ERROR, message, file=file or (script.file if script else None))
         )
 
     for file, source in sources:
         try:
             script = inspect_script(file, source)
         except SyntaxError as exc:
-            findings.append(Finding(None, "syntax", Severity.ERROR, f"{file}: does not parse: {exc.msg} (line {exc.lineno})", file))
+            findings.append(Finding(None, "syntax", Severity.ERROR, f"{file}: does not parse: {exc.msg} (line {exc.lineno})", file=file))
             continue
         scripts.append(script)
         if sequential and script.number is None:
@@ -239,7 +220,7 @@ def _graph_findings(scripts: list[ScriptInfo], files: dict[str, str]) -> list[Fi
             if parent not in files:
                 found.append(Finding(
                     script.revision, "chain", Severity.ERROR,
-                    f"{script.file}: down_revision {parent!r} is no revision of these scripts", script.file,
+                    f"{script.file}: down_revision {parent!r} is no revision of these scripts", file=script.file,
                 ))
     referenced = {parent for s in scripts for parent in s.parents}
     heads = sorted(s.revision for s in scripts if s.revision and s.revision not in referenced)
@@ -257,9 +238,3 @@ def _graph_findings(scripts: list[ScriptInfo], files: dict[str, str]) -> list[Fi
             " unless its branches are declared",
         ))
     return found
-
-
-def status_of(findings: list[Finding]) -> str:
-    if any(f.severity == Severity.ERROR for f in findings):
-        return "failed"
-    return "passed"

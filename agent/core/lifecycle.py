@@ -29,7 +29,7 @@ never run again. What the crash left, per phase (``CRASH_LEAVES``), is what
 the report says; the agent rolls back only a migrate whose revision before is
 known, and only down to it.
 
-Pure: no I/O. The worker's side is ``agent.operations.runner``.
+Pure: no I/O. The worker's side is ``agent.operations.lifecycle``.
 """
 
 from __future__ import annotations

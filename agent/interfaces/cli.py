@@ -580,7 +580,7 @@ def validate(
     # The rehearsal applies the scripts: it needs a graph Alembic can walk, nothing more.
     sound = not any(f["rule"] in preflight.GRAPH_RULES and f["severity"] == "error" for f in findings)
     if rehearse and sound:
-        from agent.operations.rehearse import rehearse as run_rehearsal
+        from agent.checks.rehearse import rehearse as run_rehearsal
 
         progress = None if as_json else (lambda line: out.print(line, markup=False))
         outcome = run_rehearsal(db_name, database, from_empty=from_empty, on_progress=progress)

@@ -23,7 +23,7 @@ from agent.postgres.backups import BackupKind, Manifest, Trigger
 from agent.postgres.connections import create_scratch_database, drop_scratch_database, pg_connection
 
 if TYPE_CHECKING:
-    from agent.operations.runner import Run
+    from agent.operations.context import Run
 
 
 def _backup_dir(run: Run) -> Path:

@@ -27,6 +27,7 @@ from agent.core.commands import Command
 from agent.core.events import Event, EventType
 from agent.core.redact import redact
 from agent.postgres import store
+from agent.postgres.connections import rollback_quietly
 
 if TYPE_CHECKING:
     from sqlalchemy import Connection, Engine
@@ -37,16 +38,6 @@ log = logging.getLogger(__name__)
 
 # Events of committed steps go out together, at most this long after the first of them (flush_soon).
 PUBLISH_EVERY_S = 0.1
-
-
-def rollback_quietly(conn: Connection | None) -> None:
-    """Roll back whatever is open; a connection already gone has nothing left to roll back."""
-    if conn is None:
-        return
-    try:
-        conn.rollback()
-    except Exception:  # noqa: BLE001 - the connection is gone
-        pass
 
 
 class Journal:

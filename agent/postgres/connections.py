@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING
 
 import redis
 
+from agent.core.durations import postgres_interval
 from agent.core.errors import Unavailable
 from agent.core.redact import redact
 from agent.settings import DatabaseSettings, RedisSettings
@@ -71,24 +72,35 @@ def pg_engine(db: DatabaseSettings, application_name: str = "dbagent") -> Engine
     )
 
 
-@contextmanager
-def pg_connection(db: DatabaseSettings, application_name: str = "dbagent") -> Iterator[Connection]:
-    """A dedicated connection; an unreachable server is an Unavailable."""
+def open_connection(db: DatabaseSettings, application_name: str = "dbagent") -> Connection:
+    """A dedicated connection the caller closes (a long-lived one: the audit sink's); unreachable: Unavailable."""
     import sqlalchemy.exc
 
-    engine = pg_engine(db, application_name)
     try:
-        try:
-            conn = engine.connect()
-        except sqlalchemy.exc.OperationalError as exc:
-            reason = redact(str(exc.orig) if exc.orig else exc).strip().splitlines()[0]
-            raise Unavailable(f"cannot reach PostgreSQL at {display_url(db.url)}: {reason}") from None
-        try:
-            yield conn
-        finally:
-            conn.close()
+        return pg_engine(db, application_name).connect()
+    except sqlalchemy.exc.OperationalError as exc:
+        reason = redact(str(exc.orig) if exc.orig else exc).strip().splitlines()[0]
+        raise Unavailable(f"cannot reach PostgreSQL at {display_url(db.url)}: {reason}") from None
+
+
+@contextmanager
+def pg_connection(db: DatabaseSettings, application_name: str = "dbagent") -> Iterator[Connection]:
+    """A dedicated connection for one piece of work, closed after it; an unreachable server is an Unavailable."""
+    conn = open_connection(db, application_name)
+    try:
+        yield conn
     finally:
-        engine.dispose()
+        conn.close()
+
+
+def rollback_quietly(conn: Connection | None) -> None:
+    """Roll back whatever is open; a connection already gone has nothing left to roll back."""
+    if conn is None:
+        return
+    try:
+        conn.rollback()
+    except Exception:  # noqa: BLE001 - the connection is gone
+        pass
 
 
 # -- scratch databases (backup drills, migration rehearsals) --------------------
@@ -157,3 +169,19 @@ def create_scratch_database(db: DatabaseSettings, name: str, purpose: str) -> Da
 def drop_scratch_database(db: DatabaseSettings, name: str, purpose: str) -> None:
     with maintenance_connection(db, f"dbagent {purpose}") as admin:
         admin.exec_driver_sql(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+def apply_timeouts(conn: Connection, db: DatabaseSettings) -> None:
+    """Every statement of the session waits for locks and runs at most as long as configured."""
+    settings = {"lock_timeout": postgres_interval(db.lock_timeout), "statement_timeout": postgres_interval(db.statement_timeout)}
+    if conn.dialect.server_version_info >= (14,):
+        # A statement keeps running after its client died unless the server
+        # checks the socket; without this, a killed worker's long step would
+        # hold the database's lock until the step finished on its own.
+        settings["client_connection_check_interval"] = "1s"
+    # One round trip for all of them; session-level (is_local false), like SET.
+    conn.exec_driver_sql(
+        "SELECT " + ", ".join("set_config(%s, %s, false)" for _ in settings),
+        tuple(value for pair in settings.items() for value in pair),
+    )
+    conn.commit()

@@ -497,3 +497,64 @@ def changelog(conn: Connection, limit: int) -> list[dict[str, Any]]:
         {"limit": limit},
     ).mappings()
     return [_with_steps_done(row) for row in rows]
+
+
+# -- the audit trail as the agent writes and reads it --------------------------------
+
+# A batch goes in by COPY into a session-private staging table, then one idempotent INSERT.
+_AUDIT_STAGING = (
+    "CREATE TEMP TABLE IF NOT EXISTS audit_in (id text, ts timestamptz, type text, db text, command_id text,"
+    " actor text, ticket text, host text, data jsonb) ON COMMIT DELETE ROWS"
+)
+_AUDIT_MERGE = (
+    f"INSERT INTO {SCHEMA}.audit_log ({_EVENT_COLUMNS}) SELECT {_EVENT_COLUMNS} FROM audit_in"
+    " ON CONFLICT (id) DO NOTHING"
+)
+
+
+def insert_events(conn: Connection, events: list[Event]) -> None:
+    """Write a batch of events to the audit log (ids already there are left as they are); does not commit.
+
+    COPY through the driver's own connection: a thousand events cost one round trip, not a thousand.
+    """
+    conn.exec_driver_sql(_AUDIT_STAGING)  # through SQLAlchemy first: it begins the transaction commit() ends
+    with conn.connection.driver_connection.cursor() as cur, cur.copy(f"COPY audit_in ({_EVENT_COLUMNS}) FROM STDIN") as copy:
+        for e in events:
+            copy.write_row((e.id, e.ts, e.type, e.db, e.command_id, e.actor, e.ticket, e.host,
+                            json.dumps(e.data, default=str)))
+    conn.exec_driver_sql(_AUDIT_MERGE)
+
+
+def recent_events(
+    conn: Connection, *, limit: int, command_id: str | None = None, after_ts: datetime | None = None
+) -> list[dict[str, Any]]:
+    """The newest ``limit`` audit entries (of one command, after a time), oldest first; [] without the schema."""
+    if conn.exec_driver_sql(f"SELECT to_regclass('{SCHEMA}.audit_log')").scalar() is None:
+        return []
+    rows = conn.execute(
+        text(
+            f"SELECT {_EVENT_COLUMNS} FROM ("
+            f" SELECT * FROM {SCHEMA}.audit_log"
+            " WHERE (CAST(:command AS text) IS NULL OR command_id = :command)"
+            " AND (CAST(:after AS timestamptz) IS NULL OR ts > :after)"
+            " ORDER BY ts DESC, seq DESC LIMIT :limit) newest ORDER BY ts, seq"
+        ),
+        {"command": command_id, "after": after_ts, "limit": limit},
+    ).mappings().all()
+    return [dict(r) for r in rows]
+
+
+def last_changing_migrate(conn: Connection, not_after: datetime) -> dict[str, Any] | None:
+    """The last migrate run that changed something, at or before ``not_after``: its command, revisions, backup."""
+    row = conn.execute(
+        text(
+            "SELECT c.command_id, c.data->>'revision_before' AS revision_before, s.data->'backup' AS backup,"
+            " c.data->>'revision_after' AS revision_after"
+            f" FROM {SCHEMA}.audit_log c"
+            f" LEFT JOIN {SCHEMA}.audit_log s ON s.command_id = c.command_id AND s.type = 'migration.started'"
+            " WHERE c.type = 'migration.completed' AND (c.data->>'steps')::int > 0 AND c.ts <= :ts"
+            " ORDER BY c.ts DESC, c.seq DESC LIMIT 1"
+        ),
+        {"ts": not_after},
+    ).mappings().first()
+    return dict(row) if row is not None else None

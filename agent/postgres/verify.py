@@ -36,6 +36,7 @@ from sqlalchemy import Connection
 
 from agent.core.durations import postgres_interval
 from agent.core.errors import OperationFailed, error_text
+from agent.postgres.connections import rollback_quietly
 
 if TYPE_CHECKING:
     from agent.settings import DatabaseSettings
@@ -389,13 +390,6 @@ def _finish_open_transaction(conn: Connection) -> None:
         conn.commit()
 
 
-def _rollback_quietly(conn: Connection) -> None:
-    try:
-        conn.rollback()
-    except Exception:  # the connection is gone; the next check will say so
-        pass
-
-
 @contextmanager
 def _read_only(conn: Connection, timeout_s: float | None = None) -> Iterator[Any]:
     """A read-only transaction of its own on conn (a psycopg cursor), always rolled back."""
@@ -412,7 +406,7 @@ def _read_only(conn: Connection, timeout_s: float | None = None) -> Iterator[Any
         finally:
             cursor.close()
     finally:
-        _rollback_quietly(conn)
+        rollback_quietly(conn)
 
 
 def _guarded(conn: Connection, name: str, check: Callable[[], Check]) -> Check:
@@ -423,7 +417,7 @@ def _guarded(conn: Connection, name: str, check: Callable[[], Check]) -> Check:
         log.warning("verification check %s could not run: %s", name, error_text(exc, one_line=True))
         return Check(name, False, f"the check could not run: {error_text(exc, one_line=True)}")
     finally:
-        _rollback_quietly(conn)
+        rollback_quietly(conn)
 
 
 def _not_valid_constraints(cursor: Any) -> list[str]:
@@ -486,7 +480,7 @@ def capture_baseline(conn: Connection, db: DatabaseSettings) -> Baseline:
             cursor.close()
         conn.commit()
     except Exception as exc:
-        _rollback_quietly(conn)
+        rollback_quietly(conn)
         raise OperationFailed(
             f"could not read the state to verify the run against, so nothing was migrated: {error_text(exc, one_line=True)}"
         ) from None

@@ -14,20 +14,20 @@ import socket
 import threading
 from typing import Any
 
-import psycopg
+from sqlalchemy.exc import SQLAlchemyError
 
 from agent.bus import keys
 from agent.bus.consumer import ConsumerOptions, Entry, GroupConsumer, Outcome
 from agent.bus.producer import Producer
 from agent.core.commands import Command, CommandType
-from agent.core.errors import DbAgentError
+from agent.core.errors import DbAgentError, error_text
 from agent.core.events import Event, EventType
 from agent.core.lifecycle import pause_point
-from agent.core.redact import redact
 from agent.core.rollback import AGENT_ACTOR, ROLLBACK_TRIGGERS, NoRollback, decide, plan_escalation
 from agent.monitoring import alert, flush, init_sentry
-from agent.postgres.connections import ping_redis, redis_client
-from agent.reactor.audit import AuditSink, connect
+from agent.postgres import store
+from agent.postgres.connections import pg_connection, ping_redis, redis_client
+from agent.reactor.audit import AuditSink
 from agent.settings import Settings
 
 log = logging.getLogger("dbagent.agent")
@@ -109,20 +109,10 @@ class RollbackTrigger:
         """The database's last migrate run that changed something, from its audit log."""
         db = self.settings.databases[event.db]
         try:
-            with connect(db, "dbagent agent") as conn:
-                row = conn.execute(
-                    "SELECT c.command_id, c.data->>'revision_before', s.data->'backup', c.data->>'revision_after'"
-                    " FROM dbagent.audit_log c"
-                    " LEFT JOIN dbagent.audit_log s ON s.command_id = c.command_id AND s.type = 'migration.started'"
-                    " WHERE c.type = 'migration.completed' AND (c.data->>'steps')::int > 0 AND c.ts <= %s"
-                    " ORDER BY c.ts DESC, c.seq DESC LIMIT 1",
-                    (event.ts,),
-                ).fetchone()
-        except psycopg.Error as exc:
-            raise DbAgentError(f"cannot read the audit log of {event.db}: {redact(exc)}") from None
-        if row is None:
-            return None
-        return {"command_id": row[0], "revision_before": row[1], "backup": row[2], "revision_after": row[3]}
+            with pg_connection(db, "dbagent agent") as conn:
+                return store.last_changing_migrate(conn, event.ts)
+        except SQLAlchemyError as exc:
+            raise DbAgentError(f"cannot read the audit log of {event.db}: {error_text(exc, one_line=True)}") from None
 
 
 def run_agent(settings: Settings, name: str | None = None, stop: threading.Event | None = None) -> None:

@@ -229,7 +229,7 @@ def test_a_second_delivery_of_a_running_command_leaves_it_alone(env, tmp_path, r
 
 def test_backup_progress_is_written_beside_the_dump_and_the_snapshot_holds(env, redis_client, monkeypatch):
     """backup.progress on its own connection: the dump's snapshot transaction is never touched."""
-    from agent.operations import runner
+    from agent.operations import lifecycle
     from agent.postgres import backups
 
     env.start_worker()
@@ -241,7 +241,7 @@ def test_backup_progress_is_written_beside_the_dump_and_the_snapshot_holds(env, 
     monkeypatch.setenv("DBAGENT_SIGNING_KEY", SIGNING_KEY)
     settings = load_settings(env.config)
     command = Command(type=CommandType.BACKUP, db="test", args={"kind": "full"}, actor="t").expiring_in(600)
-    result = runner.execute(settings, "test", command.signed(SIGNING_KEY.encode()).to_message(), client=redis_client)
+    result = lifecycle.execute(settings, "test", command.signed(SIGNING_KEY.encode()).to_message(), client=redis_client)
     assert result["status"] == "succeeded", result
     progress = env.sql("SELECT count(*) FROM dbagent.audit_log WHERE command_id = %s AND type = 'backup.progress'", command.id)
     assert progress[0][0] >= 1

@@ -11,23 +11,21 @@ from agent.checks.lint import (
     HAZARD_RULES,
     RULES,
     STATEMENT_MAX_CHARS,
-    LintFinding,
     disabled_rules,
     lint_migrations,
     lint_sql,
     report,
-    status_of,
 )
-from agent.checks.validate import Finding, Severity
+from agent.core.findings import Finding, Severity, status_of
 
 MIGRATIONS = Path(__file__).resolve().parents[2] / "migrations"
 
 
-def lint(sql: str, **kwargs) -> list[LintFinding]:
+def lint(sql: str, **kwargs) -> list[Finding]:
     return lint_sql(sql, revision="012", **kwargs)
 
 
-def rules(findings: list[LintFinding]) -> list[str]:
+def rules(findings: list[Finding]) -> list[str]:
     return [f.rule for f in findings]
 
 
@@ -489,26 +487,25 @@ def test_report_json_shape():
     assert report([])["status"] == "passed"
 
 
-def test_to_finding_gives_validate_its_shape_with_the_fix():
+def test_a_lint_finding_is_the_one_finding_type_with_its_statement_and_fix():
     (lint_finding,) = lint("TRUNCATE sessions", file="012_x.py")
 
-    finding = lint_finding.to_finding()
-
-    assert isinstance(finding, Finding)
-    assert (finding.revision, finding.rule, finding.severity, finding.file) == (
+    assert isinstance(lint_finding, Finding)
+    assert (lint_finding.revision, lint_finding.rule, lint_finding.severity, lint_finding.file) == (
         "012",
         "truncate",
         Severity.ERROR,
         "012_x.py",
     )
-    assert lint_finding.fix in finding.message
+    assert lint_finding.statement == "TRUNCATE sessions" and lint_finding.fix
+    assert Finding.from_json(lint_finding.to_json()) == lint_finding
 
 
 # -- the shipped migrations -----------------------------------------------------------
 
 
 @pytest.fixture(scope="module")
-def shipped_findings() -> list[LintFinding]:
+def shipped_findings() -> list[Finding]:
     return lint_migrations(MIGRATIONS)
 
 

@@ -195,12 +195,12 @@ def test_a_pyproject_toml_project_is_read_with_its_tool_alembic_settings(tmp_pat
 
 
 def test_a_worker_sees_a_new_revision_where_the_project_keeps_its_scripts(tmp_path):
-    """The worker's parsed scripts (runner.cached_migrator) are read again when a file changes in the project's
+    """The worker's parsed scripts (context.cached_migrator) are read again when a file changes in the project's
     version_locations, not only in versions/: a revision added there is planned, not silently left out."""
     from alembic import command
     from alembic.config import Config
 
-    from agent.operations.runner import cached_migrator
+    from agent.operations.context import cached_migrator
 
     command.init(Config(str(tmp_path / "alembic.ini")), str(tmp_path / "alembic"), template="generic")
     ini = tmp_path / "alembic.ini"

@@ -1,11 +1,11 @@
-"""Which plans in one transaction write their steps' records together (agent/operations/runner.py ``_may_commit_midway``):
+"""Which plans in one transaction write their steps' records together (agent/operations/steps.py ``may_commit_midway``):
 only those none of whose scripts may commit before it ends. Scripts made with ``alembic revision``; no database."""
 
 from __future__ import annotations
 
 import pytest
 
-from agent.operations.runner import _may_commit_midway
+from agent.operations.steps import may_commit_midway
 from agent.postgres.migrator import Migrator
 from tests.alembic_projects import linear_project
 
@@ -28,4 +28,4 @@ def test_a_script_that_may_commit_midway_is_told_apart(tmp_path, case):
     migrator = Migrator(tmp_path / "project", UNREACHABLE)
     (step,) = migrator.upgrade_plan(None)
     assert step.revision == revision
-    assert _may_commit_midway(migrator, step) is commits
+    assert may_commit_midway(migrator, step) is commits

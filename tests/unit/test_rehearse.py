@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from agent.operations.rehearse import (
+from agent.checks.rehearse import (
     SCRATCH_PREFIX,
     SchemaObject,
     compare,

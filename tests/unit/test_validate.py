@@ -7,14 +7,12 @@ from pathlib import Path
 import pytest
 
 from agent.checks.validate import (
-    Finding,
-    Severity,
     check_sources,
     inspect_script,
     load_sources,
-    status_of,
 )
 from agent.core.errors import BadInput
+from agent.core.findings import Finding, Severity, status_of
 
 MIGRATIONS = Path(__file__).resolve().parents[2] / "migrations"
 
@@ -257,6 +255,8 @@ def test_finding_to_json():
         "rule": "downgrade",
         "severity": "error",
         "message": "001_a.py: has no downgrade(): every migration must be reversible",
+        "statement": None,
+        "fix": None,
         "file": "001_a.py",
     }
 

@@ -23,8 +23,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from agent.checks.validate import Finding, Severity
 from agent.core.errors import BadInput, OperationFailed
+from agent.core.findings import Finding, Severity, status_of
 from agent.postgres.connections import create_scratch_database, drop_scratch_database
 
 if TYPE_CHECKING:
@@ -121,14 +121,6 @@ def _shorten(text: str) -> str:
 # -- the outcome ------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class RehearsalFinding(Finding):
-    """A finding of the rehearsal, with the fix it suggests (the shape ``dbagent validate --json`` prints)."""
-
-    statement: str | None = None
-    fix: str | None = None
-
-
 @dataclass
 class StepOutcome:
     revision: str
@@ -148,11 +140,11 @@ class Rehearsal:
     source: str  # "empty", or the path of the schema backup it started from
     revision_from: str | None
     steps: list[StepOutcome] = field(default_factory=list)
-    findings: list[RehearsalFinding] = field(default_factory=list)
+    findings: list[Finding] = field(default_factory=list)
 
     @property
     def ok(self) -> bool:
-        return not any(f.severity == Severity.ERROR for f in self.findings)
+        return status_of(self.findings) == "passed"
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -380,8 +372,7 @@ def rehearse(
 def _rehearse_in(
     db: DatabaseSettings, created: DatabaseSettings, migrator: Migrator, name: str, from_empty: bool, say: Progress
 ) -> Rehearsal:
-    from agent.operations.runner import apply_timeouts
-    from agent.postgres.connections import pg_connection
+    from agent.postgres.connections import apply_timeouts, pg_connection
     from agent.postgres.migrator import Migrator
 
     scratch = created.model_copy(update={"health_checks": [], "critical_tables": []})
@@ -443,10 +434,9 @@ def _populate_from_backup(db: DatabaseSettings, name: str, migrator: Migrator, r
             bk.run_tool(argv, env)
     except OperationFailed as exc:
         rehearsal.findings.append(
-            RehearsalFinding(
+            Finding(
                 None, "rehearsal-backup-unusable", Severity.WARNING,
                 f"schema backup {path.name} cannot seed the rehearsal, which starts from an empty database: {exc.message}",
-                None,
             )
         )
         return
@@ -465,7 +455,7 @@ def _rehearse_step(
     outcome = StepOutcome(step.revision, step.description, "failed")
 
     def finding(rule: str, message: str, fix: str | None = None) -> None:
-        rehearsal.findings.append(RehearsalFinding(step.revision, rule, Severity.ERROR, message, file, None, fix))
+        rehearsal.findings.append(Finding(step.revision, rule, Severity.ERROR, message, fix=fix, file=file))
 
     def done() -> StepOutcome:
         outcome.duration_ms = round((time.monotonic() - started) * 1000)
