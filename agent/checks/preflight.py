@@ -19,11 +19,16 @@ import hashlib
 from collections.abc import Callable, Collection, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from agent.core.errors import BadInput, error_text
+from agent.core.errors import BadInput, DbAgentError, error_text
 from agent.core.findings import Finding, Severity, is_error, status_of
 from agent.postgres.migrator import Migrator, Step
+
+if TYPE_CHECKING:
+    from sqlalchemy import Connection
+
+    from agent.settings import DatabaseSettings
 
 CHANGED = "applied-migration-changed"
 
@@ -114,8 +119,9 @@ def findings(
     lint_only: Collection[str] | None = None,
     render: Callable[[Step], str] | None = None,
     lint_from: str | None = None,
+    sources: list[tuple[str, str]] | None = None,
 ) -> list[dict[str, Any]]:
-    """Every finding about the scripts in ``location``.
+    """Every finding about the scripts in ``location`` (``sources``: those scripts already read).
 
     ``recorded`` (from ``store.applied_checksums``) with ``current`` enables the
     checksum check; ``lint_only`` restricts the lint to those revisions (a
@@ -128,7 +134,7 @@ def findings(
     from agent.checks.lint import lint_migrations
     from agent.checks.validate import check_sources, load_sources
 
-    structural = check_sources(load_sources(location), naming)
+    structural = check_sources(sources if sources is not None else load_sources(location), naming)
     out = [f.to_json() for f in structural]
     # Each part on its own: a structural error in one script hides neither the lint of the others
     # nor its own; only what cannot be read at all (a graph Alembic refuses) stops a part, said so.
@@ -163,10 +169,14 @@ def reviewed(migrator: Migrator, lint_from: str) -> set[str]:
 
 @dataclass
 class Verdict:
-    """What a migrate makes of the findings: what stops it, what --allow let through."""
+    """What the findings come to: what stops a migrate, what --allow let through (and, from ``validate``, the
+    naming convention judged by, the lint baseline, and the rehearsal's report when one ran)."""
 
     findings: list[dict[str, Any]]
     allow: list[str] = field(default_factory=list)
+    naming: str | None = None
+    lint_from: str | None = None
+    rehearsal: dict[str, Any] | None = None
 
     @property
     def blocking(self) -> list[dict[str, Any]]:
@@ -186,3 +196,86 @@ class Verdict:
             "allowed": [f"{f.get('revision')}:{f['rule']}" for f in self.allowed],
             "allow": self.allow,
         }
+
+
+def validate(
+    db: DatabaseSettings,
+    *,
+    allow: Iterable[str] = (),
+    migrator: Migrator | None = None,
+    conn: Connection | None = None,
+    current: str | None = None,
+    lint_only: Collection[str] | None = None,
+    render: Callable[[Step], str] | None = None,
+    lint_all: bool = False,
+    rehearse_as: str | None = None,
+    from_empty: bool = False,
+    on_progress: Callable[[str], None] | None = None,
+) -> Verdict:
+    """The one validation of a database's scripts: ``dbagent validate`` and the worker before every migrate.
+
+    The structure checks, the lint (of ``lint_only`` when given: a migrate lints what it is about to apply;
+    from the database's ``lint_from`` baseline on unless ``lint_all``) and the checksums of the applied scripts.
+    The worker passes its locked connection (``conn``) and the revision it read (``current``); without one the
+    checksums are read on a connection of their own, and a database that cannot be read is a warning,
+    ``checksums-unchecked``. ``rehearse_as`` (the database's name) rehearses the pending migrations on a
+    scratch database too (``agent.checks.rehearse``), when the revision graph can be walked.
+    BadInput for an unknown ``--allow`` rule or a ``lint_from`` that names no revision.
+    """
+    from agent.checks.validate import AUTO, detect_naming, load_sources
+
+    allowed = check_allow(allow)
+    sources = load_sources(db.migrations)
+    naming = db.naming if db.naming != AUTO else detect_naming(sources)
+    unchecked = None
+    if conn is not None:
+        recorded = store_checksums(conn)
+    else:
+        current, recorded, unchecked = _read_applied(db)
+    lint_from = None if lint_all else db.lint_from
+    found = findings(db.migrations, naming=naming, migrator=migrator, current=current, recorded=recorded,
+                     lint_only=lint_only, render=render, lint_from=lint_from, sources=sources)
+    if unchecked:
+        found.append(finding(None, "checksums-unchecked", "warning", unchecked))
+    rehearsal = None
+    if rehearse_as is not None:
+        # The rehearsal applies the scripts: it needs a graph Alembic can walk, nothing more.
+        if any(f["rule"] in GRAPH_RULES and is_error(f) for f in found):
+            found.append(finding(None, "rehearsal-skipped", "warning",
+                                 "the rehearsal needs a revision graph Alembic can walk: fix the errors above first"))
+        else:
+            from agent.checks.rehearse import rehearse
+
+            outcome = rehearse(rehearse_as, db, from_empty=from_empty, on_progress=on_progress)
+            found += [f.to_json() for f in outcome.findings]
+            rehearsal = outcome.to_json()
+    return Verdict(found, allowed, naming=naming, lint_from=lint_from, rehearsal=rehearsal)
+
+
+def store_checksums(conn: Connection) -> dict[str, dict[str, Any]]:
+    from agent.postgres import store
+
+    recorded = store.applied_checksums(conn)
+    conn.commit()
+    return recorded
+
+
+def _read_applied(db: DatabaseSettings) -> tuple[str | None, dict[str, dict[str, Any]] | None, str | None]:
+    """(current revision, recorded checksums, why they could not be read) on a connection of its own."""
+    from sqlalchemy.exc import SQLAlchemyError
+
+    from agent.postgres.connections import pg_connection
+
+    try:
+        migrator = Migrator(db.migrations, db.url)
+    except Exception as exc:  # noqa: BLE001 - scripts Alembic cannot load: the structure check says why
+        return None, None, f"checksums of applied migrations not checked: Alembic cannot load the scripts ({type(exc).__name__})"
+    try:
+        with pg_connection(db, application_name="dbagent validate") as conn:
+            current = migrator.current(conn)
+            recorded = store_checksums(conn)
+            return current, recorded, None
+    except DbAgentError as exc:
+        return None, None, f"checksums of applied migrations not checked: {exc.message}"
+    except SQLAlchemyError as exc:
+        return None, None, f"checksums of applied migrations not checked: {error_text(exc, one_line=True)}"

@@ -20,7 +20,7 @@ from rich.table import Table
 from agent.core.errors import BadInput, DbAgentError
 from agent.core.events import Event
 from agent.core.redact import redact
-from agent.settings import DatabaseSettings, Settings, load_settings
+from agent.settings import Settings, load_settings
 
 app = typer.Typer(
     name="dbagent",
@@ -557,47 +557,25 @@ def validate(
 ) -> None:
     """Static checks of the scripts, a lint of the SQL each upgrade() emits (pglast), checksums of the applied ones."""
     from agent.checks import preflight
-    from agent.checks.validate import AUTO, detect_naming, load_sources
+    from agent.checks.validate import AUTO
 
     db_name, database = settings().database(db)
+    progress = None if as_json else (lambda line: out.print(line, markup=False))
     try:
-        allowed = preflight.check_allow(allow or [])
-    except BadInput as exc:
+        verdict = preflight.validate(database, allow=allow or [], lint_all=lint_all,
+                                     rehearse_as=db_name if rehearse else None, from_empty=from_empty,
+                                     on_progress=progress)
+    except BadInput as exc:  # an unknown --allow rule, or a lint_from that names no revision of these scripts
         err.print(f"error: {exc.message}")
         raise typer.Exit(2) from None
-    naming = database.naming if database.naming != AUTO else detect_naming(load_sources(database.migrations))
-    current, recorded, unchecked = _applied_checksums(database)
-    lint_from = None if lint_all else database.lint_from
-    try:
-        findings = preflight.findings(database.migrations, naming=naming, current=current, recorded=recorded,
-                                      lint_from=lint_from)
-    except BadInput as exc:  # lint_from names no revision of these scripts
-        err.print(f"error: {exc.message}")
-        raise typer.Exit(2) from None
-    if unchecked:
-        findings.append(preflight.finding(None, "checksums-unchecked", "warning", unchecked))
-    rehearsal: dict[str, Any] | None = None
-    # The rehearsal applies the scripts: it needs a graph Alembic can walk, nothing more.
-    sound = not any(f["rule"] in preflight.GRAPH_RULES and f["severity"] == "error" for f in findings)
-    if rehearse and sound:
-        from agent.checks.rehearse import rehearse as run_rehearsal
-
-        progress = None if as_json else (lambda line: out.print(line, markup=False))
-        outcome = run_rehearsal(db_name, database, from_empty=from_empty, on_progress=progress)
-        findings += [f.to_json() for f in outcome.findings]
-        rehearsal = outcome.to_json()
-    elif rehearse:
-        findings.append(preflight.finding(
-            None, "rehearsal-skipped", "warning", "the rehearsal needs a revision graph Alembic can walk: fix the errors above first"
-        ))
-    verdict = preflight.Verdict(findings, allowed)
-    status = "failed" if verdict.blocking else "passed"
+    findings, naming, lint_from = verdict.findings, verdict.naming, verdict.lint_from
+    status = verdict.to_json()["status"]
     detected = " (detected)" if database.naming == AUTO else ""
     if as_json:
         _print_json({
             "status": status, "naming": naming, "naming_detected": database.naming == AUTO,
             "lint_from": lint_from, "findings": findings,
-            "allowed": verdict.to_json()["allowed"], **({"rehearsal": rehearsal} if rehearse else {}),
+            "allowed": verdict.to_json()["allowed"], **({"rehearsal": verdict.rehearsal} if rehearse else {}),
         })
     else:
         _render_findings(findings)
@@ -605,30 +583,6 @@ def validate(
         if lint_from:
             out.print(f"baseline: {lint_from} and its ancestors taken as reviewed (lint_from); --all lints them too")
     raise typer.Exit(1 if status == "failed" else 0)
-
-
-def _applied_checksums(database: DatabaseSettings) -> tuple[str | None, dict[str, dict[str, Any]] | None, str | None]:
-    """(current revision, recorded checksums, why they could not be read) from the database itself."""
-    from sqlalchemy.exc import SQLAlchemyError
-
-    from agent.postgres import store
-    from agent.postgres.connections import pg_connection
-    from agent.postgres.migrator import Migrator
-
-    try:
-        migrator = Migrator(database.migrations, database.url)
-    except Exception as exc:  # noqa: BLE001 - scripts Alembic cannot load: the structure check says why
-        return None, None, f"checksums of applied migrations not checked: Alembic cannot load the scripts ({type(exc).__name__})"
-    try:
-        with pg_connection(database, application_name="dbagent validate") as conn:
-            current = migrator.current(conn)
-            recorded = store.applied_checksums(conn)
-            conn.rollback()
-            return current, recorded, None
-    except DbAgentError as exc:
-        return None, None, f"checksums of applied migrations not checked: {exc.message}"
-    except SQLAlchemyError as exc:
-        return None, None, f"checksums of applied migrations not checked: {redact(exc).splitlines()[0]}"
 
 
 @app.command()

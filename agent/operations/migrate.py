@@ -137,16 +137,13 @@ def _preflight(run: Run, before: str | None, plan: list[Step], args: MigrateArgs
     checksums say whether their files changed since). Where validation is only
     advisory (``validate_before_migrate``), findings are reported, not enforced.
     """
-    allow = preflight.check_allow(args.allow)
     if not plan:
+        preflight.check_allow(args.allow)
         return None
-    recorded = store.applied_checksums(run.conn)
-    run.conn.commit()
-    found = preflight.findings(
-        run.db.migrations, naming=run.db.naming, migrator=run.migrations(), current=before, recorded=recorded,
-        lint_only={s.revision for s in plan}, render=run.offline_sql, lint_from=run.db.lint_from,
+    verdict = preflight.validate(
+        run.db, allow=args.allow, migrator=run.migrations(), conn=run.conn, current=before,
+        lint_only={s.revision for s in plan}, render=run.offline_sql,
     )
-    verdict = preflight.Verdict(found, allow)
     enforced = run.db.enforces_validation(run.db_name)
     body = {**verdict.to_json(), "enforced": enforced, "revision_before": before}
     if args.dry_run:
