@@ -20,7 +20,7 @@ from agent.core.lifecycle import Phase, pause_point
 from agent.core.redact import redact
 from agent.postgres import backups as bk
 from agent.postgres.backups import BackupKind, Manifest, Trigger
-from agent.postgres.connections import create_scratch_database, drop_scratch_database, pg_connection
+from agent.postgres.connections import create_scratch_database, drop_scratch_database, pg_connection, rollback_quietly
 
 if TYPE_CHECKING:
     from agent.operations.context import Run
@@ -137,7 +137,7 @@ def take_backup(run: Run, kind: BackupKind, trigger: Trigger, mark: str | None =
         )
         bk.write_manifest(final, manifest)
     except BaseException as exc:
-        _rollback(conn)
+        rollback_quietly(conn)
         bk.remove_path(tmp)
         if final.exists() and not final.with_name(final.name + bk.MANIFEST_SUFFIX).exists():
             bk.remove_path(final)
@@ -161,13 +161,6 @@ def take_backup(run: Run, kind: BackupKind, trigger: Trigger, mark: str | None =
         skipped=[s.model_dump() for s in manifest.skipped],
     )
     return manifest
-
-
-def _rollback(conn: Connection) -> None:
-    try:
-        conn.rollback()
-    except Exception:
-        pass
 
 
 def backup(run: Run) -> dict[str, Any]:
@@ -225,7 +218,7 @@ def restore(run: Run) -> dict[str, Any]:
             if toc_file is not None:
                 toc_file.unlink(missing_ok=True)
     except (OperationFailed, BadInput) as exc:
-        _rollback(run.conn)
+        rollback_quietly(run.conn)
         after = _current_or_none(run)
         run.emit(EventType.RESTORE_FAILED, path=str(path), error=exc.message, revision_before=revision_before,
                  revision_after=after, **({"interrupted": True} if run.stop.is_set() else {}))
@@ -258,7 +251,7 @@ def _current_or_none(run: Run) -> str | None:
     try:
         return run.migrations().current(run.conn)
     except Exception:
-        _rollback(run.conn)
+        rollback_quietly(run.conn)
         return None
 
 

@@ -18,6 +18,7 @@ from typing import Any
 import redis
 from sqlalchemy import Connection
 
+from agent.bus.eventlog import EventLog
 from agent.core.commands import (
     Command,
 )
@@ -73,6 +74,20 @@ class Run:
     claimed: bool = False
     per_step: bool = True  # env.py's transaction_per_migration (read by _check_environment); else one for the plan
     _offline: dict[Step, str] = field(default_factory=dict)
+
+    @classmethod
+    def build(
+        cls, settings: Settings, db_name: str, command: Command, conn: Connection, client: redis.Redis, *,
+        worker: str | None = None, stop: StopRequest = STOP, presence: Presence | None = None,
+    ) -> Run:
+        """A context for ``command`` on ``conn``: what the lifecycle builds, and what a test builds without a
+        worker (any Redis client will do, fakeredis included; events go to the database's audit log and the
+        stream). The caller has checked the command and holds whatever lock the operation needs."""
+        db = settings.databases[db_name]
+        journal = Journal(EventLog(client, settings.redis.prefix), settings.redis.prefix, db_name, command, db)
+        journal.conn = conn
+        return cls(settings, db_name, db, command, conn, journal, client, worker or worker_name(db_name),
+                   stop=stop, presence=presence)
 
     def migrations(self) -> Migrator:
         if self.migrator is None:
