@@ -7,7 +7,7 @@ over. ``backfill`` instead walks the table in key order (keyset pagination:
 so the application only ever waits on one batch's rows::
 
     from alembic import op
-    from agent.backfill import backfill
+    from dbagent.backfill import backfill
 
     def upgrade() -> None:
         backfill(op, "users", "display_name = coalesce(first_name, '') || ' ' || coalesce(last_name, '')",
@@ -44,10 +44,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from dbagent.core.errors import BadInput, OperationFailed
+from dbagent.core.redact import redact
 from sqlalchemy import Connection
-
-from agent.core.errors import BadInput, OperationFailed
-from agent.core.redact import redact
 
 log = logging.getLogger(__name__)
 

@@ -6,8 +6,8 @@ import logging
 import os
 from typing import Any
 
-from agent.core.redact import redact
-from agent.settings import Settings
+from dbagent.core.redact import redact
+from dbagent.settings import Settings
 
 log = logging.getLogger("dbagent.alert")
 

@@ -13,6 +13,9 @@ import tomllib
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, Literal
 
+from dbagent.core.durations import parse_duration_s
+from dbagent.core.errors import BadInput, ConfigError
+from dbagent.core.redact import redact
 from pydantic import (
     AfterValidator,
     BaseModel,
@@ -30,12 +33,8 @@ from pydantic_settings import (
     SettingsError,
 )
 
-from agent.core.durations import parse_duration_s
-from agent.core.errors import BadInput, ConfigError
-from agent.core.redact import redact
-
 if TYPE_CHECKING:
-    from agent.core.retries import RetryPolicy
+    from dbagent.core.retries import RetryPolicy
 
 DEFAULT_CONFIG_PATH = Path("config/dbagent.toml")
 
@@ -162,7 +161,7 @@ class DatabaseSettings(_Section):
     app_user: str | None = Field(None, description="the application's role; must differ from the migration user")
     schedule: ScheduleSettings = ScheduleSettings()
     auto_restore: bool = Field(False, description="a failed automatic rollback escalates to restoring the pre-migration backup")
-    backfill_batch_size: int = Field(1000, ge=1, description="rows per batch of a batched data migration (agent.backfill)")
+    backfill_batch_size: int = Field(1000, ge=1, description="rows per batch of a batched data migration (dbagent.backfill)")
     backfill_pause: Seconds = Field(0.0, description="pause between a batched data migration's batches, to spare replicas and the application")
 
     def enforces_validation(self, name: str) -> bool:
@@ -171,7 +170,7 @@ class DatabaseSettings(_Section):
         return not _DEV_OR_TEST.search(name)
 
     def retry_policy(self) -> RetryPolicy:
-        from agent.core.retries import RetryPolicy
+        from dbagent.core.retries import RetryPolicy
 
         return RetryPolicy(
             lock_timeout_s=self.lock_timeout,

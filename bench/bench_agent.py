@@ -26,13 +26,13 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 import redis  # noqa: E402
+from dbagent.bus.consumer import ConsumerOptions, GroupConsumer  # noqa: E402
+from dbagent.bus.eventlog import EventLog  # noqa: E402
+from dbagent.core.events import Event, EventType  # noqa: E402
+from dbagent.core.rollback import plan_rollback  # noqa: E402
+from dbagent.reactor.audit import AuditSink  # noqa: E402
+from dbagent.settings import load_settings  # noqa: E402
 
-from agent.bus.consumer import ConsumerOptions, GroupConsumer  # noqa: E402
-from agent.bus.eventlog import EventLog  # noqa: E402
-from agent.core.events import Event, EventType  # noqa: E402
-from agent.core.rollback import plan_rollback  # noqa: E402
-from agent.reactor.audit import AuditSink  # noqa: E402
-from agent.settings import load_settings  # noqa: E402
 from tests.servers import REDIS_URL, create_database, delete_prefix, drop_database, new_env  # noqa: E402
 
 FAILURES = 50
@@ -106,7 +106,7 @@ def main() -> None:
         env = world.environ()
         import subprocess
 
-        subprocess.run([sys.executable, "-m", "agent.interfaces.cli", "--config", str(world.config), "migrate", "--no-backup"],
+        subprocess.run([sys.executable, "-m", "dbagent.interfaces.cli", "--config", str(world.config), "migrate", "--no-backup"],
                        check=True, capture_output=True, env=env, cwd=ROOT)
         times = reaction_times(world, client)
         xadd_rate, sink_rate = audit_throughput(world, client)

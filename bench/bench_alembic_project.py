@@ -71,8 +71,8 @@ def main() -> None:
     client = redis.Redis.from_url(REDIS_URL)
     alembic = [str(Path(sys.executable).parent / "alembic"), "-c", str(project / "alembic.ini")]
     alembic_per_step = [str(Path(sys.executable).parent / "alembic"), "-c", str(per_step / "alembic.ini")]
-    dbagent = [sys.executable, "-m", "agent.interfaces.cli", "--config", str(world.config)]
-    dbagent_per_step = [sys.executable, "-m", "agent.interfaces.cli", "--config", str(stepwise.config)]
+    dbagent = [sys.executable, "-m", "dbagent.interfaces.cli", "--config", str(world.config)]
+    dbagent_per_step = [sys.executable, "-m", "dbagent.interfaces.cli", "--config", str(stepwise.config)]
     env, env_per_step = world.environ(), stepwise.environ()
     times: dict[str, list[float]] = {k: [] for k in ("alembic up", "dbagent up", "alembic down", "dbagent down",
                                                       "alembic sql", "dbagent validate", "alembic per-step up",

@@ -79,7 +79,7 @@ def main() -> None:
     world.extra_config = "verify_after_backup = false"
     create_database(world.name)
     client = redis.Redis.from_url(REDIS_URL)
-    dbagent = [sys.executable, "-m", "agent.interfaces.cli", "--config", str(world.config)]
+    dbagent = [sys.executable, "-m", "dbagent.interfaces.cli", "--config", str(world.config)]
     env = world.environ()
     raw_env = {**os.environ, "PGDATABASE": world.name, "PGHOST": "127.0.0.1", "PGUSER": "postgres"}
     results: dict[str, float] = {}

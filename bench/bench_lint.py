@@ -2,7 +2,7 @@
 
 Lints one large generated script (50,000 statements by default, mixing every
 rule's risky case, its safe twin and Alembic's bookkeeping, inside BEGIN/COMMIT
-blocks) with ``agent.checks.lint.lint_sql``; median of 5 runs. Pure: no database.
+blocks) with ``dbagent.checks.lint.lint_sql``; median of 5 runs. Pure: no database.
 
 Prints a table and writes bench/results/lint.json. Run: .venv/bin/python bench/bench_lint.py
 """
@@ -20,7 +20,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from agent.checks.lint import lint_sql, parse_statements  # noqa: E402
+from dbagent.checks.lint import lint_sql, parse_statements  # noqa: E402
 
 STATEMENTS = int(os.environ.get("BENCH_STATEMENTS", "50000"))
 RUNS = int(os.environ.get("BENCH_RUNS", "5"))

@@ -160,7 +160,7 @@ def main() -> None:
     create_database(world.name)
     client = redis.Redis.from_url(REDIS_URL)
     alembic = [str(Path(sys.executable).parent / "alembic"), "-c", str(world.migrations / "alembic.ini")]
-    dbagent = [sys.executable, "-m", "agent.interfaces.cli", "--config", str(world.config)]
+    dbagent = [sys.executable, "-m", "dbagent.interfaces.cli", "--config", str(world.config)]
     plain_env = {**os.environ, "DATABASE_URL": world.url}
     env = world.environ()
     results: dict[str, dict] = {}

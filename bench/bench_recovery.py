@@ -63,7 +63,7 @@ def main() -> None:
     answered: list[float] = []
     try:
         worker = world.start_worker(log_name="bench-worker", SLOW_STEP="012")
-        subprocess.run([sys.executable, "-m", "agent.interfaces.cli", "--config", str(world.config), "migrate", "--to", "011",
+        subprocess.run([sys.executable, "-m", "dbagent.interfaces.cli", "--config", str(world.config), "migrate", "--to", "011",
                         "--no-backup"], check=True, capture_output=True, env=world.environ(), cwd=ROOT)
 
         def sleeping() -> bool:
@@ -78,7 +78,7 @@ def main() -> None:
 
         for round_ in range(KILLS):
             waiting = subprocess.Popen(
-                [sys.executable, "-m", "agent.interfaces.cli", "--config", str(world.config), "migrate", "--no-backup", "--json",
+                [sys.executable, "-m", "dbagent.interfaces.cli", "--config", str(world.config), "migrate", "--no-backup", "--json",
                  "--timeout", "120"],
                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=world.environ(), cwd=ROOT,
             )

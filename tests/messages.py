@@ -8,8 +8,8 @@ import json
 import uuid
 from datetime import UTC, datetime, timedelta
 
-from agent.bus.queue import EXECUTE_TASK
-from agent.core.commands import Command, CommandType
+from dbagent.bus.queue import EXECUTE_TASK
+from dbagent.core.commands import Command, CommandType
 
 
 def envelope(body: object, *, task: str = EXECUTE_TASK, task_id: str | None = None, raw_body: str | None = None,

@@ -232,7 +232,7 @@ statement_timeout = "{self.statement_timeout}"
     def cli(self, *args: str, timeout: float = 120, env: dict[str, str] | None = None) -> Result:
         started = time.monotonic()
         proc = subprocess.run(
-            [sys.executable, "-m", "agent.interfaces.cli", "--config", str(self.config), *args],
+            [sys.executable, "-m", "dbagent.interfaces.cli", "--config", str(self.config), *args],
             capture_output=True,
             text=True,
             timeout=timeout,
@@ -255,7 +255,7 @@ statement_timeout = "{self.statement_timeout}"
         path = self.tmp / f"{log_name}-{len(self.workers)}.log"
         log = open(path, "w")
         proc = subprocess.Popen(
-            [sys.executable, "-m", "agent.interfaces.cli", "--config", str(self.config), *args],
+            [sys.executable, "-m", "dbagent.interfaces.cli", "--config", str(self.config), *args],
             stdout=log,
             stderr=subprocess.STDOUT,
             env=self.environ(**extra_env),

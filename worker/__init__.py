@@ -1,1 +1,1 @@
-"""The Celery worker of one database: thin wiring from a queued command to ``agent.operations.lifecycle``."""
+"""The Celery worker of one database: thin wiring from a queued command to ``dbagent.operations.lifecycle``."""

@@ -8,16 +8,15 @@ from typing import Any
 
 from celery import Celery
 from celery.signals import worker_ready, worker_shutting_down
-
-from agent.bus import keys
-from agent.bus.queue import EXECUTE_TASK, celery_app
-from agent.core.errors import ConfigError
-from agent.core.lifecycle import STOP
-from agent.core.redact import redact
-from agent.monitoring import alert, init_sentry
-from agent.operations import lifecycle
-from agent.settings import Settings
-from worker import intake
+from dbagent.bus import keys
+from dbagent.bus.queue import EXECUTE_TASK, celery_app
+from dbagent.core.errors import ConfigError
+from dbagent.core.lifecycle import STOP
+from dbagent.core.redact import redact
+from dbagent.monitoring import alert, init_sentry
+from dbagent.operations import lifecycle
+from dbagent.settings import Settings
+from dbagent.worker import intake
 
 log = logging.getLogger("dbagent.worker")
 
@@ -31,7 +30,7 @@ def create_app(settings: Settings, db_name: str) -> Celery:
         raise ConfigError(f"[redis] url must be a redis:// or rediss:// URL for a worker, not {redact(settings.redis.url)}")
     app = celery_app(settings)
     app.conf.task_default_queue = keys.queue(settings.redis.prefix, db_name)
-    # Every message is checked whole before Celery reads it; poison is dead-lettered (worker.intake).
+    # Every message is checked whole before Celery reads it; poison is dead-lettered (dbagent.worker.intake).
     app.conf.broker_transport = intake.TRANSPORT
     app.conf.broker_transport_options = {
         **app.conf.broker_transport_options, "dbagent_intake": intake.Intake(settings, db_name),

@@ -18,15 +18,14 @@ from celery import Celery
 from celery.beat import ScheduleEntry as CeleryEntry
 from celery.beat import Scheduler
 from celery.schedules import crontab, schedule
-
-from agent.bus import keys
-from agent.bus.producer import Producer
-from agent.bus.queue import celery_app
-from agent.core.commands import Command, CommandType
-from agent.core.schedule import ScheduleEntry, entries
-from agent.postgres.connections import redis_client
-from agent.postgres.locks import RedisLease, read_lease
-from agent.settings import Settings
+from dbagent.bus import keys
+from dbagent.bus.producer import Producer
+from dbagent.bus.queue import celery_app
+from dbagent.core.commands import Command, CommandType
+from dbagent.core.schedule import ScheduleEntry, entries
+from dbagent.postgres.connections import redis_client
+from dbagent.postgres.locks import RedisLease, read_lease
+from dbagent.settings import Settings
 
 log = logging.getLogger("dbagent.beat")
 
@@ -132,7 +131,7 @@ def run_beat(settings: Settings, loglevel: str = "INFO") -> None:
     from celery.apps.beat import Beat
 
     logging.basicConfig(level=loglevel, format="[%(asctime)s: %(levelname)s/%(name)s] %(message)s")
-    from agent.monitoring import init_sentry
+    from dbagent.monitoring import init_sentry
 
     init_sentry(settings, "beat")
     DbAgentScheduler.settings = settings

@@ -28,17 +28,16 @@ import logging
 import time
 from typing import TYPE_CHECKING, Any
 
+from dbagent.bus import keys
+from dbagent.bus.queue import EXECUTE_TASK
+from dbagent.core.commands import Command, authenticate, message_digest
+from dbagent.core.errors import CommandRejected
+from dbagent.core.redact import redact
 from kombu.transport import redis as kombu_redis
 from kombu.utils.encoding import bytes_to_str
 
-from agent.bus import keys
-from agent.bus.queue import EXECUTE_TASK
-from agent.core.commands import Command, authenticate, message_digest
-from agent.core.errors import CommandRejected
-from agent.core.redact import redact
-
 if TYPE_CHECKING:
-    from agent.settings import Settings
+    from dbagent.settings import Settings
 
 log = logging.getLogger(__name__)
 
@@ -171,10 +170,10 @@ class Intake:
 
     def dead_letter(self, raw: bytes | str, queue: str, reason: str, message: dict[str, Any] | None) -> None:
         """Record a refused message (bounded), say so with command.rejected, never raise."""
-        from agent.bus.eventlog import EventLog
-        from agent.operations import context, lifecycle
-        from agent.operations.journal import Journal
-        from agent.postgres.connections import redis_client
+        from dbagent.bus.eventlog import EventLog
+        from dbagent.operations import context, lifecycle
+        from dbagent.operations.journal import Journal
+        from dbagent.postgres.connections import redis_client
 
         self.refused += 1
         data = raw.encode() if isinstance(raw, str) else bytes(raw)

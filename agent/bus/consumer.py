@@ -16,8 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import redis
-
-from agent.core.events import Event
+from dbagent.core.events import Event
 
 log = logging.getLogger(__name__)
 

@@ -11,9 +11,8 @@ from collections.abc import Iterable, Iterator
 from typing import Any
 
 import redis
-
-from agent.bus import keys
-from agent.core.events import Event
+from dbagent.bus import keys
+from dbagent.core.events import Event
 
 log = logging.getLogger(__name__)
 

@@ -19,16 +19,15 @@ from datetime import datetime
 from typing import Any
 
 import redis
-
-from agent.bus import keys
-from agent.bus.eventlog import EventLog
-from agent.bus.queue import EXECUTE_TASK, celery_app
-from agent.core.commands import Command, default_ttl_s, message_digest
-from agent.core.errors import BadInput, DbAgentError, Unavailable
-from agent.core.events import Event
-from agent.core.redact import redact
-from agent.postgres.connections import ping_redis, redis_client
-from agent.settings import Settings
+from dbagent.bus import keys
+from dbagent.bus.eventlog import EventLog
+from dbagent.bus.queue import EXECUTE_TASK, celery_app
+from dbagent.core.commands import Command, default_ttl_s, message_digest
+from dbagent.core.errors import BadInput, DbAgentError, Unavailable
+from dbagent.core.events import Event
+from dbagent.core.redact import redact
+from dbagent.postgres.connections import ping_redis, redis_client
+from dbagent.settings import Settings
 
 log = logging.getLogger(__name__)
 
@@ -146,9 +145,8 @@ class Producer:
         if database is None:
             return None
         import sqlalchemy.exc
-
-        from agent.postgres import store
-        from agent.postgres.connections import pg_connection
+        from dbagent.postgres import store
+        from dbagent.postgres.connections import pg_connection
 
         try:
             with pg_connection(database, application_name="dbagent wait") as conn:

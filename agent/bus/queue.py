@@ -5,8 +5,8 @@ from __future__ import annotations
 import ssl
 from typing import TYPE_CHECKING, Any
 
-from agent.bus import keys
-from agent.settings import Settings
+from dbagent.bus import keys
+from dbagent.settings import Settings
 
 if TYPE_CHECKING:
     from celery import Celery

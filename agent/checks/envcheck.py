@@ -12,12 +12,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import redis as redis_lib
+from dbagent.core.errors import DbAgentError, Unavailable
+from dbagent.core.redact import redact
+from dbagent.postgres.connections import display_url, pg_connection, redis_client
+from dbagent.settings import DatabaseSettings, Settings
 from sqlalchemy.exc import SQLAlchemyError
-
-from agent.core.errors import DbAgentError, Unavailable
-from agent.core.redact import redact
-from agent.postgres.connections import display_url, pg_connection, redis_client
-from agent.settings import DatabaseSettings, Settings
 
 if TYPE_CHECKING:
     from sqlalchemy import Connection
@@ -123,7 +122,7 @@ def check_postgres(name: str, db: DatabaseSettings) -> tuple[list[EnvCheck], int
 def check_alembic_environment(conn: Connection, db: DatabaseSettings) -> list[EnvCheck]:
     """The project's Alembic settings as dbagent reads them, and env.py's contract: it migrates on the
     connection dbagent passes (checked by running it with nothing to migrate, as every migrate does)."""
-    from agent.postgres.migrator import ForeignConnection, Migrator
+    from dbagent.postgres.migrator import ForeignConnection, Migrator
 
     checks: list[EnvCheck] = []
     try:
@@ -226,9 +225,8 @@ ORDER BY 1
 
 
 def _check_schemas(conn: Connection, user: str) -> EnvCheck:
+    from dbagent.postgres.backups import SCHEMA_EXCLUDED
     from sqlalchemy import text
-
-    from agent.postgres.backups import SCHEMA_EXCLUDED
 
     rows = conn.execute(text(_SCHEMAS), {"excluded": SCHEMA_EXCLUDED}).all()
     if not rows:
@@ -247,9 +245,8 @@ def _check_schemas(conn: Connection, user: str) -> EnvCheck:
 
 
 def _check_dbagent_schema(conn: Connection, user: str, database: str, create_in_db: bool) -> EnvCheck:
+    from dbagent.postgres.store import SCHEMA
     from sqlalchemy import text
-
-    from agent.postgres.store import SCHEMA
 
     found = conn.execute(text(
         "SELECT pg_has_role(n.nspowner, 'USAGE'), has_schema_privilege(n.oid, 'USAGE') AND has_schema_privilege(n.oid, 'CREATE'),"
@@ -275,9 +272,8 @@ def _check_dbagent_schema(conn: Connection, user: str, database: str, create_in_
 
 
 def _check_readable(conn: Connection, user: str) -> EnvCheck:
+    from dbagent.postgres.backups import SCHEMA_EXCLUDED, TABLES_SQL
     from sqlalchemy import text
-
-    from agent.postgres.backups import SCHEMA_EXCLUDED, TABLES_SQL
 
     rows = conn.execute(text(TABLES_SQL), {"excluded": SCHEMA_EXCLUDED}).all()
     unreadable = [f"{table} ({why})" for table, _, why in rows if why]

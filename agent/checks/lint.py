@@ -28,6 +28,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from dbagent.core.findings import Finding, Severity, status_of
+from dbagent.core.lockmodes import (
+    ACCESS_EXCLUSIVE,
+    LOCK_TABLE_MODES,
+    alter_table_locks,
+    parse_statements,
+)
 from pglast import ast
 from pglast.enums import (
     AlterTableType,
@@ -38,14 +45,6 @@ from pglast.enums import (
     VariableSetKind,
 )
 from pglast.parser import ParseError
-
-from agent.core.findings import Finding, Severity, status_of
-from agent.core.lockmodes import (
-    ACCESS_EXCLUSIVE,
-    LOCK_TABLE_MODES,
-    alter_table_locks,
-    parse_statements,
-)
 
 # Pure functions of a script's text or SQL, cached: a worker lints the same scripts migrate after migrate,
 # and a migrate parses each step's SQL twice (lint, then the locks it takes). Sized for plans of thousands.
@@ -709,7 +708,7 @@ class _Linter:
                 column = self.pending_not_null_checks.pop((table, cmd.name), None)
                 if column is not None:
                     self.proven_not_null.add((table, column))
-        if alter_table_locks(stmt).mode == ACCESS_EXCLUSIVE:  # the strongest of its subcommands (agent.core.lockmodes)
+        if alter_table_locks(stmt).mode == ACCESS_EXCLUSIVE:  # the strongest of its subcommands (dbagent.core.lockmodes)
             self.access_exclusive(f"ALTER TABLE {table}")
 
     def add_column(self, table: str, column: ast.ColumnDef) -> None:
@@ -903,7 +902,7 @@ def lint_migrations(
     Each revision is rendered offline (``url`` only picks the dialect; nothing
     connects) and linted on its own, with the allow directives of its file.
     """
-    from agent.postgres.migrator import Migrator  # Alembic stays out of the pure core's imports.
+    from dbagent.postgres.migrator import Migrator  # Alembic stays out of the pure core's imports.
 
     migrator = migrator or Migrator(script_location, url)
     render = render or migrator.offline_sql

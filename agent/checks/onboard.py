@@ -14,8 +14,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from agent.core.errors import BadInput
-from agent.core.redact import redact
+from dbagent.core.errors import BadInput
+from dbagent.core.redact import redact
 
 # Where projects usually keep their script directory, relative to where init runs.
 _USUAL = ("alembic", "migrations", "db/migrations", ".")
@@ -105,8 +105,8 @@ def onboard(
     start: Path, output: Path, databases: dict[str, str], *, migrations: str | None = None,
     redis_url: str = "redis://127.0.0.1:6379/0", prefix: str = "dbagent", force: bool = False,
 ) -> Onboarding:
-    from agent.checks import preflight
-    from agent.checks.validate import detect_naming, load_sources
+    from dbagent.checks import preflight
+    from dbagent.checks.validate import detect_naming, load_sources
 
     location = find_script_directory(start, migrations)
     if output.exists() and not force:
@@ -122,10 +122,10 @@ def onboard(
 
 def _check_env_py(location: Path, url: str) -> tuple[str, str]:
     """Run env.py with nothing to migrate on a connection to ``url``, as every migrate does first."""
-    from agent.core.errors import DbAgentError
-    from agent.postgres.connections import pg_connection
-    from agent.postgres.migrator import ForeignConnection, Migrator
-    from agent.settings import DatabaseSettings
+    from dbagent.core.errors import DbAgentError
+    from dbagent.postgres.connections import pg_connection
+    from dbagent.postgres.migrator import ForeignConnection, Migrator
+    from dbagent.settings import DatabaseSettings
 
     try:
         migrator = Migrator(location, url)

@@ -3,8 +3,8 @@
 Three kinds of finding, in the ``--json`` shape of ``dbagent validate``
 (``revision``, ``rule``, ``severity``, ``message``, ``statement``, ``fix``, ``file``):
 
-* structure (``agent.checks.validate``): naming, revision ids, one linear chain, a real downgrade();
-* the lint of the SQL each upgrade() emits (``agent.checks.lint``, pglast);
+* structure (``dbagent.checks.validate``): naming, revision ids, one linear chain, a real downgrade();
+* the lint of the SQL each upgrade() emits (``dbagent.checks.lint``, pglast);
 * checksums: the sha256 of every applied script is kept in ``dbagent.changelog``;
   a script edited after it was applied is ``applied-migration-changed``, like
   Flyway's validate: the database no longer matches what the file says it ran.
@@ -21,14 +21,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from agent.core.errors import BadInput, DbAgentError, error_text
-from agent.core.findings import Finding, Severity, is_error, status_of
-from agent.postgres.migrator import Migrator, Step
+from dbagent.core.errors import BadInput, DbAgentError, error_text
+from dbagent.core.findings import Finding, Severity, is_error, status_of
+from dbagent.postgres.migrator import Migrator, Step
 
 if TYPE_CHECKING:
+    from dbagent.settings import DatabaseSettings
     from sqlalchemy import Connection
-
-    from agent.settings import DatabaseSettings
 
 CHANGED = "applied-migration-changed"
 
@@ -86,7 +85,7 @@ def checksum_findings(migrator: Migrator, current: str | None, recorded: dict[st
     return findings
 
 
-# The rules of agent.checks.validate: an error among them means the lint and the rest cannot run.
+# The rules of dbagent.checks.validate: an error among them means the lint and the rest cannot run.
 STRUCTURAL_RULES = frozenset({
     "syntax", "naming", "revision-id", "downgrade", "duplicate-revision", "sequence", "chain", "single-head", "empty",
 })
@@ -95,7 +94,7 @@ GRAPH_RULES = frozenset({"syntax", "duplicate-revision", "chain", "single-head",
 
 
 def known_rules() -> set[str]:
-    from agent.checks.lint import RULES
+    from dbagent.checks.lint import RULES
 
     return set(RULES) | STRUCTURAL_RULES | {CHANGED, "lint-skipped"}
 
@@ -131,8 +130,8 @@ def findings(
     are not linted and their per-script rules are not applied; the graph rules
     and the checksums still cover them.
     """
-    from agent.checks.lint import lint_migrations
-    from agent.checks.validate import check_sources, load_sources
+    from dbagent.checks.lint import lint_migrations
+    from dbagent.checks.validate import check_sources, load_sources
 
     structural = check_sources(sources if sources is not None else load_sources(location), naming)
     out = [f.to_json() for f in structural]
@@ -219,10 +218,10 @@ def validate(
     The worker passes its locked connection (``conn``) and the revision it read (``current``); without one the
     checksums are read on a connection of their own, and a database that cannot be read is a warning,
     ``checksums-unchecked``. ``rehearse_as`` (the database's name) rehearses the pending migrations on a
-    scratch database too (``agent.checks.rehearse``), when the revision graph can be walked.
+    scratch database too (``dbagent.checks.rehearse``), when the revision graph can be walked.
     BadInput for an unknown ``--allow`` rule or a ``lint_from`` that names no revision.
     """
-    from agent.checks.validate import AUTO, detect_naming, load_sources
+    from dbagent.checks.validate import AUTO, detect_naming, load_sources
 
     allowed = check_allow(allow)
     sources = load_sources(db.migrations)
@@ -244,7 +243,7 @@ def validate(
             found.append(finding(None, "rehearsal-skipped", "warning",
                                  "the rehearsal needs a revision graph Alembic can walk: fix the errors above first"))
         else:
-            from agent.checks.rehearse import rehearse
+            from dbagent.checks.rehearse import rehearse
 
             outcome = rehearse(rehearse_as, db, from_empty=from_empty, on_progress=on_progress)
             found += [f.to_json() for f in outcome.findings]
@@ -253,7 +252,7 @@ def validate(
 
 
 def store_checksums(conn: Connection) -> dict[str, dict[str, Any]]:
-    from agent.postgres import store
+    from dbagent.postgres import store
 
     recorded = store.applied_checksums(conn)
     conn.commit()
@@ -262,9 +261,8 @@ def store_checksums(conn: Connection) -> dict[str, dict[str, Any]]:
 
 def _read_applied(db: DatabaseSettings) -> tuple[str | None, dict[str, dict[str, Any]] | None, str | None]:
     """(current revision, recorded checksums, why they could not be read) on a connection of its own."""
+    from dbagent.postgres.connections import pg_connection
     from sqlalchemy.exc import SQLAlchemyError
-
-    from agent.postgres.connections import pg_connection
 
     try:
         migrator = Migrator(db.migrations, db.url)

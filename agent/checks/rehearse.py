@@ -7,7 +7,7 @@ the schema back exactly as it was before the step: every difference between
 the two catalog snapshots is a finding naming the object.
 
 The snapshot model and its comparison are pure (literal data in the unit
-tests); the database side imports SQLAlchemy lazily, like ``agent.postgres.connections``.
+tests); the database side imports SQLAlchemy lazily, like ``dbagent.postgres.connections``.
 """
 
 from __future__ import annotations
@@ -23,16 +23,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from agent.core.errors import BadInput, OperationFailed
-from agent.core.findings import Finding, Severity, status_of
-from agent.postgres.connections import create_scratch_database, drop_scratch_database
+from dbagent.core.errors import BadInput, OperationFailed
+from dbagent.core.findings import Finding, Severity, status_of
+from dbagent.postgres.connections import create_scratch_database, drop_scratch_database
 
 if TYPE_CHECKING:
+    from dbagent.postgres.backups import Manifest
+    from dbagent.postgres.migrator import Migrator, Step
+    from dbagent.settings import DatabaseSettings
     from sqlalchemy import Connection
-
-    from agent.postgres.backups import Manifest
-    from agent.postgres.migrator import Migrator, Step
-    from agent.settings import DatabaseSettings
 
 SCRATCH_PREFIX = "dbagent_rehearse_"
 MAX_DIFFERENCES_SHOWN = 20  # per step; the rest are counted in one more finding
@@ -332,7 +331,7 @@ def _sigterm_interrupts() -> Iterator[None]:
 
 def latest_schema_backup(backup_dir: str | Path | None) -> Manifest | None:
     """The newest verified schema backup in backup_dir (None when there is none, or it cannot be read here)."""
-    from agent.postgres.backups import BackupKind, list_backups
+    from dbagent.postgres.backups import BackupKind, list_backups
 
     if not backup_dir:
         return None
@@ -354,7 +353,7 @@ def rehearse(
 
     Raises Unavailable when the server cannot be reached or refuses to create the database.
     """
-    from agent.postgres.migrator import Migrator
+    from dbagent.postgres.migrator import Migrator
 
     say = on_progress or (lambda line: None)
     migrator = Migrator(db.migrations, db.url)
@@ -372,8 +371,8 @@ def rehearse(
 def _rehearse_in(
     db: DatabaseSettings, created: DatabaseSettings, migrator: Migrator, name: str, from_empty: bool, say: Progress
 ) -> Rehearsal:
-    from agent.postgres.connections import apply_timeouts, pg_connection
-    from agent.postgres.migrator import Migrator
+    from dbagent.postgres.connections import apply_timeouts, pg_connection
+    from dbagent.postgres.migrator import Migrator
 
     scratch = created.model_copy(update={"health_checks": [], "critical_tables": []})
     rehearsal = Rehearsal(database=name, source="empty", revision_from=None)
@@ -416,7 +415,7 @@ def _source_phrase(rehearsal: Rehearsal) -> str:
 
 def _populate_from_backup(db: DatabaseSettings, name: str, migrator: Migrator, rehearsal: Rehearsal) -> None:
     """Restore the newest verified schema backup into the scratch database; a backup that cannot serve is a warning."""
-    from agent.postgres import backups as bk
+    from dbagent.postgres import backups as bk
 
     manifest = latest_schema_backup(db.backup_dir)
     if manifest is None:
@@ -448,7 +447,7 @@ def _rehearse_step(
     conn: Connection, migrator: Migrator, scratch: DatabaseSettings, step: Step, rehearsal: Rehearsal
 ) -> StepOutcome:
     """Up, verify, down, compare, up again; the findings go into the rehearsal."""
-    from agent.postgres.verify import capture_baseline, run_checks
+    from dbagent.postgres.verify import capture_baseline, run_checks
 
     started = time.monotonic()
     file = _file_of(migrator, step.revision)
@@ -502,7 +501,7 @@ def _rehearse_step(
 
 def _apply(conn: Connection, migrator: Migrator, step: Step) -> str | None:
     """Run one step; the server's (or the script's) error as one line, None when it went through."""
-    from agent.core.errors import error_text
+    from dbagent.core.errors import error_text
 
     try:
         migrator.apply(conn, step)

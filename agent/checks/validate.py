@@ -20,8 +20,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from agent.core.errors import BadInput
-from agent.core.findings import Finding, Severity
+from dbagent.core.errors import BadInput
+from dbagent.core.findings import Finding, Severity
 
 FILE_NAME = re.compile(r"^(?P<number>\d{3})_(?P<description>[a-z0-9]+(?:_[a-z0-9]+)*)\.py$")
 _NUMBERED = re.compile(r"^\d{3}_")
@@ -52,7 +52,7 @@ class ScriptInfo:
 def load_sources(script_location: str | Path) -> list[tuple[str, str]]:
     """(file name, source) of every script in the project's version directories (``versions/``, or its
     ``version_locations``), sorted by name."""
-    from agent.postgres.migrator import version_directories
+    from dbagent.postgres.migrator import version_directories
 
     directories, recursive = version_directories(script_location)
     missing = [d for d in directories if not d.is_dir()]

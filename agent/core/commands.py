@@ -15,10 +15,9 @@ from datetime import UTC, datetime, timedelta
 from enum import StrEnum
 from typing import Annotated, Any
 
+from dbagent.core.errors import BadInput, CommandRejected
+from dbagent.core.redact import has_control
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, model_validator
-
-from agent.core.errors import BadInput, CommandRejected
-from agent.core.redact import has_control
 
 
 class CommandType(StrEnum):
@@ -35,7 +34,7 @@ class CommandType(StrEnum):
 
 
 class CommandStatus(StrEnum):
-    """Where a command is in its lifecycle (``agent.core.lifecycle`` has the transitions)."""
+    """Where a command is in its lifecycle (``dbagent.core.lifecycle`` has the transitions)."""
 
     ACCEPTED = "accepted"
     CLAIMED = "claimed"

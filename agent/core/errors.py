@@ -9,7 +9,7 @@ from __future__ import annotations
 import traceback
 from pathlib import Path
 
-from agent.core.redact import redact
+from dbagent.core.redact import redact
 
 
 class DbAgentError(Exception):

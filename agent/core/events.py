@@ -1,7 +1,7 @@
 """Events: the audit trail's entries, in the shape docs/contract.md gives them.
 
 Pure: the model and its encodings. Writing them to PostgreSQL and the Redis
-Stream is ``agent.operations.journal``'s and ``agent.bus.eventlog``'s job.
+Stream is ``dbagent.operations.journal``'s and ``dbagent.bus.eventlog``'s job.
 """
 
 from __future__ import annotations

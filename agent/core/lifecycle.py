@@ -29,7 +29,7 @@ never run again. What the crash left, per phase (``CRASH_LEAVES``), is what
 the report says; the agent rolls back only a migrate whose revision before is
 known, and only down to it.
 
-Pure: no I/O. The worker's side is ``agent.operations.lifecycle``.
+Pure: no I/O. The worker's side is ``dbagent.operations.lifecycle``.
 """
 
 from __future__ import annotations
@@ -43,8 +43,8 @@ from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any
 
-from agent.core.commands import CommandStatus, CommandType
-from agent.core.events import EventType
+from dbagent.core.commands import CommandStatus, CommandType
+from dbagent.core.events import EventType
 
 log = logging.getLogger(__name__)
 

@@ -1,8 +1,8 @@
 """PostgreSQL's table-level lock modes, and which one a DDL statement takes: the one table of it.
 
-Both the lint (``agent.checks.lint``: what locks an existing table ACCESS EXCLUSIVE) and
-the lock pre-check and retries (``agent.core.retries``: which tables a step will
-lock, how strongly; ``agent.postgres.blocking``: who holds a conflicting lock now) read it here, so they
+Both the lint (``dbagent.checks.lint``: what locks an existing table ACCESS EXCLUSIVE) and
+the lock pre-check and retries (``dbagent.core.retries``: which tables a step will
+lock, how strongly; ``dbagent.postgres.blocking``: who holds a conflicting lock now) read it here, so they
 cannot disagree. Pure: the statements come parsed by pglast; no I/O.
 
 The modes and their conflicts are PostgreSQL's ("Table-Level Locks"); the

@@ -20,7 +20,7 @@ spirit of GitLab's ``with_lock_retries``, dbagent bounds that wait:
   The last attempt always asks.
 
 Pure: ``RetryPolicy``, ``lock_targets`` and ``describe``; who holds the locks now is read by
-``agent.postgres.blocking`` (``blockers``, ``contended``).
+``dbagent.postgres.blocking`` (``blockers``, ``contended``).
 """
 
 from __future__ import annotations
@@ -29,11 +29,7 @@ import random
 from dataclasses import dataclass
 from typing import Any
 
-from pglast import ast
-from pglast.enums import ObjectType
-from pglast.parser import ParseError
-
-from agent.core.lockmodes import (  # noqa: F401 - ACCESS_SHARE … MODES are read from here by callers too
+from dbagent.core.lockmodes import (  # noqa: F401 - ACCESS_SHARE … MODES are read from here by callers too
     ACCESS_EXCLUSIVE,
     ACCESS_SHARE,
     CONFLICTS,
@@ -50,10 +46,13 @@ from agent.core.lockmodes import (  # noqa: F401 - ACCESS_SHARE … MODES are re
     range_name,
     stronger,
 )
+from pglast import ast
+from pglast.enums import ObjectType
+from pglast.parser import ParseError
 
 LOCK_NOT_AVAILABLE = "55P03"
 
-# The lock modes and which one each statement takes: agent.core.lockmodes, shared with the lint.
+# The lock modes and which one each statement takes: dbagent.core.lockmodes, shared with the lint.
 
 
 @dataclass(frozen=True)

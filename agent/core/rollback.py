@@ -22,7 +22,7 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
-from agent.core.events import Event, EventType
+from dbagent.core.events import Event, EventType
 
 ROLLBACK_TRIGGERS = frozenset({EventType.MIGRATION_FAILED, EventType.VERIFY_FAILED, EventType.APP_STARTUP_FAILED})
 AGENT_ACTOR = "agent"

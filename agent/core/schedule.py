@@ -9,7 +9,7 @@ from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from agent.settings import (
+    from dbagent.settings import (
         Settings,  # the configuration, read by the caller: only its shape is used here
     )
 

@@ -34,10 +34,9 @@ from types import FrameType
 from typing import Any
 from urllib.parse import quote
 
+from dbagent.postgres.backups import pid_alive
 from rich.console import Console
 from rich.markup import escape
-
-from agent.postgres.backups import pid_alive
 
 DEMO_DIR = Path(".dbagent") / "demo"
 DB_NAME = "demo"
@@ -306,7 +305,7 @@ class Demo:
             log.close()
 
     def dbagent(self) -> list[str]:
-        return [sys.executable, "-m", "agent.interfaces.cli", "--config", str(self.config)]
+        return [sys.executable, "-m", "dbagent.interfaces.cli", "--config", str(self.config)]
 
     # -- the walk-through ---------------------------------------------------------
 
@@ -604,9 +603,9 @@ def run_demo(keep: bool = False) -> int:
 
 
 def _migrations_dir() -> Path | None:
-    import agent
+    import dbagent
 
-    path = Path(agent.__file__).resolve().parent.parent / "migrations"
+    path = Path(dbagent.__file__).resolve().parent.parent / "migrations"
     return path if (path / "env.py").is_file() else None
 
 

@@ -1,2 +1,2 @@
 """The front ends: the ``dbagent`` command line, the HTTP API for deploy systems and the Slack endpoint. They
-submit through ``agent.bus.producer`` and render; nothing else in dbagent imports them."""
+submit through ``dbagent.bus.producer`` and render; nothing else in dbagent imports them."""

@@ -17,6 +17,15 @@ import time
 from typing import Annotated, Any
 
 import redis
+from dbagent.bus import keys
+from dbagent.bus.eventlog import EventLog
+from dbagent.bus.producer import Producer
+from dbagent.core.commands import MAX_DETAIL_CHARS, Command, Ticket, client_command, message_digest
+from dbagent.core.errors import BadInput, ConfigError, DbAgentError, Unavailable
+from dbagent.core.events import Event, EventType
+from dbagent.core.redact import has_control, printable, redact
+from dbagent.interfaces import slack
+from dbagent.settings import Settings
 from fastapi import Depends, FastAPI, Header, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
@@ -30,16 +39,6 @@ from prometheus_client import (
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
-
-from agent.bus import keys
-from agent.bus.eventlog import EventLog
-from agent.bus.producer import Producer
-from agent.core.commands import MAX_DETAIL_CHARS, Command, Ticket, client_command, message_digest
-from agent.core.errors import BadInput, ConfigError, DbAgentError, Unavailable
-from agent.core.events import Event, EventType
-from agent.core.redact import has_control, printable, redact
-from agent.interfaces import slack
-from agent.settings import Settings
 
 log = logging.getLogger(__name__)
 

@@ -14,13 +14,12 @@ from pathlib import Path
 from typing import Annotated, Any, NoReturn
 
 import typer
+from dbagent.core.errors import BadInput, DbAgentError
+from dbagent.core.events import Event
+from dbagent.core.redact import redact
+from dbagent.settings import Settings, load_settings
 from rich.console import Console
 from rich.table import Table
-
-from agent.core.errors import BadInput, DbAgentError
-from agent.core.events import Event
-from agent.core.redact import redact
-from agent.settings import Settings, load_settings
 
 app = typer.Typer(
     name="dbagent",
@@ -98,8 +97,8 @@ def submit(
     timeout: float,
 ) -> dict[str, Any]:
     """Enqueue a command, stream its events, and return its result (exits on --no-wait)."""
-    from agent.bus.producer import Producer, Progress
-    from agent.core.commands import client_command
+    from dbagent.bus.producer import Producer, Progress
+    from dbagent.core.commands import client_command
 
     cfg = settings()
     name, _ = cfg.database(db)
@@ -268,7 +267,7 @@ def migrate(
         _check_revision_locally(db, to, allow_base=False)
     allowed: list[str] = []
     if allow:  # checked here too, so a typo fails fast (the worker checks again)
-        from agent.checks.preflight import check_allow
+        from dbagent.checks.preflight import check_allow
 
         try:
             allowed = check_allow(allow)
@@ -392,7 +391,7 @@ def restore(
     no_wait: NoWaitOpt = False, timeout: TimeoutOpt = 6 * 3600.0,
 ) -> None:
     """Verify a backup's checksum and readability, then restore it (replacing what it contains)."""
-    from agent.core.commands import MAX_PATH_CHARS, check_client_text
+    from dbagent.core.commands import MAX_PATH_CHARS, check_client_text
 
     check_client_text("restore FILE", file, MAX_PATH_CHARS)
     name, _ = settings().database(db)
@@ -437,7 +436,7 @@ def backups_verify(
     no_wait: NoWaitOpt = False, timeout: TimeoutOpt = 6 * 3600.0,
 ) -> None:
     """Checksum and full read of a backup; --drill restores it into a scratch database too."""
-    from agent.core.commands import MAX_PATH_CHARS, check_client_text
+    from dbagent.core.commands import MAX_PATH_CHARS, check_client_text
 
     check_client_text("backups verify FILE", file, MAX_PATH_CHARS)
     result = submit("verify_backup", {"path": file, "drill": drill}, db=db, as_json=as_json, actor=actor, ticket=ticket,
@@ -483,8 +482,8 @@ def events(
     as_json: JsonOpt = False,
 ) -> None:
     """The audit trail: from PostgreSQL's audit log (the record), or the Redis stream."""
-    from agent.bus.eventlog import EventLog
-    from agent.postgres.connections import redis_client
+    from dbagent.bus.eventlog import EventLog
+    from dbagent.postgres.connections import redis_client
 
     if source not in ("auto", "postgres", "stream"):
         raise BadInput(f"--source takes auto, postgres or stream (got {source!r})")
@@ -511,7 +510,7 @@ def events(
     elif source == "auto":
         source = "stream"
     if source == "stream":
-        from agent.postgres.connections import ping_redis
+        from dbagent.postgres.connections import ping_redis
 
         ping_redis(client, cfg.redis)
         if command_id:
@@ -522,7 +521,7 @@ def events(
     for event in shown:
         show(event)
     if follow:
-        from agent.postgres.connections import ping_redis
+        from dbagent.postgres.connections import ping_redis
 
         ping_redis(client, cfg.redis)
         seen = {event.id for event in shown}
@@ -535,7 +534,7 @@ def events(
 
 
 def _audit_events(cfg: Settings, names: list[str], limit: int, command_id: str | None) -> list[Event]:
-    from agent.reactor.audit import read_audit
+    from dbagent.reactor.audit import read_audit
 
     merged: list[Event] = []
     for name in names:
@@ -556,8 +555,8 @@ def validate(
     )] = None,
 ) -> None:
     """Static checks of the scripts, a lint of the SQL each upgrade() emits (pglast), checksums of the applied ones."""
-    from agent.checks import preflight
-    from agent.checks.validate import AUTO
+    from dbagent.checks import preflight
+    from dbagent.checks.validate import AUTO
 
     db_name, database = settings().database(db)
     progress = None if as_json else (lambda line: out.print(line, markup=False))
@@ -596,7 +595,7 @@ def init(
     as_json: JsonOpt = False,
 ) -> None:
     """Adopt an existing Alembic project: write a configuration for it, check env.py, validate. Changes no database."""
-    from agent.checks.onboard import onboard, parse_databases
+    from dbagent.checks.onboard import onboard, parse_databases
 
     try:
         done = onboard(Path.cwd(), output, parse_databases(databases), migrations=migrations, redis_url=redis_url,
@@ -624,7 +623,7 @@ def env_validate(
     as_json: JsonOpt = False,
 ) -> None:
     """Config complete, PostgreSQL and Redis reachable, pg_dump/pg_restore usable, roles and backup_dir right."""
-    from agent.checks.envcheck import exit_code, validate_environment
+    from dbagent.checks.envcheck import exit_code, validate_environment
 
     cfg = settings()
     db_name, database = cfg.database(name)
@@ -657,7 +656,7 @@ def worker(
     loglevel: Annotated[str, typer.Option("--loglevel", help="Log level.")] = "INFO",
 ) -> None:
     """A Celery worker for one database's queue (concurrency 1, late acknowledgement)."""
-    from worker.app import run_worker
+    from dbagent.worker.app import run_worker
 
     cfg = settings()
     name, _ = cfg.database(db)
@@ -669,7 +668,7 @@ def beat(
     loglevel: Annotated[str, typer.Option("--loglevel", help="Log level.")] = "INFO",
 ) -> None:
     """Scheduled backups (daily, weekly, monthly marks, each followed by a prune); one leader at a time."""
-    from worker.beat import run_beat
+    from dbagent.worker.beat import run_beat
 
     cfg = settings()
     if cfg.security.signing_key() is None:
@@ -684,7 +683,7 @@ def agent_command(
     """Audit sink and rollback trigger: consumes the event stream (several agents may run)."""
     import logging
 
-    from agent.reactor.daemon import run_agent
+    from dbagent.reactor.daemon import run_agent
 
     logging.basicConfig(level=loglevel, format="[%(asctime)s: %(levelname)s/%(name)s] %(message)s")
     cfg = settings()
@@ -703,15 +702,15 @@ def notify_startup_failed(
     db: DbOpt = None, as_json: JsonOpt = False, actor: ActorOpt = None, ticket: TicketOpt = None,
 ) -> None:
     """The application failed to start after a deploy: the agent rolls back the last migration run."""
-    from agent.bus.eventlog import EventLog
-    from agent.core.commands import (
+    from dbagent.bus.eventlog import EventLog
+    from dbagent.core.commands import (
         MAX_ACTOR_CHARS,
         MAX_DETAIL_CHARS,
         MAX_TICKET_CHARS,
         check_client_text,
     )
-    from agent.core.events import EventType
-    from agent.postgres.connections import ping_redis, redis_client
+    from dbagent.core.events import EventType
+    from dbagent.postgres.connections import ping_redis, redis_client
 
     check_client_text("--actor", default_actor(actor), MAX_ACTOR_CHARS)
     check_client_text("--ticket", ticket, MAX_TICKET_CHARS)
@@ -734,7 +733,7 @@ def serve(
     listen: Annotated[str | None, typer.Option("--listen", help="host:port (default: [api] listen).")] = None,
 ) -> None:
     """HTTP API for deploy systems and chat-ops (Slack)."""
-    from agent.interfaces.api import run
+    from dbagent.interfaces.api import run
 
     run(settings(), listen)
 
@@ -744,7 +743,7 @@ def demo(
     keep: Annotated[bool, typer.Option("--keep", help="Leave the embedded servers' data in .dbagent/.")] = False,
 ) -> None:
     """The whole loop on embedded PostgreSQL and Redis: no servers, no config needed."""
-    from agent.demo.walkthrough import run_demo
+    from dbagent.demo.walkthrough import run_demo
 
     raise typer.Exit(run_demo(keep=keep))
 
@@ -761,7 +760,7 @@ def _check_revision_locally(db: str | None, rev: str | None, *, allow_base: bool
     _, database = settings().database(db)
     if not (Path(database.migrations) / "env.py").is_file():
         return
-    from agent.postgres.migrator import Migrator
+    from dbagent.postgres.migrator import Migrator
 
     Migrator(database.migrations, database.url).resolve(rev)
 

@@ -14,7 +14,7 @@ from fnmatch import fnmatchcase
 from typing import Any
 from urllib.parse import parse_qs
 
-from agent.core.errors import BadInput
+from dbagent.core.errors import BadInput
 
 # Slack's advice: refuse requests whose timestamp is more than five minutes
 # from now, so a captured request cannot be replayed later.

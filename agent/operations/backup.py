@@ -10,20 +10,24 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from dbagent.core.commands import BackupArgs, PruneArgs, RestoreArgs, VerifyBackupArgs
+from dbagent.core.durations import postgres_interval
+from dbagent.core.errors import BadInput, DbAgentError, OperationFailed
+from dbagent.core.events import EventType
+from dbagent.core.lifecycle import Phase, pause_point
+from dbagent.core.redact import redact
+from dbagent.postgres import backups as bk
+from dbagent.postgres.backups import BackupKind, Manifest, Trigger
+from dbagent.postgres.connections import (
+    create_scratch_database,
+    drop_scratch_database,
+    pg_connection,
+    rollback_quietly,
+)
 from sqlalchemy import Connection, text
 
-from agent.core.commands import BackupArgs, PruneArgs, RestoreArgs, VerifyBackupArgs
-from agent.core.durations import postgres_interval
-from agent.core.errors import BadInput, DbAgentError, OperationFailed
-from agent.core.events import EventType
-from agent.core.lifecycle import Phase, pause_point
-from agent.core.redact import redact
-from agent.postgres import backups as bk
-from agent.postgres.backups import BackupKind, Manifest, Trigger
-from agent.postgres.connections import create_scratch_database, drop_scratch_database, pg_connection, rollback_quietly
-
 if TYPE_CHECKING:
-    from agent.operations.context import Run
+    from dbagent.operations.context import Run
 
 
 def _backup_dir(run: Run) -> Path:
@@ -320,7 +324,7 @@ def prune(run: Run) -> dict[str, Any]:
 
 
 def _prune(run: Run, *, dry_run: bool) -> dict[str, Any]:
-    from agent.core.retention import BackupInfo, RetentionPolicy, apply_retention
+    from dbagent.core.retention import BackupInfo, RetentionPolicy, apply_retention
 
     directory = _backup_dir(run)
     manifests = {m.file: m for m in bk.list_backups(directory)}

@@ -1,6 +1,6 @@
 """The context an operation runs in: ``Run``, everything one command's execution works with.
 
-The lifecycle (``agent.operations.lifecycle``) builds it on the worker; a test builds it without one
+The lifecycle (``dbagent.operations.lifecycle``) builds it on the worker; a test builds it without one
 (``Run.for_test``: a real connection, any Redis client, fakeredis included). Every operation is a plain
 function of a ``Run`` returning the command's result body.
 """
@@ -16,29 +16,28 @@ from pathlib import Path
 from typing import Any
 
 import redis
-from sqlalchemy import Connection
-
-from agent.bus.eventlog import EventLog
-from agent.core.commands import (
+from dbagent.bus.eventlog import EventLog
+from dbagent.core.commands import (
     Command,
 )
-from agent.core.errors import (
+from dbagent.core.errors import (
     OperationFailed,
     Unavailable,
 )
-from agent.core.events import HOST, Event, EventType
-from agent.core.lifecycle import STOP, Phase, StopRequest, pause_point
-from agent.core.redact import redact
-from agent.operations.journal import Journal, Presence
-from agent.postgres import store
-from agent.postgres.migrator import (
+from dbagent.core.events import HOST, Event, EventType
+from dbagent.core.lifecycle import STOP, Phase, StopRequest, pause_point
+from dbagent.core.redact import redact
+from dbagent.operations.journal import Journal, Presence
+from dbagent.postgres import store
+from dbagent.postgres.migrator import (
     Migrator,
     Step,
     find_ini,
     find_pyproject,
     version_directories,
 )
-from agent.settings import DatabaseSettings, Settings
+from dbagent.settings import DatabaseSettings, Settings
+from sqlalchemy import Connection
 
 log = logging.getLogger(__name__)
 

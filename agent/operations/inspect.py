@@ -7,26 +7,25 @@ import logging
 from typing import Any
 
 from alembic.util import CommandError
-
-from agent.bus import keys
-from agent.core.commands import (
+from dbagent.bus import keys
+from dbagent.core.commands import (
     HistoryArgs,
     VerifyArgs,
 )
-from agent.core.errors import (
+from dbagent.core.errors import (
     BadInput,
     OperationFailed,
 )
-from agent.core.events import EventType
-from agent.operations.context import Run, json_row
-from agent.postgres import store
-from agent.postgres.backups import list_backups
-from agent.postgres.locks import holder_backend, read_lease
-from agent.postgres.migrator import (
+from dbagent.core.events import EventType
+from dbagent.operations.context import Run, json_row
+from dbagent.postgres import store
+from dbagent.postgres.backups import list_backups
+from dbagent.postgres.locks import holder_backend, read_lease
+from dbagent.postgres.migrator import (
     SEPARATOR,
     state_text,
 )
-from agent.postgres.verify import Baseline, run_checks, summary
+from dbagent.postgres.verify import Baseline, run_checks, summary
 
 log = logging.getLogger(__name__)
 

@@ -20,19 +20,17 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import redis
-
-from agent.bus import keys
-from agent.bus.eventlog import EventLog
-from agent.core.commands import Command
-from agent.core.events import Event, EventType
-from agent.core.redact import redact
-from agent.postgres import store
-from agent.postgres.connections import rollback_quietly
+from dbagent.bus import keys
+from dbagent.bus.eventlog import EventLog
+from dbagent.core.commands import Command
+from dbagent.core.events import Event, EventType
+from dbagent.core.redact import redact
+from dbagent.postgres import store
+from dbagent.postgres.connections import rollback_quietly
 
 if TYPE_CHECKING:
+    from dbagent.settings import DatabaseSettings
     from sqlalchemy import Connection, Engine
-
-    from agent.settings import DatabaseSettings
 
 log = logging.getLogger(__name__)
 
@@ -99,8 +97,7 @@ class Journal:
         if self.database is None:
             return False
         import sqlalchemy.exc
-
-        from agent.postgres.connections import pg_engine
+        from dbagent.postgres.connections import pg_engine
 
         with self._aside_lock:
             for attempt in (1, 2):  # a connection broken since its last use is opened again, once
@@ -131,7 +128,7 @@ class Journal:
     @property
     def reported_failure(self) -> bool:
         """Whether the command's failure has an event already: of its own kind, or its validation's or verification's."""
-        from agent.core.lifecycle import failure_event
+        from dbagent.core.lifecycle import failure_event
 
         if self.command is None:
             return False

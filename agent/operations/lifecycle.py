@@ -1,4 +1,4 @@
-"""The command lifecycle on the worker (the states of ``agent.core.lifecycle``).
+"""The command lifecycle on the worker (the states of ``dbagent.core.lifecycle``).
 
 ``execute`` is what the Celery task calls (tests call it too): decode → authorise → record → lock → claim →
 call the operation (``OPERATIONS``) → emit → finish. It always returns the command's result and publishes it
@@ -20,12 +20,10 @@ from pathlib import Path
 from typing import Any
 
 import redis
-from sqlalchemy import Connection
-
-from agent.bus import keys
-from agent.bus.eventlog import EventLog
-from agent.core import lifecycle
-from agent.core.commands import (
+from dbagent.bus import keys
+from dbagent.bus.eventlog import EventLog
+from dbagent.core import lifecycle
+from dbagent.core.commands import (
     FINISHED,
     Command,
     CommandStatus,
@@ -34,7 +32,7 @@ from agent.core.commands import (
     message_digest,
     utcnow,
 )
-from agent.core.errors import (
+from dbagent.core.errors import (
     BadInput,
     CommandRejected,
     DbAgentError,
@@ -42,19 +40,25 @@ from agent.core.errors import (
     Unavailable,
     error_text,
 )
-from agent.core.events import EventType
-from agent.core.lifecycle import STOP, StopRequest, pause_point
-from agent.core.redact import redact
-from agent.monitoring import alert
-from agent.operations import backup as backup_operations
-from agent.operations.context import Run, base_result, cached_migrator, worker_name
-from agent.operations.inspect import history, status, verify
-from agent.operations.journal import Journal, Presence, publish_result
-from agent.operations.migrate import migrate, rollback
-from agent.postgres import store
-from agent.postgres.connections import apply_timeouts, pg_connection, redis_client, rollback_quietly
-from agent.postgres.locks import AdvisoryLock, RedisLease
-from agent.settings import DatabaseSettings, Settings
+from dbagent.core.events import EventType
+from dbagent.core.lifecycle import STOP, StopRequest, pause_point
+from dbagent.core.redact import redact
+from dbagent.monitoring import alert
+from dbagent.operations import backup as backup_operations
+from dbagent.operations.context import Run, base_result, cached_migrator, worker_name
+from dbagent.operations.inspect import history, status, verify
+from dbagent.operations.journal import Journal, Presence, publish_result
+from dbagent.operations.migrate import migrate, rollback
+from dbagent.postgres import store
+from dbagent.postgres.connections import (
+    apply_timeouts,
+    pg_connection,
+    redis_client,
+    rollback_quietly,
+)
+from dbagent.postgres.locks import AdvisoryLock, RedisLease
+from dbagent.settings import DatabaseSettings, Settings
+from sqlalchemy import Connection
 
 log = logging.getLogger(__name__)
 
@@ -411,7 +415,7 @@ def _report(
 def _remove_unfinished_backup(db: DatabaseSettings, plan: dict[str, Any]) -> str | None:
     """Remove what an interrupted backup left unfinished (the partial file, an archive renamed before its
     manifest was written); returns the archive's name when it was complete after all."""
-    from agent.postgres import backups as bk
+    from dbagent.postgres import backups as bk
 
     backup = plan.get("backup") if isinstance(plan.get("backup"), dict) else {}
     if not db.backup_dir or not backup:

@@ -1,5 +1,5 @@
 """The ``migrate`` and ``rollback`` operations: plan, check the environment, validate, back up, take the
-verification baseline, apply the steps (``agent.operations.steps``), verify."""
+verification baseline, apply the steps (``dbagent.operations.steps``), verify."""
 
 from __future__ import annotations
 
@@ -7,32 +7,32 @@ import logging
 import time
 from typing import Any
 
-from agent.checks import preflight
-from agent.core.commands import (
+from dbagent.checks import preflight
+from dbagent.core.commands import (
     CommandStatus,
     CommandType,
     MigrateArgs,
     RollbackArgs,
 )
-from agent.core.errors import (
+from dbagent.core.errors import (
     BadInput,
     DbAgentError,
     OperationFailed,
 )
-from agent.core.events import EventType
-from agent.core.lifecycle import Phase
-from agent.core.redact import redact
-from agent.operations import backup as backup_operations
-from agent.operations.context import Run, current_revision
-from agent.operations.inspect import verify_run
-from agent.operations.steps import PlanRun, invalid_indexes
-from agent.postgres import store
-from agent.postgres.backups import BackupKind, Trigger
-from agent.postgres.blocking import BlockingMonitor
-from agent.postgres.migrator import (
+from dbagent.core.events import EventType
+from dbagent.core.lifecycle import Phase
+from dbagent.core.redact import redact
+from dbagent.operations import backup as backup_operations
+from dbagent.operations.context import Run, current_revision
+from dbagent.operations.inspect import verify_run
+from dbagent.operations.steps import PlanRun, invalid_indexes
+from dbagent.postgres import store
+from dbagent.postgres.backups import BackupKind, Trigger
+from dbagent.postgres.blocking import BlockingMonitor
+from dbagent.postgres.migrator import (
     Step,
 )
-from agent.postgres.verify import capture_baseline
+from dbagent.postgres.verify import capture_baseline
 
 log = logging.getLogger(__name__)
 

@@ -10,29 +10,28 @@ import time
 from typing import Any, NoReturn
 
 import redis
-from sqlalchemy import Connection
-
-from agent.checks import preflight
-from agent.core import retries
-from agent.core.commands import (
+from dbagent.checks import preflight
+from dbagent.core import retries
+from dbagent.core.commands import (
     utcnow,
 )
-from agent.core.durations import postgres_interval
-from agent.core.errors import (
+from dbagent.core.durations import postgres_interval
+from dbagent.core.errors import (
     OperationFailed,
     Unavailable,
     error_text,
 )
-from agent.core.events import EventType
-from agent.core.lifecycle import Phase, pause_point
-from agent.core.redact import redact
-from agent.operations.context import Run, Stopped
-from agent.postgres import blocking, store
-from agent.postgres.connections import rollback_quietly
-from agent.postgres.migrator import (
+from dbagent.core.events import EventType
+from dbagent.core.lifecycle import Phase, pause_point
+from dbagent.core.redact import redact
+from dbagent.operations.context import Run, Stopped
+from dbagent.postgres import blocking, store
+from dbagent.postgres.connections import rollback_quietly
+from dbagent.postgres.migrator import (
     Migrator,
     Step,
 )
+from sqlalchemy import Connection
 
 log = logging.getLogger(__name__)
 
@@ -429,7 +428,7 @@ def may_commit_midway(migrator: Migrator, step: Step) -> bool:
 
 def _commits_in_script(migrator: Migrator, step: Step) -> str | None:
     """Where the step's script ends or opens a transaction itself (COMMIT, ROLLBACK, BEGIN), if anywhere."""
-    from agent.checks.lint import transaction_control
+    from dbagent.checks.lint import transaction_control
 
     source = _script_source(migrator, step)
     found = transaction_control(source) if source is not None else []
@@ -450,7 +449,7 @@ BACKFILL_EVENT_EVERY_S = 2.0
 
 
 def _script_attributes(run: Run) -> dict[str, Any]:
-    """What the migration scripts can read from ``context.config.attributes`` (``agent.backfill`` reads these)."""
+    """What the migration scripts can read from ``context.config.attributes`` (``dbagent.backfill`` reads these)."""
     last_said: dict[str, float] = {}
 
     def on_progress(progress: dict[str, Any]) -> None:

@@ -28,13 +28,12 @@ from enum import StrEnum
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
+from dbagent.core.errors import BadInput, OperationFailed, Unavailable
+from dbagent.core.redact import redact
 from pydantic import BaseModel
 
-from agent.core.errors import BadInput, OperationFailed, Unavailable
-from agent.core.redact import redact
-
 if TYPE_CHECKING:
-    from agent.core.lifecycle import StopRequest
+    from dbagent.core.lifecycle import StopRequest
 
 T = TypeVar("T")
 

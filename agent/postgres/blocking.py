@@ -16,9 +16,8 @@ from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any
 
 import psycopg
-
-from agent.core.lockmodes import CONFLICTS
-from agent.core.redact import redact, redact_query
+from dbagent.core.lockmodes import CONFLICTS
+from dbagent.core.redact import redact, redact_query
 
 if TYPE_CHECKING:
     from sqlalchemy import Connection
@@ -106,7 +105,7 @@ def _row(conn: psycopg.Connection, values: tuple) -> dict[str, Any]:
     return row
 
 
-# -- who holds the locks a step will ask for (the pre-check and the retries of agent.core.retries) --
+# -- who holds the locks a step will ask for (the pre-check and the retries of dbagent.core.retries) --
 
 # One round trip for all the step's tables: each with the modes that conflict with the one it will ask for.
 _HOLDERS = """

@@ -11,11 +11,10 @@ from contextlib import contextmanager
 from typing import TYPE_CHECKING
 
 import redis
-
-from agent.core.durations import postgres_interval
-from agent.core.errors import Unavailable
-from agent.core.redact import redact
-from agent.settings import DatabaseSettings, RedisSettings
+from dbagent.core.durations import postgres_interval
+from dbagent.core.errors import Unavailable
+from dbagent.core.redact import redact
+from dbagent.settings import DatabaseSettings, RedisSettings
 
 if TYPE_CHECKING:
     from sqlalchemy import Connection, Engine
@@ -152,8 +151,7 @@ def create_scratch_database(db: DatabaseSettings, name: str, purpose: str) -> Da
     server that refuses (no CREATEDB) is ``Unavailable``, naming ``purpose``.
     """
     import sqlalchemy.exc
-
-    from agent.core.errors import error_text
+    from dbagent.core.errors import error_text
 
     try:
         with maintenance_connection(db, f"dbagent {purpose}") as admin:

@@ -20,10 +20,9 @@ from collections.abc import Callable
 from typing import Any
 
 import redis
+from dbagent.core.errors import OperationFailed
+from dbagent.core.redact import redact
 from sqlalchemy import Connection
-
-from agent.core.errors import OperationFailed
-from agent.core.redact import redact
 
 log = logging.getLogger(__name__)
 

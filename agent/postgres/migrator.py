@@ -26,10 +26,9 @@ from alembic.runtime.migration import MigrationContext, MigrationStep
 from alembic.script import Script, ScriptDirectory
 from alembic.script.revision import RevisionError
 from alembic.util import CommandError
+from dbagent.core.errors import BadInput
+from dbagent.postgres.connections import sqlalchemy_url
 from sqlalchemy import Connection
-
-from agent.core.errors import BadInput
-from agent.postgres.connections import sqlalchemy_url
 
 BASE = "base"
 HEAD = "head"
@@ -454,7 +453,7 @@ class Migrator:
         last has committed. Whatever it raises ends the run there, with
         ``steps[:k]`` applied. ``attributes`` are handed to the scripts as
         ``context.config.attributes`` (``"dbagent.backfill"``, read by
-        ``agent.backfill``).
+        ``dbagent.backfill``).
 
         ``per_step=False``: as env.py configures it (``transaction_per_migration``
         off, Alembic's default), the whole plan is one transaction: a failure

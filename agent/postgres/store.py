@@ -1,7 +1,7 @@
 """dbagent's own tables, in schema ``dbagent`` of each target database.
 
 * ``commands``: every command id a worker has seen (at most once per id), its
-  lifecycle state, plan and result (``agent.core.lifecycle``);
+  lifecycle state, plan and result (``dbagent.core.lifecycle``);
 * ``audit_log``: the durable record of every event (the stream's source of truth);
   an entry the stream missed (Redis was down) is marked ``unpublished`` until
   the worker's relay re-publishes it;
@@ -20,11 +20,10 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
+from dbagent.core.commands import Command, CommandStatus
+from dbagent.core.events import Event
+from dbagent.core.lifecycle import TERMINAL, State, sources
 from sqlalchemy import Connection, text
-
-from agent.core.commands import Command, CommandStatus
-from agent.core.events import Event
-from agent.core.lifecycle import TERMINAL, State, sources
 
 SCHEMA = "dbagent"
 
@@ -122,7 +121,7 @@ _CHECKSUMS_KEPT = (
     " AND attname = 'checksum' AND NOT attisdropped)"
 )
 
-# True when the schema is there at this version: the one test of "present" (here and in agent.reactor.audit).
+# True when the schema is there at this version: the one test of "present" (here and in dbagent.reactor.audit).
 SCHEMA_CURRENT = (
     f"SELECT coalesce(obj_description(to_regnamespace('{SCHEMA}'), 'pg_namespace') = '{SCHEMA_VERSION}', false)"
 )

@@ -31,15 +31,14 @@ from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from dbagent.core.durations import postgres_interval
+from dbagent.core.errors import OperationFailed, error_text
+from dbagent.postgres.connections import rollback_quietly
 from psycopg import sql
 from sqlalchemy import Connection
 
-from agent.core.durations import postgres_interval
-from agent.core.errors import OperationFailed, error_text
-from agent.postgres.connections import rollback_quietly
-
 if TYPE_CHECKING:
-    from agent.settings import DatabaseSettings
+    from dbagent.settings import DatabaseSettings
 
 log = logging.getLogger(__name__)
 

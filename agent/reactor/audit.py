@@ -13,16 +13,15 @@ import logging
 from datetime import datetime
 
 import psycopg
+from dbagent.bus.consumer import Entry, Outcome
+from dbagent.core.errors import OperationFailed, Unavailable, error_text
+from dbagent.core.events import Event
+from dbagent.core.redact import redact
+from dbagent.postgres import store
+from dbagent.postgres.connections import open_connection, pg_connection, rollback_quietly
+from dbagent.settings import DatabaseSettings, Settings
 from sqlalchemy import Connection
 from sqlalchemy.exc import SQLAlchemyError
-
-from agent.bus.consumer import Entry, Outcome
-from agent.core.errors import OperationFailed, Unavailable, error_text
-from agent.core.events import Event
-from agent.core.redact import redact
-from agent.postgres import store
-from agent.postgres.connections import open_connection, pg_connection, rollback_quietly
-from agent.settings import DatabaseSettings, Settings
 
 log = logging.getLogger(__name__)
 

@@ -14,21 +14,26 @@ import socket
 import threading
 from typing import Any
 
+from dbagent.bus import keys
+from dbagent.bus.consumer import ConsumerOptions, Entry, GroupConsumer, Outcome
+from dbagent.bus.producer import Producer
+from dbagent.core.commands import Command, CommandType
+from dbagent.core.errors import DbAgentError, error_text
+from dbagent.core.events import Event, EventType
+from dbagent.core.lifecycle import pause_point
+from dbagent.core.rollback import (
+    AGENT_ACTOR,
+    ROLLBACK_TRIGGERS,
+    NoRollback,
+    decide,
+    plan_escalation,
+)
+from dbagent.monitoring import alert, flush, init_sentry
+from dbagent.postgres import store
+from dbagent.postgres.connections import pg_connection, ping_redis, redis_client
+from dbagent.reactor.audit import AuditSink
+from dbagent.settings import Settings
 from sqlalchemy.exc import SQLAlchemyError
-
-from agent.bus import keys
-from agent.bus.consumer import ConsumerOptions, Entry, GroupConsumer, Outcome
-from agent.bus.producer import Producer
-from agent.core.commands import Command, CommandType
-from agent.core.errors import DbAgentError, error_text
-from agent.core.events import Event, EventType
-from agent.core.lifecycle import pause_point
-from agent.core.rollback import AGENT_ACTOR, ROLLBACK_TRIGGERS, NoRollback, decide, plan_escalation
-from agent.monitoring import alert, flush, init_sentry
-from agent.postgres import store
-from agent.postgres.connections import pg_connection, ping_redis, redis_client
-from agent.reactor.audit import AuditSink
-from agent.settings import Settings
 
 log = logging.getLogger("dbagent.agent")
 

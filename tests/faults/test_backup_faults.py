@@ -51,7 +51,7 @@ def test_an_interrupted_dump_leaves_no_file_no_manifest_and_is_not_listed(env, r
     env.start_worker()
     big_database(env)
     run = subprocess.Popen(
-        [sys.executable, "-m", "agent.interfaces.cli", "--config", str(env.config), "backup", "full", "--json"],
+        [sys.executable, "-m", "dbagent.interfaces.cli", "--config", str(env.config), "backup", "full", "--json"],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env.environ(), cwd=ROOT,
     )
     pid = wait_for(pg_dump_pid, 60, "pg_dump to start")
@@ -77,13 +77,13 @@ def test_the_password_is_in_no_argv_no_environment_and_no_log(env, redis_client)
         path.write_text(env.config.read_text().replace("postgresql://postgres@", f"postgresql://{role}:{PASSWORD}@"))
         log = open(env.tmp / "pw-worker.log", "w")
         worker = subprocess.Popen(
-            [sys.executable, "-m", "agent.interfaces.cli", "--config", str(path), "worker", "--db", "test", "--loglevel", "DEBUG"],
+            [sys.executable, "-m", "dbagent.interfaces.cli", "--config", str(path), "worker", "--db", "test", "--loglevel", "DEBUG"],
             stdout=log, stderr=subprocess.STDOUT, env=env.environ(), cwd=ROOT, start_new_session=True,
         )
         env.workers.append(worker)
         big_database(env)
         run = subprocess.Popen(
-            [sys.executable, "-m", "agent.interfaces.cli", "--config", str(path), "backup", "full", "--json"],
+            [sys.executable, "-m", "dbagent.interfaces.cli", "--config", str(path), "backup", "full", "--json"],
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env.environ(), cwd=ROOT,
         )
         pid = wait_for(pg_dump_pid, 60, "pg_dump to start")
@@ -114,7 +114,7 @@ def test_two_beats_one_schedule_run_one_backup(env, redis_client):
     for number in range(2):
         log = open(env.tmp / f"beat-{number}.log", "w")
         beats.append(subprocess.Popen(
-            [sys.executable, "-m", "agent.interfaces.cli", "--config", str(env.config), "beat"],
+            [sys.executable, "-m", "dbagent.interfaces.cli", "--config", str(env.config), "beat"],
             stdout=log, stderr=subprocess.STDOUT, env=env.environ(), cwd=ROOT, start_new_session=True,
         ))
         env.workers.append(beats[-1])

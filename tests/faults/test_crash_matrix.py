@@ -113,7 +113,7 @@ def marker_survives(env: Env) -> bool:
 
 def cli(env: Env, *args: str) -> subprocess.Popen:
     return subprocess.Popen(
-        [sys.executable, "-m", "agent.interfaces.cli", "--config", str(env.config), *args, "--json", "--timeout", "300"],
+        [sys.executable, "-m", "dbagent.interfaces.cli", "--config", str(env.config), *args, "--json", "--timeout", "300"],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env.environ(), cwd=ROOT,
     )
 

@@ -9,10 +9,10 @@ import time
 from datetime import UTC, datetime, timedelta
 
 import pytest
+from dbagent.bus.producer import Producer
+from dbagent.core.commands import Command, CommandType
+from dbagent.settings import load_settings
 
-from agent.bus.producer import Producer
-from agent.core.commands import Command, CommandType
-from agent.settings import load_settings
 from tests.servers import ROOT, SIGNING_KEY, copy_migrations
 
 pytestmark = pytest.mark.faults
@@ -54,7 +54,7 @@ def test_kill_9_during_a_slow_step_leaves_the_previous_revision_and_frees_the_lo
     assert env.cli("migrate", "--to", "011", "--json").code == 0
 
     run = subprocess.Popen(
-        [sys.executable, "-m", "agent.interfaces.cli", "--config", str(env.config), "migrate", "--json", "--timeout", "300"],
+        [sys.executable, "-m", "dbagent.interfaces.cli", "--config", str(env.config), "migrate", "--json", "--timeout", "300"],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env.environ(), cwd=ROOT,
     )
     wait_for(lambda: env.sql("SELECT 1 FROM pg_stat_activity WHERE query LIKE 'SELECT pg_sleep(600)%%'"), 60, "the slow step")
@@ -89,8 +89,8 @@ def _publish(env, command: Command) -> dict:
     settings = load_settings(env.config)
     producer = Producer(settings)
     after = producer.check()
-    from agent.bus import keys
-    from agent.bus.queue import EXECUTE_TASK, celery_app
+    from dbagent.bus import keys
+    from dbagent.bus.queue import EXECUTE_TASK, celery_app
 
     app = celery_app(settings)
     app.send_task(EXECUTE_TASK, args=[command.to_message()], queue=keys.queue(settings.redis.prefix, "test"), task_id=command.id)
@@ -134,7 +134,7 @@ def test_three_concurrent_migrates_with_two_workers_apply_each_step_once(env, re
     env.start_worker()
     procs = [
         subprocess.Popen(
-            [sys.executable, "-m", "agent.interfaces.cli", "--config", str(env.config), "migrate", "--json", "--timeout", "120"],
+            [sys.executable, "-m", "dbagent.interfaces.cli", "--config", str(env.config), "migrate", "--json", "--timeout", "120"],
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env.environ(), cwd=ROOT,
         )
         for _ in range(3)
@@ -163,7 +163,7 @@ def test_status_from_a_second_worker_names_the_lock_holder_during_a_migration(en
     env.start_worker(SLOW_STEP="1")
     assert env.cli("migrate", "--to", "011", "--json").code == 0
     run = subprocess.Popen(
-        [sys.executable, "-m", "agent.interfaces.cli", "--config", str(env.config), "migrate", "--json"],
+        [sys.executable, "-m", "dbagent.interfaces.cli", "--config", str(env.config), "migrate", "--json"],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env.environ(), cwd=ROOT,
     )
     wait_for(lambda: env.sql("SELECT 1 FROM pg_stat_activity WHERE query LIKE 'SELECT pg_sleep(4)%%'"), 60, "the slow step")
@@ -225,7 +225,7 @@ def test_malformed_config_exits_2_naming_the_file(tmp_path, content, message):
     path = tmp_path / "bad.toml"
     path.write_text(content)
     result = subprocess.run(
-        [sys.executable, "-m", "agent.interfaces.cli", "--config", str(path), "status"],
+        [sys.executable, "-m", "dbagent.interfaces.cli", "--config", str(path), "status"],
         capture_output=True, text=True, cwd=ROOT, timeout=60,
     )
     assert result.returncode == 2
@@ -236,7 +236,7 @@ def test_debug_shows_the_traceback(tmp_path):
     path = tmp_path / "bad.toml"
     path.write_text("[redis\n")
     result = subprocess.run(
-        [sys.executable, "-m", "agent.interfaces.cli", "--debug", "--config", str(path), "status"],
+        [sys.executable, "-m", "dbagent.interfaces.cli", "--debug", "--config", str(path), "status"],
         capture_output=True, text=True, cwd=ROOT, timeout=60,
     )
     assert result.returncode == 2 and "Traceback" in result.stderr
@@ -249,7 +249,7 @@ def test_unreachable_redis_exits_3_within_10_seconds_without_the_password(env):
     path.write_text(text)
     started = time.monotonic()
     result = subprocess.run(
-        [sys.executable, "-m", "agent.interfaces.cli", "--config", str(path), "status"],
+        [sys.executable, "-m", "dbagent.interfaces.cli", "--config", str(path), "status"],
         capture_output=True, text=True, cwd=ROOT, timeout=60, env=env.environ(),
     )
     assert result.returncode == 3 and time.monotonic() - started < 10
@@ -262,13 +262,13 @@ def test_unreachable_postgres_exits_3_and_never_shows_the_password(env, redis_cl
     path.write_text(env.config.read_text().replace(env.url, "postgresql://postgres:PgSecret@127.0.0.1:1/nowhere"))
     log = open(env.tmp / "nopg-worker.log", "w")
     worker = subprocess.Popen(
-        [sys.executable, "-m", "agent.interfaces.cli", "--config", str(path), "worker", "--db", "test"],
+        [sys.executable, "-m", "dbagent.interfaces.cli", "--config", str(path), "worker", "--db", "test"],
         stdout=log, stderr=subprocess.STDOUT, env=env.environ(), cwd=ROOT, start_new_session=True,
     )
     env.workers.append(worker)
     started = time.monotonic()
     result = subprocess.run(
-        [sys.executable, "-m", "agent.interfaces.cli", "--config", str(path), "status", "--json", "--timeout", "30"],
+        [sys.executable, "-m", "dbagent.interfaces.cli", "--config", str(path), "status", "--json", "--timeout", "30"],
         capture_output=True, text=True, cwd=ROOT, timeout=60, env=env.environ(),
     )
     assert result.returncode == 3, result.stderr
@@ -280,7 +280,7 @@ def test_unreachable_postgres_exits_3_and_never_shows_the_password(env, redis_cl
     assert "PgSecret" not in everything and "postgres:***@127.0.0.1:1" in body["error"]
 
     local = subprocess.run(
-        [sys.executable, "-m", "agent.interfaces.cli", "--config", str(path), "env", "validate", "--json"],
+        [sys.executable, "-m", "dbagent.interfaces.cli", "--config", str(path), "env", "validate", "--json"],
         capture_output=True, text=True, cwd=ROOT, timeout=60, env=env.environ(),
     )
     assert local.returncode == 3 and "PgSecret" not in local.stdout + local.stderr

@@ -9,11 +9,11 @@ import sys
 import time
 
 import pytest
+from dbagent.bus import keys
+from dbagent.bus.producer import Producer
+from dbagent.core.commands import Command, CommandType
+from dbagent.settings import load_settings
 
-from agent.bus import keys
-from agent.bus.producer import Producer
-from agent.core.commands import Command, CommandType
-from agent.settings import load_settings
 from tests.faults.test_crash_matrix import STEP, cli, sleeping
 from tests.faults.test_faults import _publish, wait_for
 from tests.servers import ROOT, SIGNING_KEY, copy_migrations
@@ -76,9 +76,8 @@ def test_redis_down_across_the_end_of_a_step_the_outcome_is_readable_afterwards(
     assert "migration.completed" in stream and "verify.completed" in stream
     assert json.loads(client.get(keys.result(env.prefix, result["command_id"])))["status"] == "succeeded"
     # the API reads it too
+    from dbagent.interfaces.api import create_app
     from fastapi.testclient import TestClient
-
-    from agent.interfaces.api import create_app
 
     settings = load_settings(env.config)
     import os
@@ -101,7 +100,7 @@ def test_the_outcome_is_read_from_postgres_when_redis_lost_it(env, redis_client)
     command_id = run.json()["command_id"]
     redis_client.delete(keys.result(env.prefix, command_id))  # Redis restarted without its data
     settings = load_settings(env.config)
-    from agent.core.commands import Command as C
+    from dbagent.core.commands import Command as C
 
     outcome = Producer(settings).wait(C(id=command_id, type="migrate", db="test", actor="x"), "0-0", timeout_s=0.5)
     assert outcome["status"] == "succeeded" and outcome["revision_after"] == "003"
@@ -213,7 +212,7 @@ def test_a_second_delivery_of_a_running_command_leaves_it_alone(env, tmp_path, r
     command = Command(type=CommandType.MIGRATE, db="test", args={}, actor="t").expiring_in(600).signed(SIGNING_KEY.encode())
     producer = Producer(settings)
     after = producer.check()
-    from agent.bus.queue import EXECUTE_TASK, celery_app
+    from dbagent.bus.queue import EXECUTE_TASK, celery_app
 
     app = celery_app(settings)
     for _ in range(2):
@@ -229,8 +228,8 @@ def test_a_second_delivery_of_a_running_command_leaves_it_alone(env, tmp_path, r
 
 def test_backup_progress_is_written_beside_the_dump_and_the_snapshot_holds(env, redis_client, monkeypatch):
     """backup.progress on its own connection: the dump's snapshot transaction is never touched."""
-    from agent.operations import lifecycle
-    from agent.postgres import backups
+    from dbagent.operations import lifecycle
+    from dbagent.postgres import backups
 
     env.start_worker()
     assert env.cli("migrate", "--to", "011", "--json").code == 0
@@ -261,7 +260,7 @@ def test_the_cli_says_when_the_worker_running_its_command_is_gone(env, tmp_path)
     worker = env.start_worker(SLOW_STEP="012")
     assert env.cli("migrate", "--to", "011", "--json").code == 0
     waiting = subprocess.Popen(
-        [sys.executable, "-m", "agent.interfaces.cli", "--config", str(env.config), "migrate", "--timeout", "12"],
+        [sys.executable, "-m", "dbagent.interfaces.cli", "--config", str(env.config), "migrate", "--timeout", "12"],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env.environ(), cwd=ROOT,
     )
     wait_for(lambda: sleeping(env), 60, "the slow step")
@@ -286,8 +285,8 @@ def test_a_run_recorded_by_an_older_worker_is_still_rolled_back_to_its_start(env
 
 def test_a_forged_failure_event_for_a_run_that_succeeded_rolls_nothing_back(env, redis_client):
     """The event stream is not signed: anyone with Redis access can add a migration.failed to it."""
-    from agent.bus.eventlog import EventLog
-    from agent.core.events import Event, EventType
+    from dbagent.bus.eventlog import EventLog
+    from dbagent.core.events import Event, EventType
 
     env.start_worker()
     env.start_agent()

@@ -8,8 +8,8 @@ import subprocess
 import sys
 
 import pytest
+from dbagent.postgres.migrator import Migrator
 
-from agent.postgres.migrator import Migrator
 from tests.alembic_projects import FIXTURE, linear_project
 from tests.servers import MIGRATIONS, ROOT
 
@@ -164,7 +164,7 @@ def init(env, project, output, *extra):
     from tests.servers import ROOT
 
     done = subprocess.run(
-        [sys.executable, "-m", "agent.interfaces.cli", "init", "--db", f"app={env.url}", "--redis", env.redis_url,
+        [sys.executable, "-m", "dbagent.interfaces.cli", "init", "--db", f"app={env.url}", "--redis", env.redis_url,
          "--prefix", env.prefix, "--output", str(output), "--json", *extra],
         # Run from the project's directory, as a user would; this checkout's dbagent first on the path.
         capture_output=True, text=True, cwd=project, env=env.environ(PYTHONPATH=str(ROOT)), timeout=60,
@@ -175,7 +175,7 @@ def init(env, project, output, *extra):
 def test_init_adopts_a_project_writes_a_config_that_works_and_names_the_env_py_change(env, tmp_path, redis_client):
     import json
 
-    from agent.settings import load_settings
+    from dbagent.settings import load_settings
 
     stock = tmp_path / "stock"
     linear_project(stock / "alembic", env="stock")
@@ -438,7 +438,7 @@ def test_a_worker_killed_inside_a_plan_in_one_transaction_leaves_the_database_wh
     env.kill_worker(setup, signal.SIGTERM)
     doomed = env.start_worker(log_name="doomed-worker", DBAGENT_PAUSE_AT="phase:between_steps:3")
     waiting = subprocess.Popen(
-        [sys.executable, "-m", "agent.interfaces.cli", "--config", str(env.config), "migrate", "--json", "--timeout", "300"],
+        [sys.executable, "-m", "dbagent.interfaces.cli", "--config", str(env.config), "migrate", "--json", "--timeout", "300"],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env.environ(), cwd=ROOT,
     )
     wait_for(lambda: "pausing at phase:between_steps:3" in env.log_of(doomed), 60, "the worker inside the plan")
@@ -470,7 +470,7 @@ def _migrate_while_accounts_is_held(env, redis_client, waits: int) -> tuple[subp
     assert env.cli("migrate", "--to", ",".join(both), "--json").code == 0
     holder = psycopg.connect(env.url, application_name="long report")
     holder.execute("SELECT count(*) FROM accounts")  # ACCESS SHARE on accounts, held by an open transaction
-    run = subprocess.Popen([sys.executable, "-m", "agent.interfaces.cli", "--config", str(env.config), "migrate", "--json"],
+    run = subprocess.Popen([sys.executable, "-m", "dbagent.interfaces.cli", "--config", str(env.config), "migrate", "--json"],
                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env.environ(), cwd=ROOT)
 
     def table_waits() -> list[dict]:

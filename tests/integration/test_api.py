@@ -6,11 +6,11 @@ import time
 from urllib.parse import urlencode
 
 import pytest
+from dbagent.interfaces.api import create_app
+from dbagent.interfaces.slack import expected_signature
+from dbagent.settings import load_settings
 from fastapi.testclient import TestClient
 
-from agent.interfaces.api import create_app
-from agent.interfaces.slack import expected_signature
-from agent.settings import load_settings
 from tests.servers import SIGNING_KEY
 
 pytestmark = pytest.mark.integration

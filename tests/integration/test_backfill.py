@@ -1,4 +1,4 @@
-"""Batched data migrations (agent.backfill) on real PostgreSQL: batches, resume after kill -9, no-ops."""
+"""Batched data migrations (dbagent.backfill) on real PostgreSQL: batches, resume after kill -9, no-ops."""
 
 from __future__ import annotations
 
@@ -17,11 +17,11 @@ import psycopg
 import pytest
 from alembic import command
 from alembic.config import Config
+from dbagent.backfill import backfill
+from dbagent.core.errors import BadInput, OperationFailed
+from dbagent.settings import DatabaseSettings
 from sqlalchemy import create_engine, pool
 
-from agent.backfill import backfill
-from agent.core.errors import BadInput, OperationFailed
-from agent.settings import DatabaseSettings
 from tests.servers import ROOT, copy_migrations, create_database, db_url, drop_database
 
 pytestmark = pytest.mark.integration
@@ -47,7 +47,7 @@ def migration(revision: str, down: str | None, body: str, downgrade: str = "pass
     return f'''"""{revision}"""
 from alembic import op
 
-from agent.backfill import backfill
+from dbagent.backfill import backfill
 
 revision = "{revision}"
 down_revision = {down!r}
@@ -207,7 +207,7 @@ def test_plain_alembic_uses_the_defaults_and_logs_progress(db, tmp_path, caplog)
     sql(db, "CREATE TABLE items (id bigint PRIMARY KEY, counter integer NOT NULL DEFAULT 0)")
     sql(db, "INSERT INTO items (id) SELECT generate_series(1, 2500)")
     location = scripts(tmp_path, {"b01_backfill.py": migration("b01", None, '    backfill(op, "items", "counter = counter + 1")')})
-    with caplog.at_level("INFO", logger="agent.backfill"):
+    with caplog.at_level("INFO", logger="dbagent.backfill"):
         command.upgrade(alembic_config(db, location), "head")
     assert sql(db, "SELECT batches, rows_done FROM dbagent.backfills") == [(3, 2500)]  # batches of 1000
     assert any("2500 updated, 3 batches" in r.getMessage() and "(finished)" in r.getMessage() for r in caplog.records)

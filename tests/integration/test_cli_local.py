@@ -45,7 +45,7 @@ def test_env_show_masks_the_password(env):
     path = env.tmp / "secret.toml"
     path.write_text(env.config.read_text().replace("postgresql://postgres@", "postgresql://postgres:Hunter2@"))
     result = subprocess.run(
-        [sys.executable, "-m", "agent.interfaces.cli", "--config", str(path), "env", "show", "--json"],
+        [sys.executable, "-m", "dbagent.interfaces.cli", "--config", str(path), "env", "show", "--json"],
         capture_output=True, text=True, cwd=ROOT, env=env.environ(), timeout=60,
     )
     assert result.returncode == 0 and "Hunter2" not in result.stdout
@@ -103,7 +103,7 @@ def test_validate_exits_1_on_an_error_finding(env, tmp_path):
 def test_events_follow_prints_new_events_as_they_come(env):
     env.start_worker()
     follower = subprocess.Popen(
-        [sys.executable, "-m", "agent.interfaces.cli", "--config", str(env.config), "events", "--follow", "--json"],
+        [sys.executable, "-m", "dbagent.interfaces.cli", "--config", str(env.config), "events", "--follow", "--json"],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT, env=env.environ(),
     )
     try:

@@ -16,7 +16,7 @@ pytestmark = pytest.mark.integration
 def test_demo_runs_the_whole_loop_and_leaves_nothing_behind(tmp_path):
     env = {"PATH": "/usr/local/bin:/usr/bin:/bin", "HOME": str(tmp_path)}
     proc = subprocess.run(
-        [sys.executable, "-m", "agent.interfaces.cli", "demo"], cwd=tmp_path, capture_output=True, text=True, timeout=240, env=env
+        [sys.executable, "-m", "dbagent.interfaces.cli", "demo"], cwd=tmp_path, capture_output=True, text=True, timeout=240, env=env
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     for step in ("validate", "migrate --dry-run --to 002", "rollback 1", "backup full", "backups list", "restore", "history"):

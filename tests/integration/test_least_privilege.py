@@ -242,8 +242,8 @@ def test_env_validate_passes_for_the_roles_of_the_doc(least_privilege_env, redis
 
 
 def validate_in_process(env, app_user: str | None = None) -> dict[str, tuple[str, str]]:
-    from agent.checks.envcheck import check_postgres
-    from agent.settings import DatabaseSettings
+    from dbagent.checks.envcheck import check_postgres
+    from dbagent.settings import DatabaseSettings
 
     db = DatabaseSettings(url=env.url, app_user=app_user or env.app_role)
     checks, _ = check_postgres("test", db)

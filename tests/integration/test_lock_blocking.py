@@ -43,7 +43,7 @@ def test_a_session_stuck_behind_a_step_is_named(env, tmp_path, redis_client):
     env.migrations = copy_migrations(tmp_path, {"012_holds_users.py": HOLDS_USERS})
     env.start_worker()
     assert env.cli("migrate", "--to", "011", "--json").code == 0
-    run = subprocess.Popen([sys.executable, "-m", "agent.interfaces.cli", "--config", str(env.config), "migrate", "--json"],
+    run = subprocess.Popen([sys.executable, "-m", "dbagent.interfaces.cli", "--config", str(env.config), "migrate", "--json"],
                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env.environ(), cwd=ROOT)
     wait_for(lambda: env.sql("SELECT 1 FROM pg_stat_activity WHERE query LIKE 'SELECT pg_sleep(4)%%'"), 60, "the step")
     with psycopg.connect(env.url, autocommit=True, application_name="the application") as app:

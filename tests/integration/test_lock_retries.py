@@ -70,7 +70,7 @@ def table_lock_waits(env, redis_client) -> list[dict]:
 
 def migrate_in_background(env) -> subprocess.Popen:
     return subprocess.Popen(
-        [sys.executable, "-m", "agent.interfaces.cli", "--config", str(env.config), "migrate", "--json"],
+        [sys.executable, "-m", "dbagent.interfaces.cli", "--config", str(env.config), "migrate", "--json"],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env.environ(), cwd=ROOT,
     )
 

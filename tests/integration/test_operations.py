@@ -1,4 +1,4 @@
-"""Each operation is a plain function of a context (``agent.operations.context.Run``) that a test builds
+"""Each operation is a plain function of a context (``dbagent.operations.context.Run``) that a test builds
 without a worker, Celery or a Redis server: a real PostgreSQL database, fakeredis for the stream.
 
 What each returns, what it changes, and the events it records (in the audit log, the record of truth, and
@@ -9,17 +9,17 @@ from __future__ import annotations
 
 import fakeredis
 import pytest
+from dbagent.bus.eventlog import EventLog
+from dbagent.core.commands import Command, CommandType
+from dbagent.core.errors import BadInput, OperationFailed
+from dbagent.operations import backup as backup_operations
+from dbagent.operations import inspect, migrate
+from dbagent.operations.context import Run
+from dbagent.operations.lifecycle import OPERATIONS
+from dbagent.postgres import store
+from dbagent.postgres.connections import apply_timeouts, pg_connection
+from dbagent.settings import load_settings
 
-from agent.bus.eventlog import EventLog
-from agent.core.commands import Command, CommandType
-from agent.core.errors import BadInput, OperationFailed
-from agent.operations import backup as backup_operations
-from agent.operations import inspect, migrate
-from agent.operations.context import Run
-from agent.operations.lifecycle import OPERATIONS
-from agent.postgres import store
-from agent.postgres.connections import apply_timeouts, pg_connection
-from agent.settings import load_settings
 from tests.servers import script
 
 VERBS = {CommandType.STATUS: inspect.status, CommandType.HISTORY: inspect.history, CommandType.VERIFY: inspect.verify,

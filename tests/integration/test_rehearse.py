@@ -210,7 +210,7 @@ def test_an_interrupted_rehearsal_drops_its_scratch_database(env, tmp_path, sig)
     slow = script("012", "011", "A slow step.", ["SELECT pg_sleep(60)"], ["SELECT 1"])
     env.migrations = copy_migrations(tmp_path, {"012_slow_step.py": slow})
     proc = subprocess.Popen(
-        [sys.executable, "-m", "agent.interfaces.cli", "--config", str(env.config), "validate", "--rehearse"],
+        [sys.executable, "-m", "dbagent.interfaces.cli", "--config", str(env.config), "validate", "--rehearse"],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env.environ(), cwd=ROOT,
     )
     try:

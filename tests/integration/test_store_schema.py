@@ -6,12 +6,12 @@ from __future__ import annotations
 import uuid
 
 import pytest
+from dbagent.core.commands import Command, CommandType, utcnow
+from dbagent.core.events import Event, EventType
+from dbagent.postgres import store
+from dbagent.postgres.connections import sqlalchemy_url
 from sqlalchemy import create_engine, pool
 
-from agent.core.commands import Command, CommandType, utcnow
-from agent.core.events import Event, EventType
-from agent.postgres import store
-from agent.postgres.connections import sqlalchemy_url
 from tests.servers import create_database, db_url, drop_database
 
 pytestmark = pytest.mark.integration

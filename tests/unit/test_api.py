@@ -8,15 +8,13 @@ from datetime import UTC, datetime, timedelta
 from urllib.parse import urlencode
 
 import pytest
-from fastapi.testclient import TestClient
-
-from agent.bus import keys
-from agent.bus.eventlog import EventLog
-from agent.bus.producer import Producer
-from agent.core.commands import Command, check_command
-from agent.core.errors import BadInput, ConfigError, OperationFailed
-from agent.core.events import Event
-from agent.interfaces.api import (
+from dbagent.bus import keys
+from dbagent.bus.eventlog import EventLog
+from dbagent.bus.producer import Producer
+from dbagent.core.commands import Command, check_command
+from dbagent.core.errors import BadInput, ConfigError, OperationFailed
+from dbagent.core.events import Event
+from dbagent.interfaces.api import (
     MAX_BODY_BYTES,
     create_app,
     list_events,
@@ -24,8 +22,9 @@ from agent.interfaces.api import (
     parse_tokens,
     submitted_key,
 )
-from agent.interfaces.slack import expected_signature
-from agent.settings import Settings
+from dbagent.interfaces.slack import expected_signature
+from dbagent.settings import Settings
+from fastapi.testclient import TestClient
 
 TOKEN = "tok-ci-4f1d9a"
 OTHER_TOKEN = "tok-deploy-77e0"
@@ -484,7 +483,7 @@ def test_slack_without_a_signing_secret_is_503(monkeypatch, settings, producer):
 def test_slack_when_the_queue_is_down_says_so_ephemerally(secrets, settings, fake_redis):
     class DownProducer(RecordingProducer):
         def check(self) -> str:
-            from agent.core.errors import Unavailable
+            from dbagent.core.errors import Unavailable
 
             raise Unavailable("cannot reach Redis at redis://:pw@redis-host:6379/0")
 
@@ -584,8 +583,8 @@ def test_hostile_command_is_422_with_the_reason(client, producer, body, reason):
 
 
 def test_a_forged_log_line_in_the_actor_never_reaches_the_log(client, producer, caplog):
-    caplog.set_level("INFO", logger="agent.interfaces.api")
-    forged = "alice\n2025-01-01 12:00:00 INFO agent.interfaces.api: queued rollback of production for root"
+    caplog.set_level("INFO", logger="dbagent.interfaces.api")
+    forged = "alice\n2025-01-01 12:00:00 INFO dbagent.interfaces.api: queued rollback of production for root"
     response = client.post("/v1/commands", json={"type": "status", "db": "staging", "actor": forged}, headers=AUTH)
 
     assert response.status_code == 422
@@ -594,7 +593,7 @@ def test_a_forged_log_line_in_the_actor_never_reaches_the_log(client, producer, 
 
 
 def test_log_lines_escape_what_a_request_brings(client, caplog):
-    caplog.set_level("INFO", logger="agent.interfaces.api")
+    caplog.set_level("INFO", logger="dbagent.interfaces.api")
     body = urlencode({"user_id": "UX\n2025-01-01 INFO forged\x1b[31m", "text": "status staging"}).encode()
     sent_at = str(int(time.time()))
     headers = {

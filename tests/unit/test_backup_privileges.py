@@ -5,8 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-
-from agent.postgres import backups as bk
+from dbagent.postgres import backups as bk
 
 # `pg_restore --list` of a database whose role owns public's objects, with a schema and a table of postgres's.
 TOC = """;
@@ -86,7 +85,7 @@ def test_a_manifest_that_does_not_fit_on_the_disk_leaves_no_partial_file(tmp_pat
 import resource, signal, sys
 from datetime import UTC, datetime
 from pathlib import Path
-from agent.postgres import backups as bk
+from dbagent.postgres import backups as bk
 signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
 resource.setrlimit(resource.RLIMIT_FSIZE, (64, 64))
 now = datetime.now(UTC)

@@ -10,8 +10,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
-
-from agent.core.commands import (
+from dbagent.core.commands import (
     Command,
     CommandType,
     MigrateArgs,
@@ -21,7 +20,7 @@ from agent.core.commands import (
     check_command,
     client_command,
 )
-from agent.core.errors import BadInput, CommandRejected
+from dbagent.core.errors import BadInput, CommandRejected
 
 ROOT = Path(__file__).resolve().parents[2]
 KEY = b"unit-test-signing-key"
@@ -360,7 +359,7 @@ def test_a_command_without_expiry_signs_and_travels_as_before():
 
 
 def test_default_expiries_give_writers_a_day_and_reads_an_hour():
-    from agent.core.commands import default_ttl_s
+    from dbagent.core.commands import default_ttl_s
 
     assert default_ttl_s(CommandType.MIGRATE, {}) == 24 * 3600
     assert default_ttl_s(CommandType.BACKUP, {}) == 24 * 3600
@@ -430,7 +429,7 @@ def test_a_client_may_not_set_the_agents_cause():
 
 
 def test_the_agents_own_rollback_with_a_cause_is_accepted_by_the_worker():
-    # what agent.reactor.daemon queues for a failed migration (RollbackPlan.args())
+    # what dbagent.reactor.daemon queues for a failed migration (RollbackPlan.args())
     args = {"to": "010", "cause": {"event_id": "1-0", "event_type": "migration.failed", "run_command_id": "abc",
                                    "revision_before": "010", "expect_revision": "011", "backup": None}}
     command = make("rollback", args, actor="dbagent-agent", ticket=None).signed(KEY)
@@ -506,7 +505,7 @@ def cli_config(tmp_path):
 )
 def test_the_cli_refuses_bad_input_with_exit_2(cli_config, args, says):
     env = {k: v for k, v in os.environ.items() if not k.startswith("DBAGENT_")}
-    done = subprocess.run([sys.executable, "-m", "agent.interfaces.cli", "--config", str(cli_config), *args],
+    done = subprocess.run([sys.executable, "-m", "dbagent.interfaces.cli", "--config", str(cli_config), *args],
                           capture_output=True, text=True, timeout=60, env=env, cwd=ROOT)
 
     assert done.returncode == 2, done.stderr

@@ -6,10 +6,9 @@ import uuid
 
 import fakeredis
 import pytest
-
-from agent.bus.consumer import ConsumerOptions, GroupConsumer, Outcome
-from agent.bus.eventlog import EventLog
-from agent.core.events import Event
+from dbagent.bus.consumer import ConsumerOptions, GroupConsumer, Outcome
+from dbagent.bus.eventlog import EventLog
+from dbagent.core.events import Event
 
 
 @pytest.fixture

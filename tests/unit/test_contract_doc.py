@@ -8,11 +8,10 @@ from pathlib import Path
 
 import pytest
 import typer.main
+from dbagent import settings as settings_module
+from dbagent.core.events import EventType
+from dbagent.interfaces.cli import app as cli_app
 from pydantic import BaseModel
-
-from agent import settings as settings_module
-from agent.core.events import EventType
-from agent.interfaces.cli import app as cli_app
 
 CONTRACT = Path(__file__).resolve().parents[2] / "docs" / "contract.md"
 TEXT = CONTRACT.read_text(encoding="utf-8")
@@ -60,8 +59,8 @@ def test_every_configuration_key_is_documented(section):
 
 
 def test_every_http_route_is_documented():
-    from agent.interfaces.api import create_app
-    from agent.settings import Settings
+    from dbagent.interfaces.api import create_app
+    from dbagent.settings import Settings
 
     api = create_app(Settings(databases={}))
     paths = sorted({route.path for route in api.routes if route.path.startswith("/v1") or route.path in ("/healthz", "/metrics")})

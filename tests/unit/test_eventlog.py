@@ -7,9 +7,8 @@ import time
 from datetime import UTC, datetime, timedelta, timezone
 
 import pytest
-
-from agent.bus.eventlog import EventLog
-from agent.core.events import Event, EventType, iso
+from dbagent.bus.eventlog import EventLog
+from dbagent.core.events import Event, EventType, iso
 
 
 def ev(db: str = "production", seq: int = 0, command_id: str | None = None, **fields) -> Event:

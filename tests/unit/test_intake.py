@@ -1,4 +1,4 @@
-"""The worker's boundary (worker.intake.inspect): only a well-formed, signed call of the one task passes."""
+"""The worker's boundary (dbagent.worker.intake.inspect): only a well-formed, signed call of the one task passes."""
 
 from __future__ import annotations
 
@@ -6,10 +6,10 @@ import base64
 import json
 
 import pytest
+from dbagent.core.commands import CommandType
+from dbagent.worker.intake import MAX_MESSAGE_BYTES, Poison, excerpt, inspect, task_payload
 
-from agent.core.commands import CommandType
 from tests.messages import call, command_message, envelope
-from worker.intake import MAX_MESSAGE_BYTES, Poison, excerpt, inspect, task_payload
 
 KEY = "unit-key"
 
@@ -99,10 +99,10 @@ def test_an_excerpt_is_bounded_escaped_and_masked():
 def test_a_worker_reads_its_queue_through_the_guarded_transport_and_a_rediss_broker_checks_certificates():
     import ssl
 
-    from agent.bus.queue import celery_config
-    from agent.settings import Settings
-    from worker.app import create_app
-    from worker.intake import TRANSPORT, GuardedTransport
+    from dbagent.bus.queue import celery_config
+    from dbagent.settings import Settings
+    from dbagent.worker.app import create_app
+    from dbagent.worker.intake import TRANSPORT, GuardedTransport
 
     settings = Settings.model_validate({"databases": {"test": {"url": "postgresql://x@h/d", "migrations": "m"}}})
     app = create_app(settings, "test")

@@ -8,12 +8,11 @@ import json
 import time
 
 import pytest
-
-from agent.bus import keys
-from agent.bus.eventlog import EventLog
-from agent.core.events import EventType
-from agent.operations import journal as journal_module
-from agent.operations.journal import Journal, Presence
+from dbagent.bus import keys
+from dbagent.bus.eventlog import EventLog
+from dbagent.core.events import EventType
+from dbagent.operations import journal as journal_module
+from dbagent.operations.journal import Journal, Presence
 
 PREFIX = "dbagent-test-journal"
 

@@ -7,12 +7,18 @@ import time
 from datetime import UTC, datetime
 
 import pytest
-
-from agent.core import lifecycle
-from agent.core.commands import CommandStatus, CommandType
-from agent.core.events import Event, EventType
-from agent.core.lifecycle import CRASH_LEAVES, PHASES, Phase, State, StopRequest, interrupted_report
-from agent.core.rollback import NoRollback, RollbackPlan, decide
+from dbagent.core import lifecycle
+from dbagent.core.commands import CommandStatus, CommandType
+from dbagent.core.events import Event, EventType
+from dbagent.core.lifecycle import (
+    CRASH_LEAVES,
+    PHASES,
+    Phase,
+    State,
+    StopRequest,
+    interrupted_report,
+)
+from dbagent.core.rollback import NoRollback, RollbackPlan, decide
 
 
 def test_terminal_states_have_no_way_out_and_every_live_state_can_end():

@@ -6,8 +6,7 @@ import shutil
 from pathlib import Path
 
 import pytest
-
-from agent.checks.lint import (
+from dbagent.checks.lint import (
     HAZARD_RULES,
     RULES,
     STATEMENT_MAX_CHARS,
@@ -16,7 +15,7 @@ from agent.checks.lint import (
     lint_sql,
     report,
 )
-from agent.core.findings import Finding, Severity, status_of
+from dbagent.core.findings import Finding, Severity, status_of
 
 MIGRATIONS = Path(__file__).resolve().parents[2] / "migrations"
 
@@ -564,7 +563,7 @@ def test_lint_migrations_renders_each_upgrade_and_honours_its_directives(tmp_pat
 
 
 def test_a_script_that_controls_its_own_transaction_is_found_in_its_source():
-    from agent.checks.lint import transaction_control
+    from dbagent.checks.lint import transaction_control
 
     source = '''
 from alembic import op

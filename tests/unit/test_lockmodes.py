@@ -4,13 +4,12 @@ pre-check alike (they used to keep a table each and disagreed on triggers, stora
 from __future__ import annotations
 
 import pytest
-
-from agent.checks import lint
-from agent.core import retries
-from agent.core.lockmodes import ACCESS_EXCLUSIVE as AE
-from agent.core.lockmodes import SHARE
-from agent.core.lockmodes import SHARE_ROW_EXCLUSIVE as SRE
-from agent.core.lockmodes import SHARE_UPDATE_EXCLUSIVE as SUE
+from dbagent.checks import lint
+from dbagent.core import retries
+from dbagent.core.lockmodes import ACCESS_EXCLUSIVE as AE
+from dbagent.core.lockmodes import SHARE
+from dbagent.core.lockmodes import SHARE_ROW_EXCLUSIVE as SRE
+from dbagent.core.lockmodes import SHARE_UPDATE_EXCLUSIVE as SUE
 
 # (statement, the locks PostgreSQL 15 takes: table → mode), from its ALTER TABLE and LOCK pages.
 CASES = [

@@ -7,10 +7,9 @@ import time
 
 import fakeredis
 import pytest
-
-from agent.bus import keys
-from agent.core.errors import OperationFailed
-from agent.postgres.locks import LockTimeout, RedisLease, describe_holder, read_lease
+from dbagent.bus import keys
+from dbagent.core.errors import OperationFailed
+from dbagent.postgres.locks import LockTimeout, RedisLease, describe_holder, read_lease
 
 OWNER_A = {"worker": "production@host-a:101", "command_id": "cmd-a", "type": "migrate"}
 OWNER_B = {"worker": "production@host-b:202", "command_id": "cmd-b", "type": "rollback"}

@@ -12,9 +12,9 @@ import itertools
 import warnings
 
 import pytest
+from dbagent.core.errors import BadInput
+from dbagent.postgres.migrator import Migrator, Step, state_text
 
-from agent.core.errors import BadInput
-from agent.postgres.migrator import Migrator, Step, state_text
 from tests.alembic_projects import FIXTURE
 
 UNREACHABLE = "postgresql://u@127.0.0.1:1/x"
@@ -185,8 +185,8 @@ def test_a_pyproject_toml_project_is_read_with_its_tool_alembic_settings(tmp_pat
     assert migrator.order() == [first, second]  # found only through [tool.alembic] version_locations
     assert Path(migrator.revision(second).path).parent == tmp_path / "revs"
     # The structure checks read the same files (they are where [tool.alembic] says), and find the chain sound.
-    from agent.checks import preflight
-    from agent.checks.validate import load_sources
+    from dbagent.checks import preflight
+    from dbagent.checks.validate import load_sources
 
     assert sorted(name for name, _ in load_sources(tmp_path / "alembic")) == sorted(
         [f"{first}_rev_one.py", f"{second}_rev_two.py"])
@@ -199,8 +199,7 @@ def test_a_worker_sees_a_new_revision_where_the_project_keeps_its_scripts(tmp_pa
     version_locations, not only in versions/: a revision added there is planned, not silently left out."""
     from alembic import command
     from alembic.config import Config
-
-    from agent.operations.context import cached_migrator
+    from dbagent.operations.context import cached_migrator
 
     command.init(Config(str(tmp_path / "alembic.ini")), str(tmp_path / "alembic"), template="generic")
     ini = tmp_path / "alembic.ini"

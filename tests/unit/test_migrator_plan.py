@@ -5,9 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-
-from agent.core.errors import BadInput
-from agent.postgres.migrator import Migrator, Step
+from dbagent.core.errors import BadInput
+from dbagent.postgres.migrator import Migrator, Step
 
 MIGRATIONS = Path(__file__).resolve().parents[2] / "migrations"
 # Nothing listens on port 1: any attempt to connect would fail loudly.
@@ -226,7 +225,8 @@ def test_the_projects_alembic_ini_and_env_py_settings_are_honoured_offline():
     """The fixture made by `alembic init`: its ini is read, its url never used, its version table honoured."""
     import logging
 
-    from agent.postgres.migrator import Migrator
+    from dbagent.postgres.migrator import Migrator
+
     from tests.alembic_projects import FIXTURE
 
     ours = logging.getLogger("dbagent.test")

@@ -1,6 +1,6 @@
 """Sentry events are scrubbed of secrets before they leave the host."""
 
-from agent.monitoring import _before_send
+from dbagent.monitoring import _before_send
 
 
 def test_passwords_are_scrubbed_from_every_string_sentry_would_send():

@@ -4,9 +4,9 @@ only those none of whose scripts may commit before it ends. Scripts made with ``
 from __future__ import annotations
 
 import pytest
+from dbagent.operations.steps import may_commit_midway
+from dbagent.postgres.migrator import Migrator
 
-from agent.operations.steps import may_commit_midway
-from agent.postgres.migrator import Migrator
 from tests.alembic_projects import linear_project
 
 UNREACHABLE = "postgresql://u@127.0.0.1:1/x"
@@ -14,7 +14,7 @@ UNREACHABLE = "postgresql://u@127.0.0.1:1/x"
 BODIES = {
     "plain DDL": ('op.add_column("t", sa.Column("c", sa.Text()))', False),
     "autocommit block": ('with op.get_context().autocommit_block():\n        op.execute("CREATE INDEX CONCURRENTLY i ON t (c)")', True),
-    "backfill": ('from agent.backfill import backfill; backfill("t", set_="c = 1", where="c IS NULL")', True),
+    "backfill": ('from dbagent.backfill import backfill; backfill("t", set_="c = 1", where="c IS NULL")', True),
     "COMMIT": ('op.execute("COMMIT")', True),
     "connection commit": ("op.get_bind().commit()", True),
     "the word in a string": ('op.execute("COMMENT ON TABLE t IS \'commit log\'")', False),

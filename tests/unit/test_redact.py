@@ -5,8 +5,7 @@ from __future__ import annotations
 import time
 
 import pytest
-
-from agent.core.redact import MASK, printable, redact, redact_query
+from dbagent.core.redact import MASK, printable, redact, redact_query
 
 CASES = [
     # (text, secret, expected output)

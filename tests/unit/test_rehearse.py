@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from agent.checks.rehearse import (
+from dbagent.checks.rehearse import (
     SCRATCH_PREFIX,
     SchemaObject,
     compare,

@@ -7,8 +7,7 @@ import random
 import psycopg.errors
 import pytest
 import sqlalchemy.exc
-
-from agent.core.retries import (
+from dbagent.core.retries import (
     ACCESS_EXCLUSIVE,
     ACCESS_SHARE,
     CONFLICTS,
@@ -22,7 +21,7 @@ from agent.core.retries import (
     is_lock_timeout,
     lock_targets,
 )
-from agent.settings import DatabaseSettings
+from dbagent.settings import DatabaseSettings
 
 
 def test_each_attempt_waits_longer_for_its_locks_up_to_the_cap():

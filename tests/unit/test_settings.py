@@ -5,10 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-
-from agent.core.durations import parse_duration_s, postgres_interval
-from agent.core.errors import BadInput, ConfigError
-from agent.settings import Settings, load_settings
+from dbagent.core.durations import parse_duration_s, postgres_interval
+from dbagent.core.errors import BadInput, ConfigError
+from dbagent.settings import Settings, load_settings
 
 DESIGN_EXAMPLE = """\
 [redis]

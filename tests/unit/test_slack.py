@@ -6,8 +6,7 @@ import hashlib
 import hmac
 
 import pytest
-
-from agent.interfaces.slack import (
+from dbagent.interfaces.slack import (
     MAX_TEXT_CHARS,
     USAGE,
     SignatureRejected,

@@ -5,14 +5,13 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-
-from agent.checks.validate import (
+from dbagent.checks.validate import (
     check_sources,
     inspect_script,
     load_sources,
 )
-from agent.core.errors import BadInput
-from agent.core.findings import Finding, Severity, status_of
+from dbagent.core.errors import BadInput
+from dbagent.core.findings import Finding, Severity, status_of
 
 MIGRATIONS = Path(__file__).resolve().parents[2] / "migrations"
 
@@ -321,7 +320,7 @@ def hashed() -> list[tuple[str, str]]:
 
 
 def test_the_naming_is_detected_from_the_file_names():
-    from agent.checks.validate import detect_naming
+    from dbagent.checks.validate import detect_naming
 
     assert detect_naming(clean_chain()) == "sequential"
     assert detect_naming(hashed()) == "alembic"

@@ -5,9 +5,8 @@ from __future__ import annotations
 import psycopg.errors
 import pytest
 import sqlalchemy.exc
-
-from agent.core.errors import error_text
-from agent.postgres.verify import (
+from dbagent.core.errors import error_text
+from dbagent.postgres.verify import (
     CHECK_NAMES,
     NO_ORPHANS,
     NO_RUN,
@@ -27,7 +26,7 @@ from agent.postgres.verify import (
     summary,
     touched_tables,
 )
-from agent.settings import DatabaseSettings, Settings
+from dbagent.settings import DatabaseSettings, Settings
 
 ORDERS_FK = ForeignKey(
     name="public.orders.fk_orders_user_id_users",
