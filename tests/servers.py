@@ -21,6 +21,7 @@ from typing import Any
 
 import psycopg
 import redis
+from dbagent.demo.servers import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 MIGRATIONS = ROOT / "migrations"
@@ -50,14 +51,6 @@ def create_database(name: str, admin: str = ADMIN_URL) -> None:
 def drop_database(name: str, admin: str = ADMIN_URL) -> None:
     with psycopg.connect(admin, autocommit=True) as conn:
         conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 class PrivateCluster:

