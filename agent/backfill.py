@@ -46,6 +46,7 @@ from typing import Any
 
 from dbagent.core.errors import BadInput, OperationFailed
 from dbagent.core.redact import redact
+from dbagent.postgres import store
 from sqlalchemy import Connection
 
 log = logging.getLogger(__name__)
@@ -60,26 +61,6 @@ LOG_EVERY_S = 10.0
 
 OnProgress = Callable[[dict[str, Any]], None]
 
-DDL = """
-SELECT pg_advisory_xact_lock(hashtextextended('dbagent:bootstrap', 0));
-CREATE SCHEMA IF NOT EXISTS dbagent;
-CREATE TABLE IF NOT EXISTS dbagent.backfills (
-    id            bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
-    name          text NOT NULL,
-    table_name    text NOT NULL,
-    key_column    text NOT NULL,
-    last_key      text,
-    rows_done     bigint NOT NULL DEFAULT 0,
-    rows_scanned  bigint NOT NULL DEFAULT 0,
-    batches       bigint NOT NULL DEFAULT 0,
-    runs          integer NOT NULL DEFAULT 1,
-    started_at    timestamptz NOT NULL DEFAULT now(),
-    updated_at    timestamptz NOT NULL DEFAULT now(),
-    finished_at   timestamptz,
-    archived_at   timestamptz
-);
-CREATE UNIQUE INDEX IF NOT EXISTS backfills_current ON dbagent.backfills (name) WHERE archived_at IS NULL;
-"""
 
 _RESOLVE = """
 SELECT n.nspname, c.relname, c.reltuples, format_type(a.atttypid, a.atttypmod),
@@ -90,48 +71,9 @@ LEFT JOIN pg_attribute a ON a.attrelid = c.oid AND a.attname = %(key)s AND a.att
 WHERE c.oid = to_regclass(%(table)s)
 """
 
-_CURRENT = """
-SELECT id, last_key, rows_done, rows_scanned, batches, finished_at IS NOT NULL
-FROM dbagent.backfills WHERE name = %(name)s AND archived_at IS NULL
-"""
-
-_START = """
-INSERT INTO dbagent.backfills (name, table_name, key_column) VALUES (%(name)s, %(table)s, %(key)s)
-ON CONFLICT (name) WHERE archived_at IS NULL
-DO UPDATE SET runs = dbagent.backfills.runs + 1, updated_at = now()
-RETURNING id, last_key, rows_done, rows_scanned, batches, finished_at IS NOT NULL
-"""
-
-# One statement per batch: the rows and the progress row change together or not at all.
-_BATCH = """
-WITH span AS (
-    SELECT {key} AS dbagent_key FROM {table} {after} ORDER BY {key} LIMIT {limit}
-), bound AS (
-    SELECT (SELECT dbagent_key FROM span ORDER BY dbagent_key DESC NULLS LAST LIMIT 1) AS hi,
-           (SELECT count(*) FROM span) AS scanned
-), changed AS (
-    UPDATE {table} SET {set_}
-    WHERE {after_and} {key} <= (SELECT hi FROM bound) AND ({where})
-    RETURNING 1
-)
-UPDATE dbagent.backfills SET
-    last_key = coalesce((SELECT hi FROM bound)::text, last_key),
-    rows_done = rows_done + (SELECT count(*) FROM changed),
-    rows_scanned = rows_scanned + (SELECT scanned FROM bound),
-    batches = batches + 1,
-    updated_at = clock_timestamp(),
-    finished_at = CASE WHEN (SELECT scanned FROM bound) < {limit} THEN clock_timestamp() END
-WHERE id = %(id)s
-RETURNING last_key, rows_done, rows_scanned, batches, finished_at IS NOT NULL
-"""
-
-_ARCHIVE = "UPDATE dbagent.backfills SET archived_at = now() WHERE id = ANY(%(ids)s)"
-_UNARCHIVE = "UPDATE dbagent.backfills SET archived_at = NULL WHERE id = ANY(%(ids)s)"
 
 # Per migration context: the step transaction the last backfill archived in, and what it archived.
 _PENDING: weakref.WeakKeyDictionary[Any, tuple[Any, list[int]]] = weakref.WeakKeyDictionary()
-_TRY_LOCK = "SELECT pg_try_advisory_lock(hashtextextended('dbagent:backfill:' || %(name)s, 0))"
-_UNLOCK = "SELECT pg_advisory_unlock(hashtextextended('dbagent:backfill:' || %(name)s, 0))"
 
 
 @dataclass
@@ -214,12 +156,12 @@ def backfill(
     pending = _PENDING.get(context)
     earlier = pending[1] if pending and pending[0] is context.connection.get_transaction() else []
     if earlier:
-        context.connection.exec_driver_sql(_UNARCHIVE, {"ids": earlier})
+        context.connection.exec_driver_sql(store.BACKFILL_UNARCHIVE, {"ids": earlier})
     with context.autocommit_block():
         job = _Backfill(context.connection, context, table, set_, where, key, name, batch_size, pause_s, on_progress)
         progress = job.run()
     ids = [*earlier, job.row_id]
-    context.connection.exec_driver_sql(_ARCHIVE, {"ids": ids})
+    context.connection.exec_driver_sql(store.BACKFILL_ARCHIVE, {"ids": ids})
     _PENDING[context] = (context.connection.get_transaction(), ids)
     return progress
 
@@ -231,7 +173,7 @@ def default_name(table: str, key: str, set_: str, where: str | None) -> str:
 
 def ensure_table(conn: Connection) -> None:
     """Create ``dbagent.backfills`` when it is missing (the caller commits)."""
-    conn.exec_driver_sql(DDL)
+    conn.exec_driver_sql(store.BACKFILLS_DDL)
 
 
 def _is_lock_timeout(exc: BaseException) -> bool:
@@ -290,13 +232,13 @@ class _Backfill:
             log.warning("backfill %r: no index starts with %s.%s: every batch scans the table", self.name, self.table, self.key)
         statements = self._statements(f"{quote(nspname)}.{quote(relname)}", quote(self.key), key_type)
 
-        if not self.conn.exec_driver_sql(_TRY_LOCK, {"name": self.name}).scalar():
+        if not self.conn.exec_driver_sql(store.BACKFILL_TRY_LOCK, {"name": self.name}).scalar():
             self._commit()
             raise OperationFailed(f"backfill {self.name!r} is running in another session")
         try:
             return self._batches(statements, reltuples)
         finally:
-            self.conn.exec_driver_sql(_UNLOCK, {"name": self.name})
+            self.conn.exec_driver_sql(store.BACKFILL_UNLOCK, {"name": self.name})
             self._commit()
 
     def _statements(self, table: str, key: str, key_type: str) -> tuple[str, str]:
@@ -308,12 +250,12 @@ class _Backfill:
         common = {"key": key, "table": table, "limit": self.batch_size, "set_": fragment(self.set_),
                   "where": fragment(self.where) if self.where else "TRUE"}
         after = f"{key} > CAST(%(after)s AS {key_type})"
-        first = _BATCH.format(after=f"WHERE {key} IS NOT NULL", after_and="", **common)
-        later = _BATCH.format(after=f"WHERE {after}", after_and=f"{after} AND", **common)
+        first = store.BACKFILL_BATCH.format(after=f"WHERE {key} IS NOT NULL", after_and="", **common)
+        later = store.BACKFILL_BATCH.format(after=f"WHERE {after}", after_and=f"{after} AND", **common)
         return first, later
 
     def _batches(self, statements: tuple[str, str], reltuples: float) -> Progress:
-        row = self.conn.exec_driver_sql(_START, {"name": self.name, "table": self.table, "key": self.key}).one()
+        row = self.conn.exec_driver_sql(store.BACKFILL_START, {"name": self.name, "table": self.table, "key": self.key}).one()
         self._commit()
         self.row_id, last_key, rows_done, rows_scanned, batches, finished = row
         progress = Progress(

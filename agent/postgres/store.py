@@ -7,7 +7,11 @@
   the worker's relay re-publishes it;
 * ``changelog``: one row per migration step applied or reverted;
 * ``fencing_token``: the sequence issuing writer fencing tokens (monotonic
-  across Redis restarts: the advisory lock, not Redis, is the authority).
+  across Redis restarts: the advisory lock, not Redis, is the authority);
+* ``backfills``: the progress of each batched backfill (``dbagent.backfill``), created by the first one.
+
+This module is the only one with SQL on the ``dbagent`` schema: the worker's, the agent's (the audit
+sink's batches, the lookups of the rollback trigger, ``dbagent events``) and the backfills'.
 
 All functions take the SQLAlchemy connection to write through, so a caller
 can put them in the same transaction as the change they describe.
@@ -557,3 +561,65 @@ def last_changing_migrate(conn: Connection, not_after: datetime) -> dict[str, An
         {"ts": not_after},
     ).mappings().first()
     return dict(row) if row is not None else None
+
+
+# -- batched backfills (dbagent.backfill, inside migration scripts) --------------------
+
+BACKFILLS_DDL = """
+SELECT pg_advisory_xact_lock(hashtextextended('dbagent:bootstrap', 0));
+CREATE SCHEMA IF NOT EXISTS dbagent;
+CREATE TABLE IF NOT EXISTS dbagent.backfills (
+    id            bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    name          text NOT NULL,
+    table_name    text NOT NULL,
+    key_column    text NOT NULL,
+    last_key      text,
+    rows_done     bigint NOT NULL DEFAULT 0,
+    rows_scanned  bigint NOT NULL DEFAULT 0,
+    batches       bigint NOT NULL DEFAULT 0,
+    runs          integer NOT NULL DEFAULT 1,
+    started_at    timestamptz NOT NULL DEFAULT now(),
+    updated_at    timestamptz NOT NULL DEFAULT now(),
+    finished_at   timestamptz,
+    archived_at   timestamptz
+);
+CREATE UNIQUE INDEX IF NOT EXISTS backfills_current ON dbagent.backfills (name) WHERE archived_at IS NULL;
+"""
+
+BACKFILL_START = """
+INSERT INTO dbagent.backfills (name, table_name, key_column) VALUES (%(name)s, %(table)s, %(key)s)
+ON CONFLICT (name) WHERE archived_at IS NULL
+DO UPDATE SET runs = dbagent.backfills.runs + 1, updated_at = now()
+RETURNING id, last_key, rows_done, rows_scanned, batches, finished_at IS NOT NULL
+"""
+
+# One statement per batch: the rows and the progress row change together or not at all.
+BACKFILL_BATCH = """
+WITH span AS (
+    SELECT {key} AS dbagent_key FROM {table} {after} ORDER BY {key} LIMIT {limit}
+), bound AS (
+    SELECT (SELECT dbagent_key FROM span ORDER BY dbagent_key DESC NULLS LAST LIMIT 1) AS hi,
+           (SELECT count(*) FROM span) AS scanned
+), changed AS (
+    UPDATE {table} SET {set_}
+    WHERE {after_and} {key} <= (SELECT hi FROM bound) AND ({where})
+    RETURNING 1
+)
+UPDATE dbagent.backfills SET
+    last_key = coalesce((SELECT hi FROM bound)::text, last_key),
+    rows_done = rows_done + (SELECT count(*) FROM changed),
+    rows_scanned = rows_scanned + (SELECT scanned FROM bound),
+    batches = batches + 1,
+    updated_at = clock_timestamp(),
+    finished_at = CASE WHEN (SELECT scanned FROM bound) < {limit} THEN clock_timestamp() END
+WHERE id = %(id)s
+RETURNING last_key, rows_done, rows_scanned, batches, finished_at IS NOT NULL
+"""
+
+BACKFILL_ARCHIVE = "UPDATE dbagent.backfills SET archived_at = now() WHERE id = ANY(%(ids)s)"
+
+BACKFILL_UNARCHIVE = "UPDATE dbagent.backfills SET archived_at = NULL WHERE id = ANY(%(ids)s)"
+
+BACKFILL_TRY_LOCK = "SELECT pg_try_advisory_lock(hashtextextended('dbagent:backfill:' || %(name)s, 0))"
+
+BACKFILL_UNLOCK = "SELECT pg_advisory_unlock(hashtextextended('dbagent:backfill:' || %(name)s, 0))"
