@@ -90,15 +90,7 @@ def migrate(run: Run) -> dict[str, Any]:
     )
     started = time.monotonic()
     facts = {"revision_before": before, "revision_before_known": True, "target": target, "backup": backup}
-    apply_steps(run, plan, facts, EventType.MIGRATION_FAILED)
-    after = migrator.current(run.conn)
-    run.emit(
-        EventType.MIGRATION_COMPLETED,
-        revision_before=before,
-        revision_after=after,
-        steps=len(plan),
-        duration_ms=round((time.monotonic() - started) * 1000),
-    )
+    after = _apply(run, plan, facts, before, EventType.MIGRATION_FAILED, EventType.MIGRATION_COMPLETED, started)
     facts.update(revision_after=after, steps=[s.to_json() for s in plan])
     run.phase(Phase.VERIFY)
     try:
@@ -109,6 +101,18 @@ def migrate(run: Run) -> dict[str, Any]:
         exc.details.update(facts)
         raise
     return {**facts, **verified, "validation": validation}
+
+
+def _apply(
+    run: Run, plan: list[Step], facts: dict[str, Any], before: str | None, failed: EventType, completed: EventType,
+    started: float,
+) -> str | None:
+    """The plan's steps (``apply_steps``), then the run's completion event; the revision reached."""
+    apply_steps(run, plan, facts, failed)
+    after = run.migrations().current(run.conn)
+    run.emit(completed, revision_before=before, revision_after=after, steps=len(plan),
+             duration_ms=round((time.monotonic() - started) * 1000))
+    return after
 
 
 def _transactions(run: Run) -> str:
@@ -190,15 +194,7 @@ def rollback(run: Run) -> dict[str, Any]:
         facts["next_step"] = f"restore the pre-migration backup: dbagent restore {cause['backup']} --db {run.db_name}"
     else:
         facts["next_step"] = f"restore the newest pre-migration backup (dbagent backups list --db {run.db_name})"
-    apply_steps(run, plan, facts, EventType.ROLLBACK_FAILED)
-    after = migrator.current(run.conn)
-    run.emit(
-        EventType.ROLLBACK_COMPLETED,
-        revision_before=before,
-        revision_after=after,
-        steps=len(plan),
-        duration_ms=round((time.monotonic() - started) * 1000),
-    )
+    after = _apply(run, plan, facts, before, EventType.ROLLBACK_FAILED, EventType.ROLLBACK_COMPLETED, started)
     return {**facts, "revision_after": after, "steps": [s.to_json() for s in plan]}
 
 

@@ -376,11 +376,10 @@ class PlanRun:
         try:
             after = migrator.current(conn)
             self._record_what_committed(after)
-            store.insert_changelog(
-                conn, command=command, revision=step.revision, description=step.description,
-                direction=step.direction, started_at=started or utcnow(), finished_at=utcnow(),
-                outcome="failed", error=error,
-            )
+            store.insert_changelog(conn, store.changelog_row(
+                command, step.revision, step.description, step.direction, started or utcnow(), utcnow(), "failed",
+                error, None,
+            ))
             conn.commit()
         except Exception as inner:  # the connection itself is gone: reported once it is back
             rollback_quietly(conn)

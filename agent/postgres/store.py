@@ -369,7 +369,7 @@ _CHANGELOG_INSERT = (
 )
 
 
-def _changelog_row(
+def changelog_row(
     command: Command,
     revision: str,
     description: str | None,
@@ -399,23 +399,9 @@ def _changelog_row(
     }
 
 
-def insert_changelog(
-    conn: Connection,
-    *,
-    command: Command,
-    revision: str,
-    description: str | None,
-    direction: str,
-    started_at: datetime,
-    finished_at: datetime | None,
-    outcome: str,
-    error: str | None = None,
-    checksum: str | None = None,
-) -> None:
-    conn.execute(
-        text(_CHANGELOG_INSERT),
-        _changelog_row(command, revision, description, direction, started_at, finished_at, outcome, error, checksum),
-    )
+def insert_changelog(conn: Connection, row: dict[str, Any]) -> None:
+    """One change-log row (``changelog_row``), in the caller's transaction."""
+    conn.execute(text(_CHANGELOG_INSERT), row)
 
 
 _EVENT_COLUMNS = "id, ts, type, db, command_id, actor, ticket, host, data"
@@ -455,7 +441,7 @@ def step_record(
     checksum: str | None,
     event: Event,
 ) -> StepRecord:
-    return StepRecord(_changelog_row(command, revision, description, direction, started_at, finished_at, outcome, None,
+    return StepRecord(changelog_row(command, revision, description, direction, started_at, finished_at, outcome, None,
                                      checksum), event)
 
 
