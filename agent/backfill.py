@@ -44,10 +44,11 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from sqlalchemy import Connection
+
 from dbagent.core.errors import BadInput, OperationFailed
 from dbagent.core.redact import redact
 from dbagent.postgres import store
-from sqlalchemy import Connection
 
 log = logging.getLogger(__name__)
 

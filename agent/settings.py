@@ -13,9 +13,6 @@ import tomllib
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, Literal
 
-from dbagent.core.durations import parse_duration_s
-from dbagent.core.errors import BadInput, ConfigError
-from dbagent.core.redact import redact
 from pydantic import (
     AfterValidator,
     BaseModel,
@@ -32,6 +29,10 @@ from pydantic_settings import (
     SettingsConfigDict,
     SettingsError,
 )
+
+from dbagent.core.durations import parse_duration_s
+from dbagent.core.errors import BadInput, ConfigError
+from dbagent.core.redact import redact
 
 if TYPE_CHECKING:
     from dbagent.core.retries import RetryPolicy

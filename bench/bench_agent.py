@@ -26,13 +26,13 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 import redis  # noqa: E402
+
 from dbagent.bus.consumer import ConsumerOptions, GroupConsumer  # noqa: E402
 from dbagent.bus.eventlog import EventLog  # noqa: E402
 from dbagent.core.events import Event, EventType  # noqa: E402
 from dbagent.core.rollback import plan_rollback  # noqa: E402
 from dbagent.reactor.audit import AuditSink  # noqa: E402
 from dbagent.settings import load_settings  # noqa: E402
-
 from tests.servers import REDIS_URL, create_database, delete_prefix, drop_database, new_env  # noqa: E402
 
 FAILURES = 50

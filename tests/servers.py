@@ -21,6 +21,7 @@ from typing import Any
 
 import psycopg
 import redis
+
 from dbagent.demo.servers import free_port
 
 ROOT = Path(__file__).resolve().parent.parent

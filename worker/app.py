@@ -8,6 +8,7 @@ from typing import Any
 
 from celery import Celery
 from celery.signals import worker_ready, worker_shutting_down
+
 from dbagent.bus import keys
 from dbagent.bus.queue import EXECUTE_TASK, celery_app
 from dbagent.core.errors import ConfigError

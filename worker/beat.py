@@ -18,13 +18,14 @@ from celery import Celery
 from celery.beat import ScheduleEntry as CeleryEntry
 from celery.beat import Scheduler
 from celery.schedules import crontab, schedule
+
 from dbagent.bus import keys
+from dbagent.bus.lease import RedisLease, read_lease
 from dbagent.bus.producer import Producer
 from dbagent.bus.queue import celery_app
 from dbagent.core.commands import Command, CommandType
 from dbagent.core.schedule import ScheduleEntry, entries
 from dbagent.postgres.connections import redis_client
-from dbagent.postgres.locks import RedisLease, read_lease
 from dbagent.settings import Settings
 
 log = logging.getLogger("dbagent.beat")

@@ -28,13 +28,14 @@ import logging
 import time
 from typing import TYPE_CHECKING, Any
 
+from kombu.transport import redis as kombu_redis
+from kombu.utils.encoding import bytes_to_str
+
 from dbagent.bus import keys
 from dbagent.bus.queue import EXECUTE_TASK
 from dbagent.core.commands import Command, authenticate, message_digest
 from dbagent.core.errors import CommandRejected
 from dbagent.core.redact import redact
-from kombu.transport import redis as kombu_redis
-from kombu.utils.encoding import bytes_to_str
 
 if TYPE_CHECKING:
     from dbagent.settings import Settings

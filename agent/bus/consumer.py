@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import redis
+
 from dbagent.core.events import Event
 
 log = logging.getLogger(__name__)

@@ -11,6 +11,7 @@ from collections.abc import Iterable, Iterator
 from typing import Any
 
 import redis
+
 from dbagent.bus import keys
 from dbagent.core.events import Event
 

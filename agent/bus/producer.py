@@ -19,6 +19,7 @@ from datetime import datetime
 from typing import Any
 
 import redis
+
 from dbagent.bus import keys
 from dbagent.bus.eventlog import EventLog
 from dbagent.bus.queue import EXECUTE_TASK, celery_app
@@ -145,6 +146,7 @@ class Producer:
         if database is None:
             return None
         import sqlalchemy.exc
+
         from dbagent.postgres import store
         from dbagent.postgres.connections import pg_connection
 

@@ -12,11 +12,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import redis as redis_lib
+from sqlalchemy.exc import SQLAlchemyError
+
 from dbagent.core.errors import DbAgentError, Unavailable
 from dbagent.core.redact import redact
 from dbagent.postgres.connections import display_url, pg_connection, redis_client
 from dbagent.settings import DatabaseSettings, Settings
-from sqlalchemy.exc import SQLAlchemyError
 
 if TYPE_CHECKING:
     from sqlalchemy import Connection
@@ -225,8 +226,9 @@ ORDER BY 1
 
 
 def _check_schemas(conn: Connection, user: str) -> EnvCheck:
-    from dbagent.postgres.backups import SCHEMA_EXCLUDED
     from sqlalchemy import text
+
+    from dbagent.postgres.backups import SCHEMA_EXCLUDED
 
     rows = conn.execute(text(_SCHEMAS), {"excluded": SCHEMA_EXCLUDED}).all()
     if not rows:
@@ -245,8 +247,9 @@ def _check_schemas(conn: Connection, user: str) -> EnvCheck:
 
 
 def _check_dbagent_schema(conn: Connection, user: str, database: str, create_in_db: bool) -> EnvCheck:
-    from dbagent.postgres.store import SCHEMA
     from sqlalchemy import text
+
+    from dbagent.postgres.store import SCHEMA
 
     found = conn.execute(text(
         "SELECT pg_has_role(n.nspowner, 'USAGE'), has_schema_privilege(n.oid, 'USAGE') AND has_schema_privilege(n.oid, 'CREATE'),"
@@ -272,8 +275,9 @@ def _check_dbagent_schema(conn: Connection, user: str, database: str, create_in_
 
 
 def _check_readable(conn: Connection, user: str) -> EnvCheck:
-    from dbagent.postgres.backups import SCHEMA_EXCLUDED, TABLES_SQL
     from sqlalchemy import text
+
+    from dbagent.postgres.backups import SCHEMA_EXCLUDED, TABLES_SQL
 
     rows = conn.execute(text(TABLES_SQL), {"excluded": SCHEMA_EXCLUDED}).all()
     unreadable = [f"{table} ({why})" for table, _, why in rows if why]

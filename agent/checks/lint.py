@@ -28,13 +28,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from dbagent.core.findings import Finding, Severity, status_of
-from dbagent.core.lockmodes import (
-    ACCESS_EXCLUSIVE,
-    LOCK_TABLE_MODES,
-    alter_table_locks,
-    parse_statements,
-)
 from pglast import ast
 from pglast.enums import (
     AlterTableType,
@@ -45,6 +38,14 @@ from pglast.enums import (
     VariableSetKind,
 )
 from pglast.parser import ParseError
+
+from dbagent.core.findings import Finding, Severity, status_of
+from dbagent.core.lockmodes import (
+    ACCESS_EXCLUSIVE,
+    LOCK_TABLE_MODES,
+    alter_table_locks,
+    parse_statements,
+)
 
 # Pure functions of a script's text or SQL, cached: a worker lints the same scripts migrate after migrate,
 # and a migrate parses each step's SQL twice (lint, then the locks it takes). Sized for plans of thousands.

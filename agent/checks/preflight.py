@@ -26,8 +26,9 @@ from dbagent.core.findings import Finding, Severity, is_error, status_of
 from dbagent.postgres.migrator import Migrator, Step
 
 if TYPE_CHECKING:
-    from dbagent.settings import DatabaseSettings
     from sqlalchemy import Connection
+
+    from dbagent.settings import DatabaseSettings
 
 CHANGED = "applied-migration-changed"
 
@@ -261,8 +262,9 @@ def store_checksums(conn: Connection) -> dict[str, dict[str, Any]]:
 
 def _read_applied(db: DatabaseSettings) -> tuple[str | None, dict[str, dict[str, Any]] | None, str | None]:
     """(current revision, recorded checksums, why they could not be read) on a connection of its own."""
-    from dbagent.postgres.connections import pg_connection
     from sqlalchemy.exc import SQLAlchemyError
+
+    from dbagent.postgres.connections import pg_connection
 
     try:
         migrator = Migrator(db.migrations, db.url)

@@ -28,10 +28,11 @@ from dbagent.core.findings import Finding, Severity, status_of
 from dbagent.postgres.connections import create_scratch_database, drop_scratch_database
 
 if TYPE_CHECKING:
+    from sqlalchemy import Connection
+
     from dbagent.postgres.backups import Manifest
     from dbagent.postgres.migrator import Migrator, Step
     from dbagent.settings import DatabaseSettings
-    from sqlalchemy import Connection
 
 SCRATCH_PREFIX = "dbagent_rehearse_"
 MAX_DIFFERENCES_SHOWN = 20  # per step; the rest are counted in one more finding

@@ -51,6 +51,10 @@ class Unavailable(DbAgentError):
     exit_code = 3
 
 
+class LockTimeout(OperationFailed):
+    """Raised when a lock is still held by someone else after the wait allowed."""
+
+
 class LockLost(OperationFailed):
     """Raised when a writer finds that a newer holder has taken the database."""
 

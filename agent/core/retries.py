@@ -29,6 +29,10 @@ import random
 from dataclasses import dataclass
 from typing import Any
 
+from pglast import ast
+from pglast.enums import ObjectType
+from pglast.parser import ParseError
+
 from dbagent.core.lockmodes import (  # noqa: F401 - ACCESS_SHARE … MODES are read from here by callers too
     ACCESS_EXCLUSIVE,
     ACCESS_SHARE,
@@ -46,9 +50,6 @@ from dbagent.core.lockmodes import (  # noqa: F401 - ACCESS_SHARE … MODES are 
     range_name,
     stronger,
 )
-from pglast import ast
-from pglast.enums import ObjectType
-from pglast.parser import ParseError
 
 LOCK_NOT_AVAILABLE = "55P03"
 

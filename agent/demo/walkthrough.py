@@ -33,10 +33,11 @@ from types import FrameType
 from typing import Any
 from urllib.parse import quote
 
-from dbagent.demo.servers import free_port, postmaster_pid, terminate, wait_gone
-from dbagent.postgres.backups import pid_alive
 from rich.console import Console
 from rich.markup import escape
+
+from dbagent.demo.servers import free_port, postmaster_pid, terminate, wait_gone
+from dbagent.postgres.backups import pid_alive
 
 DEMO_DIR = Path(".dbagent") / "demo"
 DB_NAME = "demo"

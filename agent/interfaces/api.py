@@ -17,15 +17,6 @@ import time
 from typing import Annotated, Any
 
 import redis
-from dbagent.bus import keys
-from dbagent.bus.eventlog import EventLog
-from dbagent.bus.producer import Producer
-from dbagent.core.commands import MAX_DETAIL_CHARS, Command, Ticket, client_command, message_digest
-from dbagent.core.errors import BadInput, ConfigError, DbAgentError, Unavailable
-from dbagent.core.events import Event, EventType
-from dbagent.core.redact import has_control, printable, redact
-from dbagent.interfaces import slack
-from dbagent.settings import Settings
 from fastapi import Depends, FastAPI, Header, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
@@ -39,6 +30,16 @@ from prometheus_client import (
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
+
+from dbagent.bus import keys
+from dbagent.bus.eventlog import EventLog
+from dbagent.bus.producer import Producer
+from dbagent.core.commands import MAX_DETAIL_CHARS, Command, Ticket, client_command, message_digest
+from dbagent.core.errors import BadInput, ConfigError, DbAgentError, Unavailable
+from dbagent.core.events import Event, EventType
+from dbagent.core.redact import has_control, printable, redact
+from dbagent.interfaces import slack
+from dbagent.settings import Settings
 
 log = logging.getLogger(__name__)
 

@@ -14,12 +14,13 @@ from pathlib import Path
 from typing import Annotated, Any, NoReturn
 
 import typer
+from rich.console import Console
+from rich.table import Table
+
 from dbagent.core.errors import BadInput, DbAgentError
 from dbagent.core.events import Event
 from dbagent.core.redact import redact
 from dbagent.settings import Settings, load_settings
-from rich.console import Console
-from rich.table import Table
 
 app = typer.Typer(
     name="dbagent",

@@ -10,6 +10,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from sqlalchemy import Connection, text
+
 from dbagent.core.commands import BackupArgs, PruneArgs, RestoreArgs, VerifyBackupArgs
 from dbagent.core.durations import postgres_interval
 from dbagent.core.errors import BadInput, DbAgentError, OperationFailed
@@ -24,7 +26,6 @@ from dbagent.postgres.connections import (
     pg_connection,
     rollback_quietly,
 )
-from sqlalchemy import Connection, text
 
 if TYPE_CHECKING:
     from dbagent.operations.context import Run

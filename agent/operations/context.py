@@ -16,6 +16,8 @@ from pathlib import Path
 from typing import Any
 
 import redis
+from sqlalchemy import Connection
+
 from dbagent.bus.eventlog import EventLog
 from dbagent.core.commands import (
     Command,
@@ -37,7 +39,6 @@ from dbagent.postgres.migrator import (
     version_directories,
 )
 from dbagent.settings import DatabaseSettings, Settings
-from sqlalchemy import Connection
 
 log = logging.getLogger(__name__)
 

@@ -7,7 +7,9 @@ import logging
 from typing import Any
 
 from alembic.util import CommandError
+
 from dbagent.bus import keys
+from dbagent.bus.lease import read_lease
 from dbagent.core.commands import (
     HistoryArgs,
     VerifyArgs,
@@ -20,7 +22,7 @@ from dbagent.core.events import EventType
 from dbagent.operations.context import Run, json_row
 from dbagent.postgres import store
 from dbagent.postgres.backups import list_backups
-from dbagent.postgres.locks import holder_backend, read_lease
+from dbagent.postgres.locks import holder_backend
 from dbagent.postgres.migrator import (
     SEPARATOR,
     state_text,

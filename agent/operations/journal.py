@@ -20,6 +20,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import redis
+
 from dbagent.bus import keys
 from dbagent.bus.eventlog import EventLog
 from dbagent.core.commands import Command
@@ -29,8 +30,9 @@ from dbagent.postgres import store
 from dbagent.postgres.connections import rollback_quietly
 
 if TYPE_CHECKING:
-    from dbagent.settings import DatabaseSettings
     from sqlalchemy import Connection, Engine
+
+    from dbagent.settings import DatabaseSettings
 
 log = logging.getLogger(__name__)
 
@@ -97,6 +99,7 @@ class Journal:
         if self.database is None:
             return False
         import sqlalchemy.exc
+
         from dbagent.postgres.connections import pg_engine
 
         with self._aside_lock:

@@ -20,8 +20,11 @@ from pathlib import Path
 from typing import Any
 
 import redis
+from sqlalchemy import Connection
+
 from dbagent.bus import keys
 from dbagent.bus.eventlog import EventLog
+from dbagent.bus.lease import RedisLease
 from dbagent.core import lifecycle
 from dbagent.core.commands import (
     FINISHED,
@@ -56,9 +59,8 @@ from dbagent.postgres.connections import (
     redis_client,
     rollback_quietly,
 )
-from dbagent.postgres.locks import AdvisoryLock, RedisLease
+from dbagent.postgres.locks import AdvisoryLock
 from dbagent.settings import DatabaseSettings, Settings
-from sqlalchemy import Connection
 
 log = logging.getLogger(__name__)
 

@@ -10,6 +10,8 @@ import time
 from typing import Any, NoReturn
 
 import redis
+from sqlalchemy import Connection
+
 from dbagent.checks import preflight
 from dbagent.core import retries
 from dbagent.core.commands import (
@@ -31,7 +33,6 @@ from dbagent.postgres.migrator import (
     Migrator,
     Step,
 )
-from sqlalchemy import Connection
 
 log = logging.getLogger(__name__)
 

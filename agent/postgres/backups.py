@@ -28,9 +28,10 @@ from enum import StrEnum
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
+from pydantic import BaseModel
+
 from dbagent.core.errors import BadInput, OperationFailed, Unavailable
 from dbagent.core.redact import redact
-from pydantic import BaseModel
 
 if TYPE_CHECKING:
     from dbagent.core.lifecycle import StopRequest

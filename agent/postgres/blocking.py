@@ -16,6 +16,7 @@ from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any
 
 import psycopg
+
 from dbagent.core.lockmodes import CONFLICTS
 from dbagent.core.redact import redact, redact_query
 

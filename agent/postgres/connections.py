@@ -1,5 +1,13 @@
 """Connections to Redis and PostgreSQL, with driver errors turned into dbagent's.
 
+One way into PostgreSQL: a SQLAlchemy ``Connection`` (psycopg 3 underneath) from ``pg_connection`` or
+``open_connection``, for the worker, the store, the checks, the agent and the CLI alike. Alembic runs on
+SQLAlchemy, and the store must write in the transaction of the migration step it records, so anything else
+would mean two kinds of connection on one session. Where psycopg's own API is the tool (``COPY`` in
+``store.insert_events``), it is reached through that connection's ``driver_connection``. The one exception
+is the lock sampler's thread (``blocking.BlockingMonitor``), a plain autocommit psycopg connection beside a
+running step, which must not share the engine's transaction handling.
+
 Every connection has a timeout, so an unreachable dependency is an
 ``Unavailable`` (exit 3) within seconds, never a hang.
 """
@@ -11,6 +19,7 @@ from contextlib import contextmanager
 from typing import TYPE_CHECKING
 
 import redis
+
 from dbagent.core.durations import postgres_interval
 from dbagent.core.errors import Unavailable
 from dbagent.core.redact import redact
@@ -151,6 +160,7 @@ def create_scratch_database(db: DatabaseSettings, name: str, purpose: str) -> Da
     server that refuses (no CREATEDB) is ``Unavailable``, naming ``purpose``.
     """
     import sqlalchemy.exc
+
     from dbagent.core.errors import error_text
 
     try:

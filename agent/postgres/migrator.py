@@ -26,9 +26,10 @@ from alembic.runtime.migration import MigrationContext, MigrationStep
 from alembic.script import Script, ScriptDirectory
 from alembic.script.revision import RevisionError
 from alembic.util import CommandError
+from sqlalchemy import Connection
+
 from dbagent.core.errors import BadInput
 from dbagent.postgres.connections import sqlalchemy_url
-from sqlalchemy import Connection
 
 BASE = "base"
 HEAD = "head"

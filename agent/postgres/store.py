@@ -24,10 +24,11 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
+from sqlalchemy import Connection, text
+
 from dbagent.core.commands import Command, CommandStatus
 from dbagent.core.events import Event
 from dbagent.core.lifecycle import TERMINAL, State, sources
-from sqlalchemy import Connection, text
 
 SCHEMA = "dbagent"
 

@@ -31,11 +31,12 @@ from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from psycopg import sql
+from sqlalchemy import Connection
+
 from dbagent.core.durations import postgres_interval
 from dbagent.core.errors import OperationFailed, error_text
 from dbagent.postgres.connections import rollback_quietly
-from psycopg import sql
-from sqlalchemy import Connection
 
 if TYPE_CHECKING:
     from dbagent.settings import DatabaseSettings

@@ -13,6 +13,9 @@ import logging
 from datetime import datetime
 
 import psycopg
+from sqlalchemy import Connection
+from sqlalchemy.exc import SQLAlchemyError
+
 from dbagent.bus.consumer import Entry, Outcome
 from dbagent.core.errors import OperationFailed, Unavailable, error_text
 from dbagent.core.events import Event
@@ -20,8 +23,6 @@ from dbagent.core.redact import redact
 from dbagent.postgres import store
 from dbagent.postgres.connections import open_connection, pg_connection, rollback_quietly
 from dbagent.settings import DatabaseSettings, Settings
-from sqlalchemy import Connection
-from sqlalchemy.exc import SQLAlchemyError
 
 log = logging.getLogger(__name__)
 

@@ -14,6 +14,8 @@ import socket
 import threading
 from typing import Any
 
+from sqlalchemy.exc import SQLAlchemyError
+
 from dbagent.bus import keys
 from dbagent.bus.consumer import ConsumerOptions, Entry, GroupConsumer, Outcome
 from dbagent.bus.producer import Producer
@@ -33,7 +35,6 @@ from dbagent.postgres import store
 from dbagent.postgres.connections import pg_connection, ping_redis, redis_client
 from dbagent.reactor.audit import AuditSink
 from dbagent.settings import Settings
-from sqlalchemy.exc import SQLAlchemyError
 
 log = logging.getLogger("dbagent.agent")
 

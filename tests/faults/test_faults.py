@@ -9,10 +9,10 @@ import time
 from datetime import UTC, datetime, timedelta
 
 import pytest
+
 from dbagent.bus.producer import Producer
 from dbagent.core.commands import Command, CommandType
 from dbagent.settings import load_settings
-
 from tests.servers import ROOT, SIGNING_KEY, copy_migrations
 
 pytestmark = pytest.mark.faults

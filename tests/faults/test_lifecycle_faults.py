@@ -9,11 +9,11 @@ import sys
 import time
 
 import pytest
+
 from dbagent.bus import keys
 from dbagent.bus.producer import Producer
 from dbagent.core.commands import Command, CommandType
 from dbagent.settings import load_settings
-
 from tests.faults.test_crash_matrix import STEP, cli, sleeping
 from tests.faults.test_faults import _publish, wait_for
 from tests.servers import ROOT, SIGNING_KEY, copy_migrations
@@ -76,8 +76,9 @@ def test_redis_down_across_the_end_of_a_step_the_outcome_is_readable_afterwards(
     assert "migration.completed" in stream and "verify.completed" in stream
     assert json.loads(client.get(keys.result(env.prefix, result["command_id"])))["status"] == "succeeded"
     # the API reads it too
-    from dbagent.interfaces.api import create_app
     from fastapi.testclient import TestClient
+
+    from dbagent.interfaces.api import create_app
 
     settings = load_settings(env.config)
     import os

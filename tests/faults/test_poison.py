@@ -7,11 +7,11 @@ import json
 from datetime import UTC, datetime, timedelta
 
 import pytest
+
 from dbagent.bus import keys
 from dbagent.bus.producer import Producer
 from dbagent.core.commands import Command, CommandType, message_digest
 from dbagent.settings import load_settings
-
 from tests.faults.test_faults import wait_for
 from tests.messages import call, command_message, envelope
 from tests.servers import SIGNING_KEY

@@ -8,8 +8,8 @@ import subprocess
 import sys
 
 import pytest
-from dbagent.postgres.migrator import Migrator
 
+from dbagent.postgres.migrator import Migrator
 from tests.alembic_projects import FIXTURE, linear_project
 from tests.servers import MIGRATIONS, ROOT
 

@@ -6,11 +6,11 @@ import time
 from urllib.parse import urlencode
 
 import pytest
+from fastapi.testclient import TestClient
+
 from dbagent.interfaces.api import create_app
 from dbagent.interfaces.slack import expected_signature
 from dbagent.settings import load_settings
-from fastapi.testclient import TestClient
-
 from tests.servers import SIGNING_KEY
 
 pytestmark = pytest.mark.integration

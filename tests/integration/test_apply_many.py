@@ -8,10 +8,10 @@ from pathlib import Path
 
 import psycopg
 import pytest
-from dbagent.postgres.connections import sqlalchemy_url
-from dbagent.postgres.migrator import Migrator
 from sqlalchemy import create_engine, pool
 
+from dbagent.postgres.connections import sqlalchemy_url
+from dbagent.postgres.migrator import Migrator
 from tests.alembic_projects import LINEAR, linear_project
 from tests.servers import create_database, db_url, drop_database
 

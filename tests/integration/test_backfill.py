@@ -17,11 +17,11 @@ import psycopg
 import pytest
 from alembic import command
 from alembic.config import Config
+from sqlalchemy import create_engine, pool
+
 from dbagent.backfill import backfill
 from dbagent.core.errors import BadInput, OperationFailed
 from dbagent.settings import DatabaseSettings
-from sqlalchemy import create_engine, pool
-
 from tests.servers import ROOT, copy_migrations, create_database, db_url, drop_database
 
 pytestmark = pytest.mark.integration

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import fakeredis
 import pytest
+
 from dbagent.bus.eventlog import EventLog
 from dbagent.core.commands import Command, CommandType
 from dbagent.core.errors import BadInput, OperationFailed
@@ -19,7 +20,6 @@ from dbagent.operations.lifecycle import OPERATIONS
 from dbagent.postgres import store
 from dbagent.postgres.connections import apply_timeouts, pg_connection
 from dbagent.settings import load_settings
-
 from tests.servers import script
 
 VERBS = {CommandType.STATUS: inspect.status, CommandType.HISTORY: inspect.history, CommandType.VERIFY: inspect.verify,

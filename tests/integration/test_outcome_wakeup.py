@@ -8,13 +8,13 @@ import threading
 import time
 
 import pytest
+
 from dbagent.bus import keys
 from dbagent.bus import producer as producer_module
 from dbagent.bus.producer import Producer
 from dbagent.core.commands import client_command, message_digest
 from dbagent.operations.journal import Journal, publish_result
 from dbagent.settings import load_settings
-
 from tests.servers import delete_prefix, new_env
 
 pytestmark = pytest.mark.integration

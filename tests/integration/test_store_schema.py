@@ -6,12 +6,12 @@ from __future__ import annotations
 import uuid
 
 import pytest
+from sqlalchemy import create_engine, pool
+
 from dbagent.core.commands import Command, CommandType, utcnow
 from dbagent.core.events import Event, EventType
 from dbagent.postgres import store
 from dbagent.postgres.connections import sqlalchemy_url
-from sqlalchemy import create_engine, pool
-
 from tests.servers import create_database, db_url, drop_database
 
 pytestmark = pytest.mark.integration

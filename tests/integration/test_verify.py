@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import psycopg
 import pytest
+
 from dbagent.core.events import Event
 from dbagent.core.rollback import plan_rollback
 from dbagent.postgres.verify import CHECK_NAMES, NO_RUN
-
 from tests.servers import copy_migrations, script
 
 pytestmark = pytest.mark.integration

@@ -8,6 +8,8 @@ from datetime import UTC, datetime, timedelta
 from urllib.parse import urlencode
 
 import pytest
+from fastapi.testclient import TestClient
+
 from dbagent.bus import keys
 from dbagent.bus.eventlog import EventLog
 from dbagent.bus.producer import Producer
@@ -24,7 +26,6 @@ from dbagent.interfaces.api import (
 )
 from dbagent.interfaces.slack import expected_signature
 from dbagent.settings import Settings
-from fastapi.testclient import TestClient
 
 TOKEN = "tok-ci-4f1d9a"
 OTHER_TOKEN = "tok-deploy-77e0"

@@ -19,14 +19,14 @@ from urllib.parse import urlencode
 import fakeredis
 import pytest
 import schemathesis
-from dbagent.core.commands import ARGS, CommandType
-from dbagent.interfaces.api import create_app
-from dbagent.interfaces.slack import expected_signature
-from dbagent.settings import Settings
 from fastapi.testclient import TestClient
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from dbagent.core.commands import ARGS, CommandType
+from dbagent.interfaces.api import create_app
+from dbagent.interfaces.slack import expected_signature
+from dbagent.settings import Settings
 from tests.unit.test_api import AUTH, SLACK_SECRET, RecordingProducer
 
 # Nothing listens on port 1: a read that falls back to PostgreSQL is refused at once.

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+
 from dbagent.postgres import backups as bk
 
 # `pg_restore --list` of a database whose role owns public's objects, with a schema and a table of postgres's.

@@ -6,6 +6,7 @@ import uuid
 
 import fakeredis
 import pytest
+
 from dbagent.bus.consumer import ConsumerOptions, GroupConsumer, Outcome
 from dbagent.bus.eventlog import EventLog
 from dbagent.core.events import Event

@@ -8,10 +8,11 @@ from pathlib import Path
 
 import pytest
 import typer.main
+from pydantic import BaseModel
+
 from dbagent import settings as settings_module
 from dbagent.core.events import EventType
 from dbagent.interfaces.cli import app as cli_app
-from pydantic import BaseModel
 
 CONTRACT = Path(__file__).resolve().parents[2] / "docs" / "contract.md"
 TEXT = CONTRACT.read_text(encoding="utf-8")

@@ -7,6 +7,7 @@ import time
 from datetime import UTC, datetime, timedelta, timezone
 
 import pytest
+
 from dbagent.bus.eventlog import EventLog
 from dbagent.core.events import Event, EventType, iso
 

@@ -6,9 +6,9 @@ import base64
 import json
 
 import pytest
+
 from dbagent.core.commands import CommandType
 from dbagent.worker.intake import MAX_MESSAGE_BYTES, Poison, excerpt, inspect, task_payload
-
 from tests.messages import call, command_message, envelope
 
 KEY = "unit-key"

@@ -8,6 +8,7 @@ import json
 import time
 
 import pytest
+
 from dbagent.bus import keys
 from dbagent.bus.eventlog import EventLog
 from dbagent.core.events import EventType

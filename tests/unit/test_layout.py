@@ -4,8 +4,8 @@ itself, so every other part can build on it."""
 from __future__ import annotations
 
 import ast
-import re
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path

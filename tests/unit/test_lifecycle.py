@@ -7,6 +7,7 @@ import time
 from datetime import UTC, datetime
 
 import pytest
+
 from dbagent.core import lifecycle
 from dbagent.core.commands import CommandStatus, CommandType
 from dbagent.core.events import Event, EventType

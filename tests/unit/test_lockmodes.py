@@ -4,6 +4,7 @@ pre-check alike (they used to keep a table each and disagreed on triggers, stora
 from __future__ import annotations
 
 import pytest
+
 from dbagent.checks import lint
 from dbagent.core import retries
 from dbagent.core.lockmodes import ACCESS_EXCLUSIVE as AE

@@ -1,4 +1,4 @@
-"""agent/postgres/locks.py: the Redis lease (fencing token, heartbeat) on fakeredis (Lua through lupa)."""
+"""agent/bus/lease.py: the Redis lease (fencing token, heartbeat) on fakeredis (Lua through lupa)."""
 
 from __future__ import annotations
 
@@ -7,9 +7,10 @@ import time
 
 import fakeredis
 import pytest
+
 from dbagent.bus import keys
-from dbagent.core.errors import OperationFailed
-from dbagent.postgres.locks import LockTimeout, RedisLease, describe_holder, read_lease
+from dbagent.bus.lease import RedisLease, describe_holder, read_lease
+from dbagent.core.errors import LockTimeout, OperationFailed
 
 OWNER_A = {"worker": "production@host-a:101", "command_id": "cmd-a", "type": "migrate"}
 OWNER_B = {"worker": "production@host-b:202", "command_id": "cmd-b", "type": "rollback"}

@@ -12,9 +12,9 @@ import itertools
 import warnings
 
 import pytest
+
 from dbagent.core.errors import BadInput
 from dbagent.postgres.migrator import Migrator, Step, state_text
-
 from tests.alembic_projects import FIXTURE
 
 UNREACHABLE = "postgresql://u@127.0.0.1:1/x"
@@ -199,6 +199,7 @@ def test_a_worker_sees_a_new_revision_where_the_project_keeps_its_scripts(tmp_pa
     version_locations, not only in versions/: a revision added there is planned, not silently left out."""
     from alembic import command
     from alembic.config import Config
+
     from dbagent.operations.context import cached_migrator
 
     command.init(Config(str(tmp_path / "alembic.ini")), str(tmp_path / "alembic"), template="generic")

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+
 from dbagent.core.errors import BadInput
 from dbagent.postgres.migrator import Migrator, Step
 
@@ -226,7 +227,6 @@ def test_the_projects_alembic_ini_and_env_py_settings_are_honoured_offline():
     import logging
 
     from dbagent.postgres.migrator import Migrator
-
     from tests.alembic_projects import FIXTURE
 
     ours = logging.getLogger("dbagent.test")

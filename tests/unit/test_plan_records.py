@@ -4,9 +4,9 @@ only those none of whose scripts may commit before it ends. Scripts made with ``
 from __future__ import annotations
 
 import pytest
+
 from dbagent.operations.steps import may_commit_midway
 from dbagent.postgres.migrator import Migrator
-
 from tests.alembic_projects import linear_project
 
 UNREACHABLE = "postgresql://u@127.0.0.1:1/x"

@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 
 import pytest
+
 from dbagent.core.redact import MASK, printable, redact, redact_query
 
 CASES = [

@@ -5,6 +5,7 @@ from __future__ import annotations
 from datetime import UTC, date, datetime, timedelta, timezone
 
 import pytest
+
 from dbagent.core.retention import BackupInfo, Decision, RetentionPolicy, apply_retention
 
 ONLY_PRE_MIGRATION = {"daily": 0, "weekly": 0, "monthly": 0}

@@ -7,6 +7,7 @@ import random
 import psycopg.errors
 import pytest
 import sqlalchemy.exc
+
 from dbagent.core.retries import (
     ACCESS_EXCLUSIVE,
     ACCESS_SHARE,

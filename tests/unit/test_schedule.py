@@ -5,6 +5,7 @@ from __future__ import annotations
 from datetime import UTC, datetime
 
 import pytest
+
 from dbagent.core.schedule import ScheduleEntry
 
 NOW = datetime(2026, 12, 1, 2, 30, tzinfo=UTC)  # a Tuesday

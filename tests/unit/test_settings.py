@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+
 from dbagent.core.durations import parse_duration_s, postgres_interval
 from dbagent.core.errors import BadInput, ConfigError
 from dbagent.settings import Settings, load_settings

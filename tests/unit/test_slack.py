@@ -6,6 +6,7 @@ import hashlib
 import hmac
 
 import pytest
+
 from dbagent.interfaces.slack import (
     MAX_TEXT_CHARS,
     USAGE,

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+
 from dbagent.checks.validate import (
     check_sources,
     inspect_script,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import psycopg.errors
 import pytest
 import sqlalchemy.exc
+
 from dbagent.core.errors import error_text
 from dbagent.postgres.verify import (
     CHECK_NAMES,
