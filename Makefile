@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: install demo test quick unit bench bench-alembic bench-backup bench-agent bench-lock bench-lint bench-recovery clean
+.PHONY: install demo test quick unit bench bench-alembic bench-backup bench-agent bench-lock bench-lint bench-recovery bench-audit clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -49,3 +49,6 @@ clean:
 
 bench-alembic: install
 	$(PY) bench/bench_alembic_project.py
+
+bench-audit: install
+	$(PY) bench/bench_audit.py

@@ -33,7 +33,7 @@ from dbagent.core.lifecycle import TERMINAL, State, sources
 SCHEMA = "dbagent"
 
 # Bumped whenever DDL changes; kept as the schema's comment, so one catalog read tells whether to bootstrap.
-SCHEMA_VERSION = "dbagent schema 4"
+SCHEMA_VERSION = "dbagent schema 5"
 
 # A command's own advisory lock, held by the session executing it: free exactly when that session is gone.
 COMMAND_LOCK = "hashtextextended('dbagent:command:' || %s, 0)"
@@ -74,7 +74,6 @@ CREATE TABLE IF NOT EXISTS {SCHEMA}.audit_log (
     data        jsonb NOT NULL DEFAULT '{{}}'
 );
 CREATE INDEX IF NOT EXISTS audit_log_seq ON {SCHEMA}.audit_log (seq);
-CREATE INDEX IF NOT EXISTS audit_log_command ON {SCHEMA}.audit_log (command_id);
 
 CREATE TABLE IF NOT EXISTS {SCHEMA}.changelog (
     id           bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
@@ -108,6 +107,14 @@ CREATE SEQUENCE IF NOT EXISTS {SCHEMA}.fencing_token;
 -- how many steps of the plan have committed, beside the plan (whose list of steps it would rewrite
 -- at every step); read back as the plan's steps_done (_with_steps_done)
 ALTER TABLE {SCHEMA}.commands ADD COLUMN IF NOT EXISTS steps_done integer;
+
+-- The audit trail's readers, each with the index its query walks (recent_events, last_changing_migrate,
+-- recorded_start): the newest entries, a command's own, the last run that changed something. At millions of
+-- rows each is an index range read of what it returns (tests/integration/test_store_indexes.py, bench_audit).
+CREATE INDEX IF NOT EXISTS audit_log_ts ON {SCHEMA}.audit_log (ts, seq);
+CREATE INDEX IF NOT EXISTS audit_log_command_ts ON {SCHEMA}.audit_log (command_id, ts, seq);
+DROP INDEX IF EXISTS {SCHEMA}.audit_log_command;
+CREATE INDEX IF NOT EXISTS audit_log_completed_runs ON {SCHEMA}.audit_log (ts, seq) WHERE type = 'migration.completed';
 
 COMMENT ON SCHEMA {SCHEMA} IS '{SCHEMA_VERSION}';
 """
@@ -287,19 +294,19 @@ def open_commands(conn: Connection) -> list[dict[str, Any]]:
     return [_with_steps_done(row) for row in rows]
 
 
+RECORDED_START = (
+    f"SELECT c.plan, s.data FROM {SCHEMA}.commands c LEFT JOIN LATERAL (SELECT data FROM {SCHEMA}.audit_log"
+    " WHERE command_id = c.id AND type = 'migration.started' ORDER BY ts, seq LIMIT 1) s ON true WHERE c.id = :id"
+)
+
+
 def recorded_start(conn: Connection, command_id: str) -> tuple[bool, str | None]:
     """Where a migrate run started, as recorded: (known, revision; None is base).
 
     From the plan persisted at its claim; for a run from before plans held it,
     from its ``migration.started`` event (written before its first step).
     """
-    row = conn.execute(
-        text(
-            f"SELECT c.plan, s.data FROM {SCHEMA}.commands c LEFT JOIN LATERAL (SELECT data FROM {SCHEMA}.audit_log"
-            " WHERE command_id = c.id AND type = 'migration.started' ORDER BY seq LIMIT 1) s ON true WHERE c.id = :id"
-        ),
-        {"id": command_id},
-    ).first()
+    row = conn.execute(text(RECORDED_START), {"id": command_id}).first()
     if row is None:
         return False, None
     plan, started = row[0] or {}, row[1]
@@ -477,15 +484,12 @@ def applied_checksums(conn: Connection) -> dict[str, dict[str, Any]]:
     return {row["revision"]: dict(row) for row in rows}
 
 
+CHANGELOG_NEWEST = f"SELECT * FROM (SELECT * FROM {SCHEMA}.changelog ORDER BY id DESC LIMIT :limit) newest ORDER BY id"
+
+
 def changelog(conn: Connection, limit: int) -> list[dict[str, Any]]:
     """The newest change-log entries, oldest first."""
-    rows = conn.execute(
-        text(
-            f"SELECT * FROM (SELECT * FROM {SCHEMA}.changelog ORDER BY id DESC LIMIT :limit) newest"
-            " ORDER BY id"
-        ),
-        {"limit": limit},
-    ).mappings()
+    rows = conn.execute(text(CHANGELOG_NEWEST), {"limit": limit}).mappings()
     return [_with_steps_done(row) for row in rows]
 
 
@@ -515,38 +519,41 @@ def insert_events(conn: Connection, events: list[Event]) -> None:
     conn.exec_driver_sql(_AUDIT_MERGE)
 
 
+def recent_events_sql(*, of_command: bool, after: bool) -> str:
+    """The query of ``recent_events``: one per filter, so that each walks its index (``ts`` or ``command_id, ts``)."""
+    where = " AND ".join([*(["command_id = :command"] if of_command else []), *(["ts > :after"] if after else [])])
+    return (
+        f"SELECT {_EVENT_COLUMNS} FROM ("
+        f" SELECT * FROM {SCHEMA}.audit_log{' WHERE ' + where if where else ''}"
+        " ORDER BY ts DESC, seq DESC LIMIT :limit) newest ORDER BY ts, seq"
+    )
+
+
 def recent_events(
     conn: Connection, *, limit: int, command_id: str | None = None, after_ts: datetime | None = None
 ) -> list[dict[str, Any]]:
     """The newest ``limit`` audit entries (of one command, after a time), oldest first; [] without the schema."""
     if conn.exec_driver_sql(f"SELECT to_regclass('{SCHEMA}.audit_log')").scalar() is None:
         return []
-    rows = conn.execute(
-        text(
-            f"SELECT {_EVENT_COLUMNS} FROM ("
-            f" SELECT * FROM {SCHEMA}.audit_log"
-            " WHERE (CAST(:command AS text) IS NULL OR command_id = :command)"
-            " AND (CAST(:after AS timestamptz) IS NULL OR ts > :after)"
-            " ORDER BY ts DESC, seq DESC LIMIT :limit) newest ORDER BY ts, seq"
-        ),
-        {"command": command_id, "after": after_ts, "limit": limit},
-    ).mappings().all()
+    query = recent_events_sql(of_command=command_id is not None, after=after_ts is not None)
+    rows = conn.execute(text(query), {"command": command_id, "after": after_ts, "limit": limit}).mappings().all()
     return [dict(r) for r in rows]
+
+
+LAST_CHANGING_MIGRATE = (
+    "SELECT c.command_id, c.data->>'revision_before' AS revision_before, s.data->'backup' AS backup,"
+    " c.data->>'revision_after' AS revision_after"
+    f" FROM {SCHEMA}.audit_log c"
+    f" LEFT JOIN LATERAL (SELECT data FROM {SCHEMA}.audit_log WHERE command_id = c.command_id"
+    " AND type = 'migration.started' ORDER BY ts, seq LIMIT 1) s ON true"
+    " WHERE c.type = 'migration.completed' AND (c.data->>'steps')::int > 0 AND c.ts <= :ts"
+    " ORDER BY c.ts DESC, c.seq DESC LIMIT 1"
+)
 
 
 def last_changing_migrate(conn: Connection, not_after: datetime) -> dict[str, Any] | None:
     """The last migrate run that changed something, at or before ``not_after``: its command, revisions, backup."""
-    row = conn.execute(
-        text(
-            "SELECT c.command_id, c.data->>'revision_before' AS revision_before, s.data->'backup' AS backup,"
-            " c.data->>'revision_after' AS revision_after"
-            f" FROM {SCHEMA}.audit_log c"
-            f" LEFT JOIN {SCHEMA}.audit_log s ON s.command_id = c.command_id AND s.type = 'migration.started'"
-            " WHERE c.type = 'migration.completed' AND (c.data->>'steps')::int > 0 AND c.ts <= :ts"
-            " ORDER BY c.ts DESC, c.seq DESC LIMIT 1"
-        ),
-        {"ts": not_after},
-    ).mappings().first()
+    row = conn.execute(text(LAST_CHANGING_MIGRATE), {"ts": not_after}).mappings().first()
     return dict(row) if row is not None else None
 
 
