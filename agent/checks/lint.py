@@ -889,6 +889,20 @@ def _lint_sql(
     return tuple(findings)
 
 
+def _rendered_in_one_pass(migrator: Any, steps: list[Any]) -> Callable[[Any], str]:
+    """Each step's offline SQL from one offline run of the whole chain (as ``alembic upgrade head --sql``),
+    not one run of env.py per step; a step it could not split off, or a chain a script breaks, is rendered on
+    its own (where a failing script is named)."""
+    rendered: dict[Any, str] = {}
+    if len(steps) > 1:
+        try:
+            chain = migrator.upgrade_plan(None)
+            rendered = migrator.offline_sql_many(chain)
+        except Exception:  # noqa: BLE001 - a script's own code may raise anything; step by step says which
+            rendered = {}
+    return lambda step: rendered[step] if step in rendered else migrator.offline_sql(step)
+
+
 def lint_migrations(
     script_location: str | Path,
     url: str = OFFLINE_URL,
@@ -906,12 +920,11 @@ def lint_migrations(
     from dbagent.postgres.migrator import Migrator  # Alembic stays out of the pure core's imports.
 
     migrator = migrator or Migrator(script_location, url)
-    render = render or migrator.offline_sql
+    steps = [s for s in migrator.upgrade_plan(None) if only is None or s.revision in only]
+    render = render or _rendered_in_one_pass(migrator, steps)
     version_table = migrator.environment().version_table
     findings: list[Finding] = []
-    for step in migrator.upgrade_plan(None):
-        if only is not None and step.revision not in only:
-            continue
+    for step in steps:
         path = Path(migrator.revision(step.revision).path)
         source = path.read_text(encoding="utf-8")
         disabled = disabled_rules(source)

@@ -586,3 +586,39 @@ def downgrade():
 '''
     assert transaction_control(source) == [(8, "COMMIT"), (9, "BEGIN"), (10, "commit()"), (17, "ROLLBACK")]
     assert transaction_control("def upgrade():\n    op.execute('SELECT 1')\n") == []
+
+
+def test_the_lint_renders_a_chain_in_one_offline_run_with_the_same_findings(tmp_path):
+    # `dbagent validate` of many revisions: one run of env.py for the chain, as `alembic upgrade head --sql`,
+    # not one per revision; each revision's SQL as rendered on its own.
+    from dbagent.postgres.migrator import Migrator
+
+    location = tmp_path / "migrations"
+    shutil.copytree(MIGRATIONS, location, ignore=shutil.ignore_patterns("__pycache__"))
+    runs = tmp_path / "offline-runs"
+    env_py = location / "env.py"
+    text = env_py.read_text()
+    counted = text.replace("def run_migrations_offline() -> None:\n",
+                           f"def run_migrations_offline() -> None:\n    open({str(runs)!r}, 'a').write('run\\n')\n", 1)
+    assert counted != text
+    env_py.write_text(counted)
+
+    one_pass = lint_migrations(location)
+    assert runs.read_text().count("run") == 2  # the environment read once (its version table), the chain once
+    runs.unlink()
+    step_by_step = lint_migrations(location, render=Migrator(str(location), "postgresql://lint@localhost/lint").offline_sql)
+    assert runs.read_text().count("run") == 1 + 11  # the environment, then each of the 11 revisions
+    assert one_pass == step_by_step and one_pass
+
+
+def test_a_script_that_breaks_the_one_pass_is_still_named(tmp_path):
+    location = tmp_path / "migrations"
+    shutil.copytree(MIGRATIONS, location, ignore=shutil.ignore_patterns("__pycache__"))
+    path = next((location / "versions").glob("005_*.py"))
+    source = path.read_text()
+    path.write_text(source.replace("def upgrade() -> None:\n", "def upgrade() -> None:\n    raise RuntimeError('boom')\n", 1))
+
+    findings = lint_migrations(location)
+
+    assert [(f.revision, f.rule) for f in findings if f.rule == "render-failed"] == [("005", "render-failed")]
+    assert {f.revision for f in findings} - {"005"}  # the others are linted still
