@@ -108,11 +108,12 @@ def take_backup(run: Run, kind: BackupKind, trigger: Trigger, mark: str | None =
         with bk.libpq_env(run.db.url, appname="dbagent pg_dump") as env:
             counts = bk.run_tool(argv, env, watch=tmp, on_progress=progress, during=count_rows, stop=run.stop)
         conn.commit()
-        digest, size, files = bk.checksum(tmp)
         verified_at = None
         if run.db.verify_after_backup:
-            bk.full_read(tmp)
+            digest, size, files = bk.checksum_and_read(tmp)
             verified_at = datetime.now(UTC)
+        else:
+            digest, size, files = bk.checksum(tmp)
         bk.finalize(tmp, final)
         pause_point("backup:renamed")
         manifest = Manifest(
@@ -203,7 +204,10 @@ def restore(run: Run) -> dict[str, Any]:
     clock = time.monotonic()
     try:
         run.phase(Phase.CHECK, path=str(path))
-        bk.check_integrity(path, manifest)
+        # The checksum gates the restore; the archive is read in full once, by the restore itself when it is one
+        # transaction (a damaged archive then fails it before it commits), or beforehand when it is not.
+        atomic = bk.restore_is_atomic(manifest, args.jobs)
+        bk.check_integrity(path, manifest, read_in_full=not atomic)
         database = str(run.conn.exec_driver_sql("SELECT current_database()").scalar())
         run.conn.commit()
         skipped: list[bk.Skipped] = []
@@ -218,7 +222,13 @@ def restore(run: Run) -> dict[str, Any]:
             with bk.libpq_env(run.db.url, options=options, appname="dbagent pg_restore") as env:
                 argv = bk.restore_argv(path, manifest, args.jobs, use_list=toc_file)
                 argv[argv.index("--dbname") + 1] = database
-                bk.run_tool(argv, env, during=lambda: pause_point("restore:running"), stop=run.stop)
+                try:
+                    bk.run_tool(argv, env, during=lambda: pause_point("restore:running"), stop=run.stop)
+                except OperationFailed as exc:
+                    if atomic:
+                        exc.message += "; the restore ran in one transaction, so nothing was changed"
+                        exc.args = (exc.message,)
+                    raise
         finally:
             if toc_file is not None:
                 toc_file.unlink(missing_ok=True)

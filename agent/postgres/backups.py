@@ -329,11 +329,27 @@ def full_read(path: Path) -> None:
     _finish_full_read(path, _start_full_read(path))
 
 
-def check_integrity(path: Path, manifest: Manifest) -> None:
-    """Checksum against the manifest, the pg_restore version, then a full read: before anything is touched.
+def checksum_and_read(path: Path) -> tuple[str, int, dict[str, str] | None]:
+    """``checksum`` of a new archive while pg_restore reads it back in full beside it (``full_read``): the two
+    reads of the file overlap, one hashing, the other decompressing. OperationFailed if it does not read back."""
+    reader = _start_full_read(path)
+    try:
+        summed = checksum(path)
+    except BaseException:
+        _stop(reader)
+        raise
+    _finish_full_read(path, reader)
+    return summed
 
-    The checksum and the full read run side by side (one hashes, pg_restore
-    decompresses); the checksum's verdict comes first.
+
+def check_integrity(path: Path, manifest: Manifest, *, read_in_full: bool = True) -> None:
+    """Checksum against the manifest, the pg_restore version, then (``read_in_full``) a full read: before anything
+    is touched.
+
+    The checksum and the full read run side by side (one hashes, pg_restore decompresses); the checksum's
+    verdict comes first. A restore in one transaction skips the full read: the restore itself reads the whole
+    archive, and an archive it cannot read fails it before it commits, so nothing changes
+    (``restore_is_atomic``).
     """
     if not path.exists():
         raise BadInput(f"{path}: no such backup")
@@ -342,21 +358,32 @@ def check_integrity(path: Path, manifest: Manifest) -> None:
         raise OperationFailed(
             f"{path.name} was written by pg_dump {manifest.pg_dump_version}; this pg_restore ({local}) cannot read it"
         )
-    reader = _start_full_read(path)
+    reader = _start_full_read(path) if read_in_full else None
     try:
         digest, size, _ = checksum(path)
     except BaseException:
-        reader.kill()
-        reader.wait()
+        _stop(reader)
         raise
     if digest != manifest.sha256 or size != manifest.bytes:
-        reader.kill()
-        reader.wait()
+        _stop(reader)
         raise OperationFailed(
             f"{path.name}: checksum mismatch: the manifest says sha256 {manifest.sha256} ({manifest.bytes} bytes),"
             f" the file has sha256 {digest} ({size} bytes); the backup is damaged and was not used"
         )
-    _finish_full_read(path, reader)
+    if reader is not None:
+        _finish_full_read(path, reader)
+
+
+def _stop(reader: subprocess.Popen | None) -> None:
+    if reader is not None:
+        reader.kill()
+        reader.wait()
+
+
+def restore_is_atomic(manifest: Manifest, jobs: int) -> bool:
+    """Whether pg_restore runs the restore in one transaction (``--single-transaction``): all of it or nothing.
+    Not so for a directory archive restored with several jobs in parallel."""
+    return not (manifest.format == "directory" and jobs > 1)
 
 
 def tool_path(name: str) -> str:
@@ -493,10 +520,10 @@ def restore_argv(path: Path, manifest: Manifest, jobs: int, use_list: Path | Non
         argv.append("--data-only")
     else:
         argv += ["--clean", "--if-exists"]
-    if manifest.format == "directory" and jobs > 1:
-        argv.append(f"--jobs={jobs}")  # parallel: not atomic (documented)
-    else:
+    if restore_is_atomic(manifest, jobs):
         argv.append("--single-transaction")
+    else:
+        argv.append(f"--jobs={jobs}")  # parallel: not atomic (documented)
     argv += ["--dbname", "", str(path)]
     return argv
 

@@ -130,7 +130,8 @@ def test_a_damaged_backup_is_refused_and_the_database_is_untouched(env, how, com
     assert verify.code == 1 and "checksum" in verify.json()["error"]
 
 
-def test_damage_the_checksum_cannot_see_is_caught_by_the_full_read(env):
+def test_damage_the_checksum_cannot_see_fails_the_restore_in_its_one_transaction(env):
+    # The restore reads the archive once, itself: a damaged one fails it before it commits (issue 13).
     migrated_with_rows(env)
     taken = backup(env)
     path = Path(taken["path"])
@@ -145,8 +146,13 @@ def test_damage_the_checksum_cannot_see_is_caught_by_the_full_read(env):
     manifest_path.write_text(json.dumps(manifest))
     env.sql("DELETE FROM users")
     result = env.cli("restore", str(path), "--yes", "--json")
-    assert result.code == 1 and "does not read back" in result.json()["error"]
+    error = result.json()["error"]
+    assert result.code == 1 and "pg_restore failed" in error and "nothing was changed" in error, error
     assert env.sql("SELECT count(*) FROM users")[0][0] == 0
+    assert env.sql("SELECT count(*) FROM information_schema.tables WHERE table_name = 'users'")[0][0] == 1
+    # a verification still reads it in full, and says so
+    verify = env.cli("backups", "verify", str(path), "--json")
+    assert verify.code == 1 and "does not read back" in verify.json()["error"]
 
 
 def test_paths_outside_backup_dir_dotdot_and_symlinks_are_refused_with_exit_2(env, tmp_path):
