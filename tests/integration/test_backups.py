@@ -130,12 +130,18 @@ def test_a_damaged_backup_is_refused_and_the_database_is_untouched(env, how, com
     assert verify.code == 1 and "checksum" in verify.json()["error"]
 
 
-def test_damage_the_checksum_cannot_see_fails_the_restore_in_its_one_transaction(env):
-    # The restore reads the archive once, itself: a damaged one fails it before it commits (issue 13).
+@pytest.mark.parametrize("cut", ["half", "tail"])
+def test_damage_the_checksum_cannot_see_fails_the_restore_in_its_one_transaction(env, cut):
+    # The restore reads the archive once, itself: a damaged one fails it before it commits (issue 13). Cut in
+    # half, its table of contents is unreadable and nothing starts; cut at the tail, its last data is missing
+    # and the restore's one transaction rolls back.
     migrated_with_rows(env)
     taken = backup(env)
     path = Path(taken["path"])
-    _damage(path, "truncate")
+    if cut == "half":
+        _damage(path, "truncate")
+    else:
+        path.write_bytes(path.read_bytes()[:-64])
     # someone "repairs" the manifest: the checksum now matches, the archive is still broken
     import hashlib
 
@@ -147,7 +153,9 @@ def test_damage_the_checksum_cannot_see_fails_the_restore_in_its_one_transaction
     env.sql("DELETE FROM users")
     result = env.cli("restore", str(path), "--yes", "--json")
     error = result.json()["error"]
-    assert result.code == 1 and "pg_restore failed" in error and "nothing was changed" in error, error
+    assert result.code == 1 and "pg_restore" in error, error
+    if cut == "tail":
+        assert "pg_restore failed" in error and "nothing was changed" in error, error
     assert env.sql("SELECT count(*) FROM users")[0][0] == 0
     assert env.sql("SELECT count(*) FROM information_schema.tables WHERE table_name = 'users'")[0][0] == 1
     # a verification still reads it in full, and says so
