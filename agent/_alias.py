@@ -13,11 +13,9 @@ The alias steps aside for anyone else's ``agent``: when the import path holds an
 from __future__ import annotations
 
 import importlib
-import importlib.abc
 import importlib.machinery
-import importlib.util
+import os
 import sys
-from pathlib import Path
 from types import ModuleType
 
 OLD = "agent"
@@ -30,11 +28,14 @@ def _ours(spec: importlib.machinery.ModuleSpec | None) -> bool:
         return True
     new = sys.modules.get(NEW)
     origin = getattr(new, "__file__", None)
-    return bool(spec.origin and origin) and Path(spec.origin).resolve() == Path(origin).resolve()
+    return bool(spec.origin and origin) and os.path.realpath(spec.origin) == os.path.realpath(origin)
 
 
-class OldName(importlib.abc.MetaPathFinder, importlib.abc.Loader):
-    """Finds ``agent`` and ``agent.*`` as ``dbagent`` and ``dbagent.*``, unless ``agent`` is someone else's."""
+class OldName:
+    """Finds ``agent`` and ``agent.*`` as ``dbagent`` and ``dbagent.*``, unless ``agent`` is someone else's.
+
+    A meta path finder and its own loader (the protocols, without importlib.abc, which costs an import of
+    its own at every start of the CLI)."""
 
     def find_spec(self, fullname: str, path: object = None, target: object = None) -> importlib.machinery.ModuleSpec | None:
         if fullname != OLD and not fullname.startswith(OLD + "."):
@@ -44,7 +45,7 @@ class OldName(importlib.abc.MetaPathFinder, importlib.abc.Loader):
                 return None
         elif sys.modules.get(OLD) is not sys.modules.get(NEW):
             return None  # ``agent`` is another package: its submodules are its own
-        return importlib.util.spec_from_loader(fullname, self)
+        return importlib.machinery.ModuleSpec(fullname, self)
 
     def create_module(self, spec: importlib.machinery.ModuleSpec) -> ModuleType:
         return importlib.import_module(NEW + spec.name[len(OLD):])
