@@ -1,7 +1,7 @@
 """Benchmark: backups and restores of a database of at least 1 GB of realistic rows.
 
 * `dbagent backup full` (through the queue; checksum, no full read) against raw `pg_dump -Fc`;
-* `dbagent restore` (checksum + full read first, then pg_restore) against raw
+* `dbagent restore` (checksum first, then pg_restore, which reads the archive once) against raw
   `pg_restore --single-transaction --clean --if-exists` of the same archive;
 * `-Fd -j2` against `-Fc` (raw pg_dump), the speed-up;
 * verification (`dbagent backups verify`: checksum + full read) as a share of the dump time.
