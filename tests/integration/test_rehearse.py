@@ -212,6 +212,9 @@ def test_an_interrupted_rehearsal_drops_its_scratch_database(env, tmp_path, sig)
     proc = subprocess.Popen(
         [sys.executable, "-m", "dbagent.interfaces.cli", "--config", str(env.config), "validate", "--rehearse"],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env.environ(), cwd=ROOT,
+        # As from a terminal: a test run started in the background (`pytest &` from a script) ignores SIGINT, and
+        # the child would inherit that and never see the Ctrl-C.
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     try:
         deadline = time.monotonic() + 60
