@@ -231,7 +231,13 @@ def validate(
     if conn is not None:
         recorded = store_checksums(conn)
     else:
-        current, recorded, unchecked = _read_applied(db)
+        if migrator is None:
+            # One parse of the scripts for the checksums and the lint; scripts Alembic refuses are said by both.
+            try:
+                migrator = Migrator(db.migrations, db.url)
+            except Exception:  # noqa: BLE001 - a script's own code may raise anything
+                migrator = None
+        current, recorded, unchecked = _read_applied(db, migrator)
     lint_from = None if lint_all else db.lint_from
     found = findings(db.migrations, naming=naming, migrator=migrator, current=current, recorded=recorded,
                      lint_only=lint_only, render=render, lint_from=lint_from, sources=sources)
@@ -260,16 +266,20 @@ def store_checksums(conn: Connection) -> dict[str, dict[str, Any]]:
     return recorded
 
 
-def _read_applied(db: DatabaseSettings) -> tuple[str | None, dict[str, dict[str, Any]] | None, str | None]:
+def _read_applied(
+    db: DatabaseSettings, migrator: Migrator | None
+) -> tuple[str | None, dict[str, dict[str, Any]] | None, str | None]:
     """(current revision, recorded checksums, why they could not be read) on a connection of its own."""
     from sqlalchemy.exc import SQLAlchemyError
 
     from dbagent.postgres.connections import pg_connection
 
-    try:
-        migrator = Migrator(db.migrations, db.url)
-    except Exception as exc:  # noqa: BLE001 - scripts Alembic cannot load: the structure check says why
-        return None, None, f"checksums of applied migrations not checked: Alembic cannot load the scripts ({type(exc).__name__})"
+    if migrator is None:
+        try:
+            migrator = Migrator(db.migrations, db.url)
+        except Exception as exc:  # noqa: BLE001 - scripts Alembic cannot load: the structure check says why
+            return None, None, ("checksums of applied migrations not checked: Alembic cannot load the scripts"
+                                f" ({type(exc).__name__})")
     try:
         with pg_connection(db, application_name="dbagent validate") as conn:
             current = migrator.current(conn)
