@@ -350,3 +350,24 @@ def test_a_user_project_in_one_transaction_migrates_fails_whole_and_rolls_back_a
     assert back.json()["revision_before"] == head and back.json()["revision_after"] != head
     wait_for(lambda: env.sql("SELECT count(*) FROM dbagent.audit_log WHERE command_id = %s AND type = 'rollback.completed'",
                              back.json()["command_id"])[0][0], 60, "the audit sink")
+
+
+def test_a_schema_4_install_gets_the_audit_indexes_as_the_migration_role(least_privilege_env, redis_client):
+    # An install from before schema 5: its dbagent schema was made by the migration role, without the audit
+    # log's reader indexes. The worker, as that role, brings it up to date before its first command.
+    world = least_privilege_env
+    world.start_worker()
+    assert world.cli("status", "--json").code == 0
+    world.stop_workers()
+    world.sql("DROP INDEX dbagent.audit_log_ts, dbagent.audit_log_command_ts, dbagent.audit_log_completed_runs")
+    world.sql("CREATE INDEX audit_log_command ON dbagent.audit_log (command_id)")
+    world.sql("COMMENT ON SCHEMA dbagent IS 'dbagent schema 4'")
+
+    world.start_worker()
+    assert world.cli("migrate", "--to", "002", "--json").code == 0
+
+    indexes = {r[0] for r in world.sql("SELECT indexname FROM pg_indexes WHERE schemaname = 'dbagent' AND tablename = 'audit_log'")}
+    assert {"audit_log_ts", "audit_log_command_ts", "audit_log_completed_runs"} <= indexes
+    assert "audit_log_command" not in indexes
+    assert world.sql("SELECT obj_description('dbagent'::regnamespace)")[0][0] == "dbagent schema 5"
+    assert world.sql("SELECT rolsuper FROM pg_roles WHERE rolname = current_user")[0][0] is False
